@@ -1,0 +1,1 @@
+"""offramp's local side: the `offramp` CLI and the proxy that hands stolen requests to a local process."""

@@ -1,0 +1,172 @@
+"""The local proxy's settings: a mirrord-style config file, then flags on top.
+
+From a config file only `feature.network.incoming` is read; it is either a mode
+string (`"steal"`, `"mirror"`) or an object with `mode`, `http_filter` and
+`ports`. Files are JSON as mirrord writes it, trailing commas and comments
+allowed (JSON5). Keys offramp does not use are reported as ignored, never
+silently dropped. Flags override the file: any filter flag replaces the file's
+filter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import json5
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from sidecar.filters import FilterError, compile_filter
+from sidecar.spec import FilterClause, HttpFilterSpec, Mode, SessionSpec
+
+__all__ = ["ConfigError", "FilterFlags", "LocalSettings", "build_spec", "load_incoming"]
+
+
+class ConfigError(ValueError):
+    """A config file or flag is wrong; the message says where and how to fix it."""
+
+
+_INCOMING_KEYS = {"mode", "http_filter", "ports"}
+
+
+@dataclass(frozen=True)
+class Incoming:
+    mode: Mode | None = None
+    http_filter: dict[str, Any] = field(default_factory=dict)
+    ports: tuple[int, ...] | None = None
+    ignored: tuple[str, ...] = ()
+
+
+def load_incoming(path: Path) -> Incoming:
+    """Read `feature.network.incoming` from a mirrord-style config file."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
+    try:
+        doc = json5.loads(text)
+    except ValueError as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from e
+    if not isinstance(doc, dict):
+        raise ConfigError(f"{path}: the top level must be an object")
+    incoming: Any = doc
+    for key in ("feature", "network", "incoming"):
+        if not isinstance(incoming, dict) or key not in incoming:
+            return Incoming(ignored=_ignored_top(doc))
+        incoming = incoming[key]
+    where = f"{path}: feature.network.incoming"
+    if isinstance(incoming, str):
+        return Incoming(mode=_mode(incoming, where), ignored=_ignored_top(doc))
+    if not isinstance(incoming, dict):
+        raise ConfigError(f"{where} must be \"steal\", \"mirror\" or an object")
+    mode = _mode(incoming["mode"], f"{where}.mode") if "mode" in incoming else None
+    http_filter = incoming.get("http_filter", {})
+    if not isinstance(http_filter, dict):
+        raise ConfigError(f"{where}.http_filter must be an object")
+    ports = incoming.get("ports")
+    if ports is not None and (
+        not isinstance(ports, list) or not all(isinstance(p, int) for p in ports)
+    ):
+        raise ConfigError(f"{where}.ports must be a list of port numbers")
+    ignored = tuple(f"feature.network.incoming.{k}" for k in incoming if k not in _INCOMING_KEYS)
+    return Incoming(mode, http_filter, tuple(ports) if ports else None, ignored + _ignored_top(doc))
+
+
+def _mode(value: object, where: str) -> Mode:
+    try:
+        return Mode(str(value))
+    except ValueError:
+        raise ConfigError(
+            f"{where} is {value!r}; offramp takes \"steal\" or \"mirror\""
+        ) from None
+
+
+def _ignored_top(doc: dict[str, Any]) -> tuple[str, ...]:
+    ignored = [k for k in doc if k != "feature"]
+    feature = doc.get("feature")
+    if isinstance(feature, dict):
+        ignored += [f"feature.{k}" for k in feature if k != "network"]
+        network = feature.get("network")
+        if isinstance(network, dict):
+            ignored += [f"feature.network.{k}" for k in network if k != "incoming"]
+    return tuple(ignored)
+
+
+@dataclass(frozen=True)
+class FilterFlags:
+    """Filter-related flags; each list may be empty."""
+
+    headers: tuple[str, ...] = ()
+    paths: tuple[str, ...] = ()
+    methods: tuple[str, ...] = ()
+    ports: tuple[int, ...] = ()
+    mirror: bool = False
+    take_probes: bool = False
+
+    @property
+    def any_filter(self) -> bool:
+        return bool(self.headers or self.paths or self.methods)
+
+
+def build_spec(incoming: Incoming, flags: FilterFlags, client: str) -> SessionSpec:
+    """File first, flags on top; then validate and compile the filter here, so a
+    bad one is refused before anything connects."""
+    http_filter: dict[str, Any] = dict(incoming.http_filter)
+    if flags.any_filter:
+        for key in ("header_filter", "path_filter", "method_filter", "all_of", "any_of"):
+            http_filter.pop(key, None)
+        clauses = (
+            [FilterClause(header=h) for h in flags.headers]
+            + [FilterClause(path=p) for p in flags.paths]
+            + [FilterClause(method=m) for m in flags.methods]
+        )
+        if len(clauses) == 1:
+            only = clauses[0]
+            if only.header is not None:
+                http_filter["header_filter"] = only.header
+            elif only.path is not None:
+                http_filter["path_filter"] = only.path
+            else:
+                http_filter["method_filter"] = only.method
+        else:
+            http_filter["all_of"] = [c.model_dump(exclude_none=True) for c in clauses]
+    if flags.ports:
+        http_filter["ports"] = list(flags.ports)
+    elif "ports" not in http_filter and incoming.ports:
+        http_filter["ports"] = list(incoming.ports)
+    mode = Mode.MIRROR if flags.mirror else (incoming.mode or Mode.STEAL)
+    try:
+        spec = SessionSpec(
+            mode=mode,
+            http_filter=HttpFilterSpec.model_validate(http_filter),
+            take_probes=flags.take_probes,
+            client=client,
+        )
+    except ValidationError as e:
+        problems = "; ".join(
+            f"http_filter.{'.'.join(map(str, p['loc']))}: {p['msg']}".replace("http_filter.:", "http_filter:")
+            for p in e.errors()
+        )
+        raise ConfigError(problems) from e
+    try:
+        compile_filter(spec.http_filter)
+    except FilterError as e:
+        raise ConfigError(str(e)) from e
+    return spec
+
+
+class LocalSettings(BaseModel):
+    """Everything `offramp steal` needs, validated once at start."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    sidecar_url: str = Field(pattern=r"^wss?://")
+    token: str
+    to_port: int = Field(ge=1, le=65535)
+    to_host: str = "127.0.0.1"
+    spec: SessionSpec
+    timeout: float = Field(default=60.0, ge=0)
+    """Seconds the local app may take to answer; 0 waits forever (for breakpoints)."""
+    reconnect: bool = True
+    mirror_queue: int = Field(default=64, ge=1)

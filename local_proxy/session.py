@@ -1,0 +1,181 @@
+"""One developer session against one sidecar: connect, hand over, reconnect.
+
+Errors::
+
+    SessionError       the session cannot start; the message says why
+    ├── Refused         the sidecar said no (token, filter, version): retrying won't help
+    └── Unreachable     the sidecar could not be reached at all on the first try
+
+Once a session has been open, a lost tunnel is retried with exponential backoff
+(0.2 s doubling to 10 s) until `stop()` is called.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+from urllib.parse import urlsplit, urlunsplit
+
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import InvalidHandshake, InvalidURI, WebSocketException
+
+from local_proxy.config import LocalSettings
+from local_proxy.forward import Forwarder
+from sidecar.control import TUNNEL_PATH
+from sidecar.protocol import (
+    PROTOCOL_VERSION,
+    Connection,
+    HandshakeRefused,
+    Hello,
+    ProtocolError,
+    Role,
+    Stats,
+    Welcome,
+)
+from sidecar.tunnel import Tunnel
+
+__all__ = ["LocalSession", "Refused", "SessionError", "Unreachable", "tunnel_url"]
+
+BACKOFF_START = 0.2
+BACKOFF_MAX = 10.0
+DRAIN_ON_STOP = 3.0
+
+
+class SessionError(Exception):
+    pass
+
+
+class Refused(SessionError):
+    pass
+
+
+class Unreachable(SessionError):
+    pass
+
+
+def tunnel_url(sidecar_url: str) -> str:
+    parts = urlsplit(sidecar_url)
+    path = parts.path if parts.path not in ("", "/") else TUNNEL_PATH
+    return urlunsplit((parts.scheme, parts.netloc, path, parts.query, ""))
+
+
+class LocalSession:
+    def __init__(self, settings: LocalSettings, report: Callable[[str], None] = print):
+        self.settings = settings
+        self.report = report
+        self.forwarder = Forwarder(
+            settings.to_host,
+            settings.to_port,
+            settings.timeout,
+            settings.mirror_queue,
+            report,
+        )
+        self.welcome: Welcome | None = None
+        self.ready = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._tunnel: Tunnel | None = None
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run(self) -> None:
+        """Serve until `stop()`. Raises Refused, or Unreachable on a first failure."""
+        backoff = BACKOFF_START
+        first = True
+        try:
+            while not self._stop.is_set():
+                try:
+                    ws, conn, welcome = await self._connect()
+                except Refused:
+                    raise
+                except SessionError as e:
+                    if first:
+                        raise Unreachable(str(e)) from e
+                    self.report(f"offramp: {e}; retrying in {backoff:.1f} s")
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._stop.wait(), backoff)
+                    backoff = min(backoff * 2, BACKOFF_MAX)
+                    continue
+                first = False
+                backoff = BACKOFF_START
+                self.welcome = welcome
+                self._announce(welcome)
+                reason = await self._serve(ws, conn)
+                self.ready.clear()
+                if not self._stop.is_set():
+                    self.report(f"offramp: {reason}; reconnecting")
+        finally:
+            await self.forwarder.aclose()
+
+    async def _connect(self) -> tuple[ClientConnection, Connection, Welcome]:
+        url = tunnel_url(self.settings.sidecar_url)
+        try:
+            ws = await connect(url, max_size=None, compression=None, open_timeout=10)
+        except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as e:
+            raise SessionError(f"cannot reach the sidecar at {url}: {e}") from e
+        conn = Connection(Role.CLIENT)
+        conn.send(Hello(PROTOCOL_VERSION, self.settings.token, self.settings.spec.model_dump(mode="json")))
+        try:
+            await ws.send(conn.data_to_send())
+            answer = await asyncio.wait_for(ws.recv(), 10)
+            if isinstance(answer, str):
+                raise ProtocolError("the sidecar answered with text")
+            conn.receive_data(answer)
+        except HandshakeRefused as e:
+            await ws.close()
+            raise Refused(f"the sidecar refused the session: {e}") from e
+        except (ProtocolError, TimeoutError, WebSocketException, OSError) as e:
+            await ws.close()
+            raise SessionError(f"the handshake with {url} failed: {e}") from e
+        welcome = conn.next_event()
+        if not isinstance(welcome, Welcome):
+            await ws.close()
+            raise SessionError(f"the sidecar sent {welcome!r} instead of WELCOME")
+        if welcome.version != PROTOCOL_VERSION:
+            await ws.close()
+            raise Refused(
+                f"the sidecar speaks tunnel protocol {welcome.version} (offramp "
+                f"{welcome.sidecar_version}); this CLI speaks {PROTOCOL_VERSION}: use the same "
+                "offramp version on both sides"
+            )
+        return ws, conn, welcome
+
+    def _announce(self, welcome: Welcome) -> None:
+        spec = self.settings.spec
+        what = spec.http_filter.model_dump(exclude_none=True, exclude={"ports"}) or "every request"
+        ports = ", ".join(map(str, welcome.app_ports))
+        self.report(
+            f"offramp: session {welcome.session_id} open ({spec.mode.value}, port {ports}, "
+            f"filter: {what}) -> {self.settings.to_host}:{self.settings.to_port}"
+        )
+
+    async def _serve(self, ws: ClientConnection, conn: Connection) -> str:
+        tunnel = Tunnel(conn, ws, on_request=self.forwarder.on_request, on_stats=self._on_stats)
+        self._tunnel = tunnel
+        self.ready.set()
+        runner = asyncio.create_task(tunnel.run())
+        stopper = asyncio.create_task(self._stop.wait())
+        try:
+            await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if runner.done():
+                return runner.result()
+            # Stopping: let requests already handed to us finish, briefly.
+            pending = set(self.forwarder.tasks)
+            if pending:
+                await asyncio.wait(pending, timeout=DRAIN_ON_STOP)
+            await tunnel.close("the developer ended the session")
+            await runner
+            return "session ended"
+        finally:
+            stopper.cancel()
+            self._tunnel = None
+
+    def _on_stats(self, stats: Stats) -> None:
+        c = self.forwarder.counters
+        if stats.mirror_dropped > c.mirror_dropped_sidecar:
+            c.mirror_dropped_sidecar = stats.mirror_dropped
+            self.report(
+                f"offramp: the sidecar has dropped {stats.mirror_dropped} mirror copies "
+                "(the tunnel or the local process is not keeping up)"
+            )

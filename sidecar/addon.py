@@ -1,0 +1,189 @@
+"""The mitmproxy addon: decide per request, when its head arrives, and stream.
+
+- no session on the port: only X-Forwarded-For is added; the body streams to the app.
+- stolen: the head goes into the session's tunnel now (handed over), and the
+  request is pointed at the gateway, which streams the body and the answer.
+- mirrored: the request goes to the app; a copy streams into each mirroring
+  session's tunnel without ever waiting: if a copy cannot be sent at once (no
+  window, too many copies in flight) it is dropped and counted.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+from mitmproxy import http
+
+from sidecar.filters import RequestView
+from sidecar.gateway import ROUTE_HEADER, Gateway
+from sidecar.protocol import MAX_DATA, Data, End, RequestHead, ResetCode, Stats
+from sidecar.router import decide, is_probe
+from sidecar.sessions import MAX_MIRRORS_IN_FLIGHT, Session, SessionRegistry
+from sidecar.tunnel import StreamHandle
+
+__all__ = ["OfframpAddon"]
+
+log = logging.getLogger(__name__)
+
+_META = "offramp"
+# Headers that describe one hop, not the request: never handed to the local side.
+# `expect` is answered by mitmproxy itself (100 Continue) before the body streams.
+_HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"te",
+        b"transfer-encoding",
+        b"upgrade",
+        b"trailer",
+        b"expect",
+    }
+)
+
+
+class _MirrorCopy:
+    def __init__(self, session: Session, handle: StreamHandle):
+        self.session = session
+        self.handle = handle
+        self.dropped = False
+
+    def feed(self, chunk: bytes) -> None:
+        if self.dropped:
+            return
+        if self.handle.tunnel.conn.send_window(self.handle.id) < len(chunk):
+            self.drop("the local side is not keeping up")
+            return
+        for i in range(0, len(chunk), MAX_DATA):
+            self.handle.send(Data(self.handle.id, chunk[i : i + MAX_DATA]))
+
+    def finish(self) -> None:
+        if not self.dropped:
+            self.handle.send(End(self.handle.id))
+
+    def drop(self, why: str) -> None:
+        self.dropped = True
+        self.handle.reset(ResetCode.MIRROR_DROPPED, why)
+        _count_drop(self.session)
+
+
+def _count_drop(session: Session) -> None:
+    session.mirror_dropped += 1
+    session.tunnel.send(Stats(session.mirror_dropped))
+
+
+class _Tee:
+    """mitmproxy's `request.stream` callable: passes chunks on, copies them out."""
+
+    def __init__(self, copies: list[_MirrorCopy]):
+        self.copies = copies
+
+    def __call__(self, chunk: bytes) -> bytes:
+        if chunk:
+            for copy in self.copies:
+                copy.feed(chunk)
+        return chunk
+
+
+class OfframpAddon:
+    def __init__(self, registry: SessionRegistry, gateway: Gateway, probe_paths: frozenset[str]):
+        self.registry = registry
+        self.gateway = gateway
+        self.probe_paths = probe_paths
+        self.in_flight: set[str] = set()
+
+    # -- hooks ------------------------------------------------------------------
+
+    def requestheaders(self, flow: http.HTTPFlow) -> None:
+        request = flow.request
+        request.stream = True
+        self.in_flight.add(flow.id)
+        client_ip = flow.client_conn.peername[0] if flow.client_conn.peername else ""
+        if client_ip:
+            previous = request.headers.get("x-forwarded-for")
+            request.headers["x-forwarded-for"] = (
+                f"{previous}, {client_ip}" if previous else client_ip
+            )
+
+        sessions = self.registry.for_port(request.port)
+        if not sessions:
+            return
+        fields = request.headers.fields
+        view = RequestView(
+            request.method,
+            request.path,
+            [f"{n.decode('latin-1')}: {v.decode('latin-1')}" for n, v in fields],
+        )
+        probe = is_probe(request.headers.get("user-agent"), view.path, self.probe_paths)
+        decision = decide(sessions, view, probe)
+        head_fields = tuple((n, v) for n, v in fields if n.lower() not in _HOP_BY_HOP)
+        no_body = _has_no_body(request)
+        peer = f"{client_ip}:{flow.client_conn.peername[1]}" if client_ip else ""
+
+        def head(mirror: bool) -> Callable[[int], RequestHead]:
+            return lambda sid: RequestHead(
+                sid, request.method, request.path, head_fields, request.port, peer, mirror, no_body
+            )
+
+        if decision.mirrors:
+            copies = []
+            for session in decision.mirrors:
+                if session.mirrors_in_flight() >= MAX_MIRRORS_IN_FLIGHT:
+                    _count_drop(session)
+                    continue
+                handle = session.tunnel.open_stream(head(True))
+                if handle is not None:
+                    session.mirrored += 1
+                    session.mirror_streams.add(handle)
+                    copies.append(_MirrorCopy(session, handle))
+            if copies:
+                flow.metadata[_META + ".mirrors"] = copies
+                if not no_body:
+                    request.stream = _Tee(copies)
+
+        if decision.steal is not None:
+            session = decision.steal
+            handle = session.tunnel.open_stream(head(False))
+            if handle is None:
+                return  # the tunnel closed a moment ago: the app serves it
+            session.stolen += 1
+            key = self.gateway.register(handle, session.describe(), no_body)
+            flow.metadata[_META + ".route"] = key
+            request.headers[ROUTE_HEADER] = key
+            request.data.host = self.gateway.host
+            request.data.port = self.gateway.port
+            log.debug("%s %s stolen by %s", request.method, request.path, session.describe())
+
+    def request(self, flow: http.HTTPFlow) -> None:
+        # The whole request has been read: close the mirror copies' request halves.
+        for copy in flow.metadata.pop(_META + ".mirrors", ()):
+            copy.finish()
+
+    def responseheaders(self, flow: http.HTTPFlow) -> None:
+        assert flow.response is not None
+        flow.response.stream = True
+
+    def response(self, flow: http.HTTPFlow) -> None:
+        self.in_flight.discard(flow.id)
+
+    def error(self, flow: http.HTTPFlow) -> None:
+        self.in_flight.discard(flow.id)
+        key = flow.metadata.pop(_META + ".route", None)
+        if key is not None:
+            self.gateway.abandon(key)
+        for copy in flow.metadata.pop(_META + ".mirrors", ()):
+            if not copy.dropped:
+                copy.handle.reset(ResetCode.CANCEL, "the caller went away")
+
+
+def _has_no_body(request: http.Request) -> bool:
+    """True when the head alone says there is no body (HTTP/1.x framing)."""
+    if request.is_http2 or request.is_http3:
+        return False
+    headers = request.headers
+    if "transfer-encoding" in headers:
+        return False
+    length = headers.get("content-length")
+    return length is None or length.strip() == "0"
+

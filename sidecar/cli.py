@@ -1,0 +1,109 @@
+"""`offramp-sidecar`: the command the sidecar container runs."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from sidecar import __version__
+from sidecar.control import describe_validation_error
+from sidecar.settings import Capture, SidecarSettings, TokenError, read_token
+
+__all__ = ["main", "parser"]
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="offramp-sidecar",
+        description=(
+            "Proxy in front of an app port: requests that match an open session's filter "
+            "go through that session's tunnel to a developer's machine; everything else "
+            "goes to the app."
+        ),
+    )
+    p.add_argument("--app-port", type=int, required=True, help="the port the app listens on")
+    p.add_argument("--app-host", default="127.0.0.1", help="the app's address (default %(default)s)")
+    p.add_argument(
+        "--listen-port", type=int, default=15080, help="the proxy's port (default %(default)s)"
+    )
+    p.add_argument("--listen-host", default="0.0.0.0", help="default %(default)s")
+    p.add_argument(
+        "--control-port",
+        type=int,
+        default=15081,
+        help="the session server's port: websocket /v1/tunnel and GET /healthz "
+        "(default %(default)s)",
+    )
+    p.add_argument("--control-host", default="0.0.0.0", help="default %(default)s")
+    p.add_argument(
+        "--token-file",
+        type=Path,
+        required=True,
+        help="file holding the token every session must present",
+    )
+    p.add_argument(
+        "--capture",
+        choices=[c.value for c in Capture],
+        default=Capture.NONE.value,
+        help="how the pod's traffic reaches the proxy; 'none': only what is sent to "
+        "--listen-port (default %(default)s)",
+    )
+    p.add_argument(
+        "--probe-path",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="a path kubelet probes; requests to it are never stolen (repeatable)",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=10.0,
+        help="seconds to let in-flight requests finish on SIGTERM (default %(default)s)",
+    )
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--version", action="version", version=f"offramp-sidecar {__version__}")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("mitmproxy").setLevel(logging.WARNING)
+    logging.getLogger("websockets").setLevel(logging.WARNING)
+    try:
+        settings = SidecarSettings(
+            app_port=args.app_port,
+            app_host=args.app_host,
+            listen_port=args.listen_port,
+            listen_host=args.listen_host,
+            control_port=args.control_port,
+            control_host=args.control_host,
+            token=read_token(args.token_file),
+            capture=Capture(args.capture),
+            probe_paths=frozenset(args.probe_path),
+            drain_timeout=args.drain_timeout,
+            log_level=args.log_level,
+        )
+    except TokenError as e:
+        print(f"offramp-sidecar: {e}", file=sys.stderr)
+        return 2
+    except ValidationError as e:
+        print(f"offramp-sidecar: {describe_validation_error(e)}", file=sys.stderr)
+        return 2
+
+    from sidecar.proxy import run  # mitmproxy loads only once the flags are good
+
+    try:
+        return asyncio.run(run(settings))
+    except OSError as e:
+        print(f"offramp-sidecar: {e}", file=sys.stderr)
+        return 1

@@ -1,0 +1,185 @@
+"""The session server on the control port.
+
+`GET /healthz` answers 200 while the sidecar serves. `/v1/tunnel` is a websocket:
+the client's first message is HELLO; the token is compared in constant time, the
+spec validated and its filters compiled; the answer is WELCOME (and the session
+is live until the websocket closes) or REFUSED with a message a person can act on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+from http import HTTPStatus
+
+from pydantic import ValidationError
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.http11 import Request, Response
+
+from sidecar import __version__
+from sidecar.filters import FilterError, TimeoutCounter, compile_filter
+from sidecar.protocol import (
+    PROTOCOL_VERSION,
+    Connection,
+    Hello,
+    ProtocolError,
+    Refused,
+    Role,
+    Welcome,
+)
+from sidecar.sessions import Session, SessionRegistry
+from sidecar.spec import SessionSpec
+from sidecar.tunnel import Tunnel
+
+__all__ = ["HANDSHAKE_TIMEOUT", "TUNNEL_PATH", "ControlServer", "describe_validation_error"]
+
+log = logging.getLogger(__name__)
+
+TUNNEL_PATH = "/v1/tunnel"
+HANDSHAKE_TIMEOUT = 10.0
+
+
+class ControlServer:
+    def __init__(self, registry: SessionRegistry, token: str, host: str, port: int):
+        self.registry = registry
+        self._token = token.encode()
+        self.host = host
+        self.port = port
+        self._server: Server | None = None
+        self.serving = True
+
+    async def start(self) -> None:
+        self._server = await serve(
+            self._handle,
+            self.host,
+            self.port,
+            process_request=self._process_request,
+            max_size=None,  # frames are bounded by the tunnel protocol itself
+            compression=None,
+        )
+        self.port = self._server.sockets[0].getsockname()[1] if self.port == 0 else self.port
+
+    def stop_accepting(self) -> None:
+        self.serving = False
+        if self._server is not None:
+            self._server.close(close_connections=False)
+
+    async def end_sessions(self, reason: str) -> None:
+        await asyncio.gather(
+            *(s.tunnel.close(reason) for s in self.registry.sessions), return_exceptions=True
+        )
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 5)
+
+    def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
+        path = request.path.partition("?")[0]
+        if path == "/healthz":
+            if self.serving:
+                return ws.respond(HTTPStatus.OK, "ok\n")
+            return ws.respond(HTTPStatus.SERVICE_UNAVAILABLE, "shutting down\n")
+        if path != TUNNEL_PATH:
+            return ws.respond(
+                HTTPStatus.NOT_FOUND, f"offramp sidecar: the tunnel is at {TUNNEL_PATH}\n"
+            )
+        return None
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        conn = Connection(Role.SIDECAR)
+        peer = ws.remote_address
+        try:
+            first = await asyncio.wait_for(ws.recv(), HANDSHAKE_TIMEOUT)
+            if isinstance(first, str):
+                raise ProtocolError("the first message must be a binary HELLO frame")
+            conn.receive_data(first)
+            hello = conn.next_event()
+            if not isinstance(hello, Hello):
+                raise ProtocolError("the first message must be HELLO")
+        except (TimeoutError, ProtocolError) as e:
+            log.info("tunnel from %s: bad handshake: %s", peer, e)
+            await ws.close(1002, "bad handshake")
+            return
+        except Exception as e:
+            log.info("tunnel from %s: closed during handshake: %s", peer, e)
+            return
+
+        refusal, session = self._admit(hello, conn, ws)
+        if refusal is not None:
+            log.warning("tunnel from %s refused: %s", peer, refusal.message)
+            conn.send(refusal)
+            with contextlib.suppress(Exception):
+                await ws.send(conn.data_to_send())
+                await ws.close(1008, refusal.code)
+            return
+        assert session is not None
+        await ws.send(conn.data_to_send())
+        self.registry.add(session)
+        log.info(
+            "%s opened from %s: %s on ports %s",
+            session.describe(),
+            peer,
+            session.spec.mode.value,
+            ",".join(map(str, self.registry.covered_ports(session.spec))),
+        )
+        try:
+            reason = await session.tunnel.run()
+        finally:
+            self.registry.remove(session)
+        log.info(
+            "%s closed (%s): %d stolen, %d mirrored, %d mirror copies dropped",
+            session.describe(),
+            reason,
+            session.stolen,
+            session.mirrored,
+            session.mirror_dropped,
+        )
+
+    def _admit(
+        self, hello: Hello, conn: Connection, ws: ServerConnection
+    ) -> tuple[Refused | None, Session | None]:
+        if hello.version != PROTOCOL_VERSION:
+            return Refused(
+                "version",
+                f"this sidecar (offramp {__version__}) speaks tunnel protocol "
+                f"{PROTOCOL_VERSION}, the client speaks {hello.version}: use the same "
+                "offramp version on both sides (upgrade the CLI or the sidecar image)",
+            ), None
+        if not self.serving:
+            return Refused("shutting_down", "the sidecar is shutting down; retry shortly"), None
+        if not hmac.compare_digest(hello.token.encode(), self._token):
+            return Refused(
+                "unauthorized",
+                "the token does not match this sidecar's token; pass the token the sidecar "
+                "was started with (--token-file)",
+            ), None
+        try:
+            spec = SessionSpec.model_validate(hello.session)
+        except ValidationError as e:
+            return Refused("bad_spec", describe_validation_error(e)), None
+        timeouts = TimeoutCounter()
+        try:
+            predicate = compile_filter(spec.http_filter, timeouts)
+        except FilterError as e:
+            return Refused("bad_filter", str(e)), None
+        ports = self.registry.covered_ports(spec)
+        if not ports:
+            return Refused(
+                "no_port",
+                f"http_filter.ports {list(spec.http_filter.ports or ())} names none of the "
+                f"ports this sidecar fronts ({', '.join(map(str, self.registry.app_ports))})",
+            ), None
+        session = Session(spec, predicate, Tunnel(conn, ws), timeouts)
+        conn.send(Welcome(PROTOCOL_VERSION, session.id, __version__, ports))
+        return None, session
+
+
+def describe_validation_error(error: ValidationError) -> str:
+    """One line per problem: where it is, what is wrong."""
+    lines = []
+    for problem in error.errors():
+        where = ".".join(str(p) for p in problem["loc"]) or "(top level)"
+        lines.append(f"{where}: {problem['msg']}")
+    return "invalid session spec: " + "; ".join(lines)

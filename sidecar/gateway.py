@@ -1,0 +1,249 @@
+"""The gateway: where mitmproxy sends a stolen request, to be bridged onto a tunnel.
+
+mitmproxy streams a request only to a server connection, and an addon cannot
+stream a response of its own. So when the router steals a request, the addon
+opens the tunnel stream itself (the request head is handed over right then),
+registers the stream here under a one-time key, and points the request at this
+loopback server. The gateway pairs the incoming HTTP/1.1 request with the stream
+by that key, streams the body into the tunnel (waiting for window, so a slow
+local side slows the caller rather than growing memory) and streams the answer
+back.
+
+What the caller gets when things go wrong:
+- tunnel lost or stream reset before the answer's head: 502 (504 for a local
+  timeout) with a body that says what happened;
+- after the head: the connection is aborted, so the caller sees a broken
+  response rather than a silently truncated one.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from dataclasses import dataclass
+
+import h11
+
+from sidecar.protocol import Data as TunnelData
+from sidecar.protocol import End, ResetCode, ResponseHead
+from sidecar.protocol import Reset as ResetMsg
+from sidecar.tunnel import Lost, StreamHandle
+
+__all__ = ["ROUTE_HEADER", "Gateway"]
+
+log = logging.getLogger(__name__)
+
+ROUTE_HEADER = "x-offramp-route"
+"""Carries the one-time key from the addon to the gateway; never leaves the sidecar."""
+
+_READ = 64 * 1024
+
+
+@dataclass(slots=True)
+class _Pending:
+    handle: StreamHandle
+    who: str
+    head_ended: bool
+    """The head was sent with end_stream: there is no body to pass on."""
+
+
+class _Closed(Exception):
+    pass
+
+
+class Gateway:
+    def __init__(self, host: str = "127.0.0.1"):
+        self.host = host
+        self.port = 0
+        self._secret = secrets.token_hex(8)
+        self._pending: dict[str, _Pending] = {}
+        self._server: asyncio.Server | None = None
+        self._counter = 0
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._serve, self.host, 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for pending in self._pending.values():
+            pending.handle.reset(ResetCode.CANCEL, "the sidecar is shutting down")
+        self._pending.clear()
+
+    def register(self, handle: StreamHandle, who: str, head_ended: bool) -> str:
+        self._counter += 1
+        key = f"{self._secret}.{self._counter}"
+        self._pending[key] = _Pending(handle, who, head_ended)
+        return key
+
+    def abandon(self, key: str) -> None:
+        """The caller went away before mitmproxy reached the gateway."""
+        pending = self._pending.pop(key, None)
+        if pending is not None:
+            pending.handle.reset(ResetCode.CANCEL, "the caller went away")
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        conn = h11.Connection(h11.SERVER)
+        try:
+            while True:
+                event = await _next_event(conn, reader)
+                if not isinstance(event, h11.Request):
+                    break
+                key = _route_key(event)
+                pending = self._pending.pop(key, None) if key else None
+                if pending is None or not key.startswith(self._secret):
+                    await _simple(conn, writer, 502, "offramp: no stolen request under that key")
+                    break
+                await self._exchange(conn, reader, writer, pending)
+                if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                    break
+                conn.start_next_cycle()
+        except (_Closed, ConnectionError, h11.ProtocolError) as e:
+            log.debug("gateway connection ended: %s", e)
+        finally:
+            with contextlib.suppress(Exception):
+                writer.close()
+
+    async def _exchange(
+        self,
+        conn: h11.Connection,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        pending: _Pending,
+    ) -> None:
+        handle = pending.handle
+        upload = asyncio.create_task(_upload(conn, reader, handle, not pending.head_ended))
+        try:
+            await _download(conn, writer, handle, pending.who)
+            # The answer is complete; the request body may still be arriving.
+            await upload
+        finally:
+            if not upload.done():
+                upload.cancel()
+                with contextlib.suppress(asyncio.CancelledError, _Closed, ConnectionError):
+                    await upload
+            if handle.active:
+                handle.reset(ResetCode.CANCEL, "the caller went away")
+
+
+async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader) -> object:
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            # On EOF (b"") h11 reports ConnectionClosed, or raises on a truncated body.
+            conn.receive_data(await reader.read(_READ))
+            continue
+        return event
+
+
+async def _upload(
+    conn: h11.Connection, reader: asyncio.StreamReader, handle: StreamHandle, sending: bool
+) -> None:
+    """Request body: gateway connection -> tunnel. Once the stream cannot take
+    more (reset by the local side, or no body expected) the rest is read and dropped."""
+    while True:
+        event = await _next_event(conn, reader)
+        if isinstance(event, h11.Data):
+            if sending:
+                sending = await handle.send_body(bytes(event.data))
+        elif isinstance(event, h11.EndOfMessage):
+            if sending:
+                handle.send(End(handle.id, tuple(event.headers.raw_items())))
+            return
+        else:
+            raise _Closed(f"request body broke off: {event!r}")
+
+
+async def _download(
+    conn: h11.Connection, writer: asyncio.StreamWriter, handle: StreamHandle, who: str
+) -> None:
+    """Answer: tunnel -> gateway connection."""
+    started = False
+    while True:
+        event = await handle.next()
+        if isinstance(event, ResponseHead):
+            headers = [(n, v) for n, v in event.headers if n.lower() not in _HOP_BY_HOP]
+            writer.write(
+                conn.send(h11.Response(status_code=event.status, headers=headers,
+                                       reason=event.reason.encode("latin-1", "replace")))
+                or b""
+            )
+            started = True
+            if event.end_stream:
+                writer.write(conn.send(h11.EndOfMessage()) or b"")
+                await writer.drain()
+                return
+        elif isinstance(event, TunnelData):
+            writer.write(conn.send(h11.Data(data=event.data)) or b"")
+            await writer.drain()
+            handle.ack(len(event.data))
+        elif isinstance(event, End):
+            writer.write(conn.send(h11.EndOfMessage(headers=list(event.trailers))) or b"")
+            await writer.drain()
+            return
+        else:
+            why = _why(event, who)
+            if started:
+                log.info("stolen response broke off: %s", why)
+                writer.transport.abort()
+                raise _Closed(why)
+            status = 504 if isinstance(event, ResetMsg) and event.code is ResetCode.TIMEOUT else 502
+            await _simple(conn, writer, status, why)
+            return
+
+
+def _why(event: object, who: str) -> str:
+    if isinstance(event, Lost):
+        return (
+            f"offramp: this request was handed to {who}, but the tunnel to it closed before "
+            f"it answered ({event.reason}). The local process may or may not have seen it."
+        )
+    if isinstance(event, ResetMsg):
+        return f"offramp: {who} could not answer this request: {event.message or event.code.name}"
+    return f"offramp: unexpected tunnel event {event!r}"
+
+
+async def _simple(conn: h11.Connection, writer: asyncio.StreamWriter, status: int, text: str) -> None:
+    body = (text + "\n").encode()
+    if conn.our_state is not h11.SEND_RESPONSE:
+        writer.transport.abort()
+        raise _Closed(text)
+    writer.write(
+        conn.send(
+            h11.Response(
+                status_code=status,
+                headers=[
+                    ("content-type", "text/plain; charset=utf-8"),
+                    ("content-length", str(len(body))),
+                    ("x-offramp", "error"),
+                ],
+            )
+        )
+        or b""
+    )
+    writer.write(conn.send(h11.Data(data=body)) or b"")
+    writer.write(conn.send(h11.EndOfMessage()) or b"")
+    await writer.drain()
+
+
+def _route_key(request: h11.Request) -> str:
+    for name, value in request.headers:
+        if name == ROUTE_HEADER.encode():
+            return bytes(value).decode("latin-1")
+    return ""
+
+
+_HOP_BY_HOP = frozenset(
+    {
+        b"connection",
+        b"keep-alive",
+        b"proxy-connection",
+        b"transfer-encoding",
+        b"te",
+        b"upgrade",
+        b"trailer",
+    }
+)

@@ -1,0 +1,128 @@
+"""Run the sidecar: an embedded mitmproxy Master, the gateway and the session server.
+
+The Master is bare: only the `core`, `proxyserver` and `next_layer` addons and
+ours. mitmproxy's `DumpMaster` loads some thirty addons and costs about twice
+the CPU per request.
+
+mitmproxy internals this relies on (pinned in pyproject.toml; check them
+before moving the pin):
+- reverse mode resolves a request's destination from `request.data.host/port`
+  *after* the `requestheaders` hook, so the addon can send one request of a
+  keep-alive connection to the gateway and the next to the app;
+- `Proxyserver.servers.update([])` closes the listening sockets but leaves the
+  open connections to finish (used for a graceful SIGTERM).
+
+Shutdown (SIGTERM or SIGINT): stop listening, let in-flight requests finish for
+up to `drain_timeout` seconds, end the sessions, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+
+from mitmproxy import options
+from mitmproxy.addons import core, next_layer, proxyserver
+from mitmproxy.master import Master
+
+from sidecar.addon import OfframpAddon
+from sidecar.control import ControlServer
+from sidecar.gateway import Gateway
+from sidecar.sessions import SessionRegistry
+from sidecar.settings import SidecarSettings
+
+__all__ = ["Sidecar", "run"]
+
+log = logging.getLogger("offramp.sidecar")
+
+
+class Sidecar:
+    """All the parts of a running sidecar, started and stopped together."""
+
+    def __init__(self, settings: SidecarSettings):
+        self.settings = settings
+        self.registry = SessionRegistry((settings.app_port,))
+        self.gateway = Gateway()
+        self.control = ControlServer(
+            self.registry, settings.token, settings.control_host, settings.control_port
+        )
+        self.addon = OfframpAddon(self.registry, self.gateway, settings.probe_paths)
+        self._proxyserver = proxyserver.Proxyserver()
+        self.master: Master | None = None
+        self._master_task: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        s = self.settings
+        await self.gateway.start()
+        self.master = Master(options.Options())
+        self.master.addons.add(core.Core(), self._proxyserver, next_layer.NextLayer(), self.addon)
+        self.master.options.update(
+            mode=[f"reverse:http://{s.app_host}:{s.app_port}@{s.listen_host}:{s.listen_port}"],
+            keep_host_header=True,
+            connection_strategy="lazy",
+        )
+        self._master_task = asyncio.create_task(self.master.run())
+        await self._wait_listening()
+        await self.control.start()
+
+    async def _wait_listening(self) -> None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            servers = list(self._proxyserver.servers)
+            if servers and all(srv.listen_addrs for srv in servers):
+                return
+            if self._master_task is not None and self._master_task.done():
+                break
+            await asyncio.sleep(0.02)
+        raise OSError(
+            f"the proxy could not listen on {self.settings.listen_host}:"
+            f"{self.settings.listen_port} (is the port in use?)"
+        )
+
+    @property
+    def listen_port(self) -> int:
+        for srv in self._proxyserver.servers:
+            for addr in srv.listen_addrs:
+                return int(addr[1])
+        return self.settings.listen_port
+
+    async def stop(self) -> None:
+        """Stop listening, drain in-flight requests, end sessions."""
+        self.control.stop_accepting()
+        await self._proxyserver.servers.update([])
+        deadline = time.monotonic() + self.settings.drain_timeout
+        while self.addon.in_flight and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        if self.addon.in_flight:
+            log.warning("%d requests still open after the drain timeout", len(self.addon.in_flight))
+        await self.control.end_sessions("the sidecar is shutting down")
+        await self.gateway.stop()
+        if self.master is not None:
+            self.master.shutdown()
+        if self._master_task is not None:
+            await self._master_task
+
+
+async def run(settings: SidecarSettings) -> int:
+    sidecar = Sidecar(settings)
+    await sidecar.start()
+    log.info(
+        "offramp sidecar: proxy on %s:%d -> app %s:%d; sessions on %s:%d",
+        settings.listen_host,
+        sidecar.listen_port,
+        settings.app_host,
+        settings.app_port,
+        settings.control_host,
+        sidecar.control.port,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("shutting down: no new connections; finishing %d requests", len(sidecar.addon.in_flight))
+    await sidecar.stop()
+    log.info("stopped")
+    return 0

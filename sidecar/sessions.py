@@ -1,0 +1,104 @@
+"""Open sessions: who listens on which app port, and what they have taken.
+
+The registry is read on every request (`for_port`), so it keeps an immutable
+tuple per port, rebuilt only when a session opens or closes. Listeners hear when
+a port gets its first session or loses its last (that is when capture starts and
+stops).
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from sidecar.filters import Predicate, TimeoutCounter
+from sidecar.spec import Mode, SessionSpec
+from sidecar.tunnel import StreamHandle, Tunnel
+
+__all__ = ["MAX_MIRRORS_IN_FLIGHT", "Session", "SessionRegistry"]
+
+MAX_MIRRORS_IN_FLIGHT = 64
+"""Mirror copies one session may have in the tunnel at once; more are dropped."""
+
+_ids = itertools.count(1)
+
+
+@dataclass(eq=False)
+class Session:
+    spec: SessionSpec
+    predicate: Predicate | None
+    tunnel: Tunnel
+    timeouts: TimeoutCounter
+    id: str = field(default_factory=lambda: f"s{next(_ids)}")
+    opened_at: float = field(default_factory=time.time)
+    stolen: int = 0
+    mirrored: int = 0
+    mirror_dropped: int = 0
+    mirror_streams: set[StreamHandle] = field(default_factory=set)
+
+    def mirrors_in_flight(self) -> int:
+        self.mirror_streams = {h for h in self.mirror_streams if h.active}
+        return len(self.mirror_streams)
+
+    @property
+    def mode(self) -> Mode:
+        return self.spec.mode
+
+    @property
+    def take_probes(self) -> bool:
+        return self.spec.take_probes
+
+    def describe(self) -> str:
+        who = f" ({self.spec.client})" if self.spec.client else ""
+        return f"session {self.id}{who}"
+
+
+PortListener = Callable[[int, int], None]
+"""Called with (app port, number of sessions now covering it) when that number
+goes from 0 to 1 or from 1 to 0."""
+
+
+@dataclass
+class SessionRegistry:
+    app_ports: tuple[int, ...]
+    _sessions: list[Session] = field(default_factory=list)
+    _by_port: dict[int, tuple[Session, ...]] = field(default_factory=dict)
+    _listeners: list[PortListener] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._by_port = {port: () for port in self.app_ports}
+
+    def add_listener(self, listener: PortListener) -> None:
+        self._listeners.append(listener)
+
+    def covered_ports(self, spec: SessionSpec) -> tuple[int, ...]:
+        return tuple(p for p in self.app_ports if spec.covers_port(p))
+
+    def for_port(self, port: int) -> tuple[Session, ...]:
+        return self._by_port.get(port, ())
+
+    @property
+    def sessions(self) -> tuple[Session, ...]:
+        return tuple(self._sessions)
+
+    def add(self, session: Session) -> None:
+        self._sessions.append(session)
+        self._rebuild()
+
+    def remove(self, session: Session) -> None:
+        if session in self._sessions:
+            self._sessions.remove(session)
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        before = {port: len(s) for port, s in self._by_port.items()}
+        self._by_port = {
+            port: tuple(s for s in self._sessions if s.spec.covers_port(port))
+            for port in self.app_ports
+        }
+        for port, sessions in self._by_port.items():
+            if (before[port] == 0) != (len(sessions) == 0):
+                for listener in self._listeners:
+                    listener(port, len(sessions))
