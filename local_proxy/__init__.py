@@ -1,1 +1,2 @@
-"""offramp's local side: the `offramp` CLI and the proxy that hands stolen requests to a local process."""
+"""offramp's local side: the `offramp` CLI and the proxy that hands stolen requests
+to a local process."""

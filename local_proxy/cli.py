@@ -13,7 +13,14 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from local_proxy.config import ConfigError, FilterFlags, Incoming, LocalSettings, build_spec, load_incoming
+from local_proxy.config import (
+    ConfigError,
+    FilterFlags,
+    Incoming,
+    LocalSettings,
+    build_spec,
+    load_incoming,
+)
 from local_proxy.session import LocalSession, SessionError
 from sidecar import __version__
 from sidecar.control import describe_validation_error
@@ -45,8 +52,12 @@ def parser() -> argparse.ArgumentParser:
         required=True,
         help="the sidecar's session server, e.g. ws://127.0.0.1:15081",
     )
-    steal.add_argument("--token-file", type=Path, required=True, help="file with the sidecar's token")
-    steal.add_argument("--to", type=int, required=True, metavar="PORT", help="local port to send requests to")
+    steal.add_argument(
+        "--token-file", type=Path, required=True, help="file with the sidecar's token"
+    )
+    steal.add_argument(
+        "--to", type=int, required=True, metavar="PORT", help="local port to send requests to"
+    )
     steal.add_argument(
         "--header",
         action="append",
@@ -133,7 +144,10 @@ def _steal(args: argparse.Namespace) -> int:
     try:
         incoming = load_incoming(args.config_file) if args.config_file else Incoming()
         for key in incoming.ignored:
-            print(f"offramp: {args.config_file}: ignoring {key} (offramp does not use it)", file=sys.stderr)
+            print(
+                f"offramp: {args.config_file}: ignoring {key} (offramp does not use it)",
+                file=sys.stderr,
+            )
         flags = FilterFlags(
             headers=tuple(args.header),
             paths=tuple(args.path),

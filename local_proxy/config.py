@@ -59,7 +59,7 @@ def load_incoming(path: Path) -> Incoming:
     if isinstance(incoming, str):
         return Incoming(mode=_mode(incoming, where), ignored=_ignored_top(doc))
     if not isinstance(incoming, dict):
-        raise ConfigError(f"{where} must be \"steal\", \"mirror\" or an object")
+        raise ConfigError(f'{where} must be "steal", "mirror" or an object')
     mode = _mode(incoming["mode"], f"{where}.mode") if "mode" in incoming else None
     http_filter = incoming.get("http_filter", {})
     if not isinstance(http_filter, dict):
@@ -77,9 +77,7 @@ def _mode(value: object, where: str) -> Mode:
     try:
         return Mode(str(value))
     except ValueError:
-        raise ConfigError(
-            f"{where} is {value!r}; offramp takes \"steal\" or \"mirror\""
-        ) from None
+        raise ConfigError(f'{where} is {value!r}; offramp takes "steal" or "mirror"') from None
 
 
 def _ignored_top(doc: dict[str, Any]) -> tuple[str, ...]:
@@ -145,7 +143,9 @@ def build_spec(incoming: Incoming, flags: FilterFlags, client: str) -> SessionSp
         )
     except ValidationError as e:
         problems = "; ".join(
-            f"http_filter.{'.'.join(map(str, p['loc']))}: {p['msg']}".replace("http_filter.:", "http_filter:")
+            f"http_filter.{'.'.join(map(str, p['loc']))}: {p['msg']}".replace(
+                "http_filter.:", "http_filter:"
+            )
             for p in e.errors()
         )
         raise ConfigError(problems) from e

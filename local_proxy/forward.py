@@ -150,7 +150,9 @@ class Forwarder:
                 # The answer to a copy goes nowhere: read it to free the connection.
                 async for _ in response.aiter_raw():
                     pass
-                stream.send(ResponseHead(stream.id, response.status_code, out_headers, end_stream=True))
+                stream.send(
+                    ResponseHead(stream.id, response.status_code, out_headers, end_stream=True)
+                )
                 return str(response.status_code)
             stream.send(
                 ResponseHead(stream.id, response.status_code, out_headers, response.reason_phrase)

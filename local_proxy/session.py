@@ -115,7 +115,9 @@ class LocalSession:
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as e:
             raise SessionError(f"cannot reach the sidecar at {url}: {e}") from e
         conn = Connection(Role.CLIENT)
-        conn.send(Hello(PROTOCOL_VERSION, self.settings.token, self.settings.spec.model_dump(mode="json")))
+        conn.send(
+            Hello(PROTOCOL_VERSION, self.settings.token, self.settings.spec.model_dump(mode="json"))
+        )
         try:
             await ws.send(conn.data_to_send())
             answer = await asyncio.wait_for(ws.recv(), 10)

@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 
@@ -92,6 +93,8 @@ class OfframpAddon:
         self.gateway = gateway
         self.probe_paths = probe_paths
         self.in_flight: set[str] = set()
+        self.idle = asyncio.Event()
+        self.idle.set()
 
     # -- hooks ------------------------------------------------------------------
 
@@ -99,6 +102,7 @@ class OfframpAddon:
         request = flow.request
         request.stream = True
         self.in_flight.add(flow.id)
+        self.idle.clear()
         client_ip = flow.client_conn.peername[0] if flow.client_conn.peername else ""
         if client_ip:
             previous = request.headers.get("x-forwarded-for")
@@ -165,16 +169,21 @@ class OfframpAddon:
         flow.response.stream = True
 
     def response(self, flow: http.HTTPFlow) -> None:
-        self.in_flight.discard(flow.id)
+        self._done(flow)
 
     def error(self, flow: http.HTTPFlow) -> None:
-        self.in_flight.discard(flow.id)
+        self._done(flow)
         key = flow.metadata.pop(_META + ".route", None)
         if key is not None:
             self.gateway.abandon(key)
         for copy in flow.metadata.pop(_META + ".mirrors", ()):
             if not copy.dropped:
                 copy.handle.reset(ResetCode.CANCEL, "the caller went away")
+
+    def _done(self, flow: http.HTTPFlow) -> None:
+        self.in_flight.discard(flow.id)
+        if not self.in_flight:
+            self.idle.set()
 
 
 def _has_no_body(request: http.Request) -> bool:
@@ -186,4 +195,3 @@ def _has_no_body(request: http.Request) -> bool:
         return False
     length = headers.get("content-length")
     return length is None or length.strip() == "0"
-

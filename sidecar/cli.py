@@ -28,7 +28,9 @@ def parser() -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("--app-port", type=int, required=True, help="the port the app listens on")
-    p.add_argument("--app-host", default="127.0.0.1", help="the app's address (default %(default)s)")
+    p.add_argument(
+        "--app-host", default="127.0.0.1", help="the app's address (default %(default)s)"
+    )
     p.add_argument(
         "--listen-port", type=int, default=15080, help="the proxy's port (default %(default)s)"
     )

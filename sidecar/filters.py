@@ -31,6 +31,7 @@ __all__ = [
     "FilterError",
     "Predicate",
     "RequestView",
+    "TimeoutCounter",
     "compile_filter",
 ]
 
@@ -142,7 +143,9 @@ def _compile_regex(key: str, pattern: str, flags: int) -> regex.Pattern[str]:
     try:
         return regex.compile(pattern, flags | regex.VERSION1)
     except regex.error as e:
-        raise FilterError(key, pattern, f"invalid regex ({e.msg})", e.pos) from e
+        # The stubs omit regex.error's msg/pos, which the module does set.
+        msg, pos = getattr(e, "msg", str(e)), getattr(e, "pos", None)
+        raise FilterError(key, pattern, f"invalid regex ({msg})", pos) from e
 
 
 def _compile_method(key: str, method: str) -> _Method:
@@ -154,9 +157,7 @@ def _compile_method(key: str, method: str) -> _Method:
 
 def _compile_clause(key: str, clause: FilterClause, timeouts: TimeoutCounter) -> Predicate:
     if clause.header is not None:
-        return _Header(
-            _compile_regex(f"{key}.header", clause.header, regex.IGNORECASE), timeouts
-        )
+        return _Header(_compile_regex(f"{key}.header", clause.header, regex.IGNORECASE), timeouts)
     if clause.path is not None:
         return _Path(_compile_regex(f"{key}.path", clause.path, 0), timeouts)
     assert clause.method is not None  # FilterClause guarantees exactly one

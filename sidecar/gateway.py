@@ -167,8 +167,13 @@ async def _download(
         if isinstance(event, ResponseHead):
             headers = [(n, v) for n, v in event.headers if n.lower() not in _HOP_BY_HOP]
             writer.write(
-                conn.send(h11.Response(status_code=event.status, headers=headers,
-                                       reason=event.reason.encode("latin-1", "replace")))
+                conn.send(
+                    h11.Response(
+                        status_code=event.status,
+                        headers=headers,
+                        reason=event.reason.encode("latin-1", "replace"),
+                    )
+                )
                 or b""
             )
             started = True
@@ -206,7 +211,9 @@ def _why(event: object, who: str) -> str:
     return f"offramp: unexpected tunnel event {event!r}"
 
 
-async def _simple(conn: h11.Connection, writer: asyncio.StreamWriter, status: int, text: str) -> None:
+async def _simple(
+    conn: h11.Connection, writer: asyncio.StreamWriter, status: int, text: str
+) -> None:
     body = (text + "\n").encode()
     if conn.our_state is not h11.SEND_RESPONSE:
         writer.transport.abort()

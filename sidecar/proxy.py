@@ -92,10 +92,9 @@ class Sidecar:
         """Stop listening, drain in-flight requests, end sessions."""
         self.control.stop_accepting()
         await self._proxyserver.servers.update([])
-        deadline = time.monotonic() + self.settings.drain_timeout
-        while self.addon.in_flight and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        if self.addon.in_flight:
+        try:
+            await asyncio.wait_for(self.addon.idle.wait(), self.settings.drain_timeout)
+        except TimeoutError:
             log.warning("%d requests still open after the drain timeout", len(self.addon.in_flight))
         await self.control.end_sessions("the sidecar is shutting down")
         await self.gateway.stop()
@@ -122,7 +121,9 @@ async def run(settings: SidecarSettings) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
-    log.info("shutting down: no new connections; finishing %d requests", len(sidecar.addon.in_flight))
+    log.info(
+        "shutting down: no new connections; finishing %d requests", len(sidecar.addon.in_flight)
+    )
     await sidecar.stop()
     log.info("stopped")
     return 0

@@ -45,7 +45,7 @@ class FilterClause(BaseModel):
         if len(given) != 1:
             raise ValueError(
                 "each all_of/any_of item takes exactly one of 'header', 'path' or 'method', "
-                f"got {given or 'none'}; write e.g. {{\"header\": \"^x-preview: alice$\"}}"
+                f'got {given or "none"}; write e.g. {{"header": "^x-preview: alice$"}}'
             )
         return self
 

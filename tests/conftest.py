@@ -1,0 +1,40 @@
+from __future__ import annotations
+
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.support import SidecarProcess, HttpApp, start_app, start_sidecar
+
+
+@pytest.fixture
+def token_file(tmp_path: Path) -> Path:
+    path = tmp_path / "token"
+    path.write_text(secrets.token_hex(32) + "\n")
+    return path
+
+
+@pytest.fixture
+def app() -> Iterator[HttpApp]:
+    a = start_app("app")
+    yield a
+    a.server.shutdown()
+    a.server.server_close()
+
+
+@pytest.fixture
+def local() -> Iterator[HttpApp]:
+    a = start_app("local")
+    yield a
+    a.server.shutdown()
+    a.server.server_close()
+
+
+@pytest.fixture
+def sidecar(app: HttpApp, token_file: Path, tmp_path: Path) -> Iterator[SidecarProcess]:
+    s = start_sidecar(app.port, token_file, tmp_path)
+    yield s
+    rc = s.stop()
+    assert rc == 0, f"the sidecar exited with {rc} on SIGTERM:\n{s.log()}"
