@@ -143,6 +143,8 @@ def _fail(message: str, code: int = 2) -> int:
 def _steal(args: argparse.Namespace) -> int:
     try:
         incoming = load_incoming(args.config_file) if args.config_file else Incoming()
+        for note in incoming.notes:
+            print(f"offramp: {note}", file=sys.stderr)
         for key in incoming.ignored:
             print(
                 f"offramp: {args.config_file}: ignoring {key} (offramp does not use it)",

@@ -3,7 +3,8 @@
 From a config file only `feature.network.incoming` is read; it is either a mode
 string (`"steal"`, `"mirror"`) or an object with `mode`, `http_filter` and
 `ports`. Files are JSON as mirrord writes it, trailing commas and comments
-allowed (JSON5). Keys offramp does not use are reported as ignored, never
+allowed (JSON5); typographic quotes pasted from a web page are read as plain
+quotes, with a note. Keys offramp does not use are reported as ignored, never
 silently dropped. Flags override the file: any filter flag replaces the file's
 filter.
 """
@@ -36,6 +37,31 @@ class Incoming:
     http_filter: dict[str, Any] = field(default_factory=dict)
     ports: tuple[int, ...] | None = None
     ignored: tuple[str, ...] = ()
+    notes: tuple[str, ...] = ()
+
+
+# Typographic double quotes, as pasted from blogs and chat, and the same quotes
+# after a UTF-8 -> Mac Roman mix-up (how some published examples carry them).
+_SMART_QUOTES = ("\u201c", "\u201d", "\u201e", "\u201a\u00c4\u00fa", "\u201a\u00c4\u00f9")
+
+
+def _parse(text: str, path: Path) -> tuple[Any, tuple[str, ...]]:
+    try:
+        return json5.loads(text), ()
+    except ValueError as first:
+        repaired = text
+        for quote in sorted(_SMART_QUOTES, key=len, reverse=True):
+            repaired = repaired.replace(quote, '"')
+        if repaired != text:
+            try:
+                note = (
+                    f'{path}: read typographic quotes as plain double quotes ("); '
+                    "fix the file to silence this"
+                )
+                return json5.loads(repaired), (note,)
+            except ValueError:
+                pass
+        raise ConfigError(f"{path} is not valid JSON: {first}") from first
 
 
 def load_incoming(path: Path) -> Incoming:
@@ -44,20 +70,17 @@ def load_incoming(path: Path) -> Incoming:
         text = path.read_text()
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
-    try:
-        doc = json5.loads(text)
-    except ValueError as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from e
+    doc, notes = _parse(text, path)
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: the top level must be an object")
     incoming: Any = doc
     for key in ("feature", "network", "incoming"):
         if not isinstance(incoming, dict) or key not in incoming:
-            return Incoming(ignored=_ignored_top(doc))
+            return Incoming(ignored=_ignored_top(doc), notes=notes)
         incoming = incoming[key]
     where = f"{path}: feature.network.incoming"
     if isinstance(incoming, str):
-        return Incoming(mode=_mode(incoming, where), ignored=_ignored_top(doc))
+        return Incoming(mode=_mode(incoming, where), ignored=_ignored_top(doc), notes=notes)
     if not isinstance(incoming, dict):
         raise ConfigError(f'{where} must be "steal", "mirror" or an object')
     mode = _mode(incoming["mode"], f"{where}.mode") if "mode" in incoming else None
@@ -70,7 +93,9 @@ def load_incoming(path: Path) -> Incoming:
     ):
         raise ConfigError(f"{where}.ports must be a list of port numbers")
     ignored = tuple(f"feature.network.incoming.{k}" for k in incoming if k not in _INCOMING_KEYS)
-    return Incoming(mode, http_filter, tuple(ports) if ports else None, ignored + _ignored_top(doc))
+    return Incoming(
+        mode, http_filter, tuple(ports) if ports else None, ignored + _ignored_top(doc), notes
+    )
 
 
 def _mode(value: object, where: str) -> Mode:

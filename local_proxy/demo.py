@@ -162,9 +162,7 @@ async def run_demo(quiet: bool = False) -> int:
         runner: asyncio.Task[None] | None = None
         try:
             await _wait_healthy(f"http://127.0.0.1:{control_port}/healthz", sidecar)
-            say(
-                f"offramp sidecar             on 127.0.0.1:{listen_port} (control {control_port})"
-            )
+            say(f"offramp sidecar             on 127.0.0.1:{listen_port} (control {control_port})")
             settings = LocalSettings(
                 sidecar_url=f"ws://127.0.0.1:{control_port}",
                 token=token_file.read_text(),

@@ -4,14 +4,16 @@
 - stolen: the head goes into the session's tunnel now (handed over), and the
   request is pointed at the gateway, which streams the body and the answer.
 - mirrored: the request goes to the app; a copy streams into each mirroring
-  session's tunnel without ever waiting: if a copy cannot be sent at once (no
-  window, too many copies in flight) it is dropped and counted.
+  session's tunnel without ever making the caller wait: what the tunnel cannot
+  take yet waits in a bounded backlog, and a copy that would overflow it (or
+  exceed the copies in flight) is dropped and counted.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable
 
 from mitmproxy import http
@@ -20,7 +22,7 @@ from sidecar.filters import RequestView
 from sidecar.gateway import ROUTE_HEADER, Gateway
 from sidecar.protocol import MAX_DATA, Data, End, RequestHead, ResetCode, Stats
 from sidecar.router import decide, is_probe
-from sidecar.sessions import MAX_MIRRORS_IN_FLIGHT, Session, SessionRegistry
+from sidecar.sessions import MAX_MIRRORS_IN_FLIGHT, MIRROR_BACKLOG, Session, SessionRegistry
 from sidecar.tunnel import StreamHandle
 
 __all__ = ["OfframpAddon"]
@@ -45,28 +47,71 @@ _HOP_BY_HOP = frozenset(
 
 
 class _MirrorCopy:
+    """One mirror copy's request half. Chunks go straight into the tunnel while
+    the stream has window; beyond that they wait in a backlog drained as window
+    returns. The session's backlogs together are bounded by MIRROR_BACKLOG: a
+    copy that would exceed it is dropped. The caller never waits on a copy."""
+
     def __init__(self, session: Session, handle: StreamHandle):
         self.session = session
         self.handle = handle
         self.dropped = False
+        self.ended = False
+        self.backlog: deque[bytes] = deque()
+        self.pump: asyncio.Task[None] | None = None
 
     def feed(self, chunk: bytes) -> None:
         if self.dropped:
             return
-        if self.handle.tunnel.conn.send_window(self.handle.id) < len(chunk):
+        if not self.backlog and self.handle.tunnel.conn.send_window(self.handle.id) >= len(chunk):
+            for i in range(0, len(chunk), MAX_DATA):
+                self.handle.send(Data(self.handle.id, chunk[i : i + MAX_DATA]))
+            return
+        if self.session.mirror_backlog + len(chunk) > MIRROR_BACKLOG:
             self.drop("the local side is not keeping up")
             return
-        for i in range(0, len(chunk), MAX_DATA):
-            self.handle.send(Data(self.handle.id, chunk[i : i + MAX_DATA]))
+        self.backlog.append(chunk)
+        self.session.mirror_backlog += len(chunk)
+        if self.pump is None:
+            self.pump = asyncio.create_task(self._drain())
 
     def finish(self) -> None:
-        if not self.dropped:
+        if self.dropped:
+            return
+        self.ended = True
+        if self.pump is None:
             self.handle.send(End(self.handle.id))
 
     def drop(self, why: str) -> None:
+        if self.dropped:
+            return
         self.dropped = True
+        self._release()
+        if self.pump is not None and self.pump is not asyncio.current_task():
+            self.pump.cancel()
         self.handle.reset(ResetCode.MIRROR_DROPPED, why)
         _count_drop(self.session)
+
+    def _release(self) -> None:
+        self.session.mirror_backlog -= sum(map(len, self.backlog))
+        self.backlog.clear()
+
+    async def _drain(self) -> None:
+        try:
+            while self.backlog:
+                chunk = self.backlog[0]
+                sent = await self.handle.send_body(chunk)
+                if not self.backlog or self.backlog[0] is not chunk:
+                    return  # dropped meanwhile
+                self.backlog.popleft()
+                self.session.mirror_backlog -= len(chunk)
+                if not sent:
+                    self.drop("the mirror stream ended early")
+                    return
+            if self.ended:
+                self.handle.send(End(self.handle.id))
+        finally:
+            self.pump = None
 
 
 def _count_drop(session: Session) -> None:

@@ -67,6 +67,7 @@ __all__ = [
     "Welcome",
     "WindowUpdate",
     "decode_frame",
+    "encode",
 ]
 
 PROTOCOL_VERSION = 1

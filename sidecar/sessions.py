@@ -17,10 +17,12 @@ from sidecar.filters import Predicate, TimeoutCounter
 from sidecar.spec import Mode, SessionSpec
 from sidecar.tunnel import StreamHandle, Tunnel
 
-__all__ = ["MAX_MIRRORS_IN_FLIGHT", "Session", "SessionRegistry"]
+__all__ = ["MAX_MIRRORS_IN_FLIGHT", "MIRROR_BACKLOG", "Session", "SessionRegistry"]
 
 MAX_MIRRORS_IN_FLIGHT = 64
 """Mirror copies one session may have in the tunnel at once; more are dropped."""
+MIRROR_BACKLOG = 16 * 1024 * 1024
+"""Bytes of mirror copies one session may hold waiting for tunnel window."""
 
 _ids = itertools.count(1)
 
@@ -37,6 +39,7 @@ class Session:
     mirrored: int = 0
     mirror_dropped: int = 0
     mirror_streams: set[StreamHandle] = field(default_factory=set)
+    mirror_backlog: int = 0
 
     def mirrors_in_flight(self) -> int:
         self.mirror_streams = {h for h in self.mirror_streams if h.active}

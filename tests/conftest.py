@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import SidecarProcess, HttpApp, start_app, start_sidecar
+from tests.support import HttpApp, SidecarProcess, start_app, start_sidecar
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ import socket
 import httpx
 import pytest
 
-from sidecar.spec import FilterClause, HttpFilterSpec, Mode, SessionSpec
-from tests.support import SidecarProcess, HttpApp, header_spec, open_session, raw_exchange
+from sidecar.spec import FilterClause, HttpFilterSpec, SessionSpec
+from tests.support import HttpApp, SidecarProcess, header_spec, open_session, raw_exchange
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -130,7 +130,9 @@ def _read_response(sock: socket.socket, buf: bytearray) -> tuple[bytes, bytes]:
         buf += piece
     head, _, rest = bytes(buf).partition(b"\r\n\r\n")
     length = next(
-        int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+        int(line.split(b":")[1])
+        for line in head.split(b"\r\n")
+        if line.lower().startswith(b"content-length")
     )
     while len(rest) < length:
         piece = sock.recv(65536)
@@ -204,7 +206,8 @@ async def test_malformed_request_does_not_take_the_proxy_down(
             b"\x16\x03\x01garbage\r\n\r\n",
             b"GET / HTTP/1.1\r\nhost: a\r\ncontent-length: nope\r\n\r\n",
             b"GET / HTTP/1.1\r\n" + b"x: " + b"a" * 100_000 + b"\r\n\r\n",
-            b"POST / HTTP/1.1\r\nhost: a\r\nx-preview: alice\r\ntransfer-encoding: chunked\r\n\r\nzz\r\n",
+            b"POST / HTTP/1.1\r\nhost: a\r\nx-preview: alice\r\n"
+            b"transfer-encoding: chunked\r\n\r\nzz\r\n",
         ):
             await asyncio.to_thread(
                 raw_exchange, sidecar.listen_port, garbage, 1.0, until_close=False

@@ -1,0 +1,140 @@
+"""Filter tables: what matches, what does not, and how bad patterns are refused."""
+
+from __future__ import annotations
+
+import pytest
+
+from sidecar.filters import FilterError, RequestView, TimeoutCounter, compile_filter
+from sidecar.spec import FilterClause, HttpFilterSpec
+
+pytestmark = pytest.mark.timeout(10)
+
+
+def req(
+    method: str = "GET", target: str = "/", headers: dict[str, str] | None = None
+) -> RequestView:
+    lines = [f"{k}: {v}" for k, v in (headers or {}).items()]
+    return RequestView(method, target, lines)
+
+
+def matches(spec: HttpFilterSpec, request: RequestView) -> bool:
+    predicate = compile_filter(spec)
+    return predicate is None or predicate(request)
+
+
+@pytest.mark.parametrize(
+    ("pattern", "headers", "expected"),
+    [
+        ("^x-preview: alice$", {"x-preview": "alice"}, True),
+        ("^x-preview: alice$", {"X-Preview": "ALICE"}, True),  # case-insensitive
+        ("^x-preview: alice$", {"x-preview": "alice2"}, False),
+        ("^x-preview: alice$", {"x-other": "x-preview: alice"}, False),  # anchored to the line
+        ("alice", {"cookie": "user=alice; theme=dark"}, True),  # unanchored search
+        ("MyHeader", {"myheader": "1"}, True),
+        ("MyHeader", {"x": "myheader"}, True),  # names and values both searched
+        ("^User-Agent: (?!kube-probe)", {"user-agent": "curl/8"}, True),
+        ("^User-Agent: (?!kube-probe)", {"user-agent": "kube-probe/1.31"}, False),
+        ("^User-Agent: (?!kube-probe)", {}, False),
+        (r"^baggage: .*\bpreview=alice\b", {"baggage": "a=1, preview=alice"}, True),
+        (r"^baggage: .*\bpreview=alice\b", {"baggage": "preview=alicex"}, False),
+    ],
+)
+def test_header_filter(pattern: str, headers: dict[str, str], expected: bool) -> None:
+    assert matches(HttpFilterSpec(header_filter=pattern), req(headers=headers)) is expected
+
+
+@pytest.mark.parametrize(
+    ("pattern", "target", "expected"),
+    [
+        ("^/api/", "/api/items", True),
+        ("^/api/", "/v1/api/items", False),
+        ("items$", "/api/items?page=2", True),  # matched against the path without query
+        ("page=2", "/api/items?page=2", True),  # and against path with query
+        ("^/api/items\\?page=2$", "/api/items?page=2", True),
+        ("^(?!/health/)", "/health/live", False),
+        ("^(?!/health/)", "/orders", True),
+        ("^/Orders", "/orders", False),  # paths are case-sensitive
+        ("(?i)^/Orders", "/orders", True),
+    ],
+)
+def test_path_filter(pattern: str, target: str, expected: bool) -> None:
+    assert matches(HttpFilterSpec(path_filter=pattern), req(target=target)) is expected
+
+
+@pytest.mark.parametrize(
+    ("method_filter", "method", "expected"),
+    [
+        ("POST", "POST", True),
+        ("post", "POST", True),
+        ("POST", "post", True),
+        ("GET", "POST", False),
+    ],
+)
+def test_method_filter(method_filter: str, method: str, expected: bool) -> None:
+    assert matches(HttpFilterSpec(method_filter=method_filter), req(method=method)) is expected
+
+
+def test_all_of_and_any_of() -> None:
+    both = HttpFilterSpec(all_of=(FilterClause(header="^x-a: 1$"), FilterClause(path="^/p")))
+    either = HttpFilterSpec(any_of=(FilterClause(header="^x-a: 1$"), FilterClause(method="DELETE")))
+    assert matches(both, req(target="/p", headers={"x-a": "1"}))
+    assert not matches(both, req(target="/q", headers={"x-a": "1"}))
+    assert not matches(both, req(target="/p"))
+    assert matches(either, req(method="DELETE"))
+    assert matches(either, req(headers={"x-a": "1"}))
+    assert not matches(either, req())
+
+
+def test_no_filter_matches_everything() -> None:
+    assert compile_filter(HttpFilterSpec()) is None
+
+
+@pytest.mark.parametrize(
+    ("spec", "key", "position"),
+    [
+        (HttpFilterSpec(header_filter="^x-(a"), "http_filter.header_filter", 5),
+        (HttpFilterSpec(path_filter="[/api"), "http_filter.path_filter", 5),
+        (HttpFilterSpec(path_filter=""), "http_filter.path_filter", None),
+        (
+            HttpFilterSpec(all_of=(FilterClause(path="^/ok"), FilterClause(header="a{2,1}"))),
+            "http_filter.all_of[1].header",
+            None,
+        ),
+        (HttpFilterSpec(any_of=()), "http_filter.any_of", None),
+        (HttpFilterSpec(method_filter="GE T"), "http_filter.method_filter", None),
+    ],
+)
+def test_bad_filters_are_refused_with_key_pattern_and_position(
+    spec: HttpFilterSpec, key: str, position: int | None
+) -> None:
+    with pytest.raises(FilterError) as error:
+        compile_filter(spec)
+    message = str(error.value)
+    assert message.startswith(key + ":"), message
+    if position is not None:
+        assert error.value.position == position
+        assert f"at position {position}" in message
+        assert message.rstrip().endswith("^")  # a caret under the offending character
+
+
+def test_empty_pattern_says_what_to_do_instead() -> None:
+    with pytest.raises(FilterError, match="leave the filter out to take every request"):
+        compile_filter(HttpFilterSpec(header_filter=""))
+
+
+def test_spec_refuses_two_kinds_at_once_and_suggests_all_of() -> None:
+    with pytest.raises(ValueError, match="list them under all_of"):
+        HttpFilterSpec(header_filter="a", path_filter="b")
+
+
+def test_clause_takes_exactly_one_key() -> None:
+    with pytest.raises(ValueError, match="exactly one of 'header', 'path' or 'method'"):
+        FilterClause(header="a", path="b")
+
+
+def test_catastrophic_pattern_times_out_as_no_match() -> None:
+    counter = TimeoutCounter()
+    predicate = compile_filter(HttpFilterSpec(header_filter="^x: (a|aa)+$"), counter)
+    assert predicate is not None
+    assert predicate(req(headers={"x": "a" * 60 + "!"})) is False
+    assert counter.count == 1
