@@ -105,6 +105,7 @@ def _read_body(handler: BaseHTTPRequestHandler) -> Iterator[bytes]:
 
 
 class _QuietServer(ThreadingHTTPServer):
+    request_queue_size = 128  # the standard library's 5 drops bursts of connections
     def handle_error(self, request: object, client_address: object) -> None:
         # Tests cut connections on purpose; anything else is still reported.
         if not isinstance(sys.exc_info()[1], ConnectionError):
@@ -145,7 +146,7 @@ def start_app(name: str) -> HttpApp:
                         self.wfile.write(piece)
                 return
             if self.path.startswith("/sleep/"):
-                time.sleep(float(self.path.split("/")[2]))
+                time.sleep(float(self.path.partition("?")[0].split("/")[2]))
             if self.path.startswith("/count"):
                 out = {"bytes": size, "sha256": h.hexdigest(), "served_by": name}
             else:

@@ -227,3 +227,19 @@ async def test_head_request_and_empty_bodies(sidecar: SidecarProcess, local: Htt
         assert r.status_code == 200 and r.headers["content-length"] == "1000" and r.content == b""
         r = await client.post("/count", headers={"x-preview": "alice"}, content=b"")
         assert r.json() == {"bytes": 0, "sha256": r.json()["sha256"], "served_by": "local"}
+
+
+async def test_one_session_carries_many_concurrent_requests(
+    sidecar: SidecarProcess, local: HttpApp
+) -> None:
+    async with (
+        open_session(sidecar, local.port, header_spec("^x-preview: alice$")),
+        httpx.AsyncClient(base_url=sidecar.url, timeout=30) as client,
+    ):
+        answers = await asyncio.gather(
+            *(client.get(f"/sleep/0.3?n={i}", headers={"x-preview": "alice"}) for i in range(30))
+        )
+    assert {a.headers["x-served-by"] for a in answers} == {"local"}
+    assert sorted(a.json()["path"] for a in answers) == sorted(
+        f"/sleep/0.3?n={i}" for i in range(30)
+    )
