@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections import deque
 from collections.abc import Callable
 
 from mitmproxy import http
+from mitmproxy.proxy import layer, layers
 
 from sidecar.filters import RequestView
 from sidecar.gateway import ROUTE_HEADER, Gateway
@@ -143,6 +145,15 @@ class OfframpAddon:
 
     # -- hooks ------------------------------------------------------------------
 
+    def next_layer(self, nextlayer: layer.NextLayer) -> None:
+        """Anything that is not HTTP goes to the app as raw TCP, untouched: a
+        server that speaks first, or first bytes that are no HTTP request line."""
+        if nextlayer.layer is not None:
+            return
+        client: bytes = nextlayer.data_client()
+        if (not client and nextlayer.data_server()) or (client and not _HTTP_START.match(client)):
+            nextlayer.layer = layers.TCPLayer(nextlayer.context)
+
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         request = flow.request
         request.stream = True
@@ -229,6 +240,11 @@ class OfframpAddon:
         self.in_flight.discard(flow.id)
         if not self.in_flight:
             self.idle.set()
+
+
+# A request line starts with a method token then a space; h2c starts "PRI * HTTP/2.0".
+# Shorter prefixes of that shape are given the benefit of the doubt.
+_HTTP_START = re.compile(rb"^[A-Z]{1,20}( |$)")
 
 
 def _has_no_body(request: http.Request) -> bool:

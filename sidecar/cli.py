@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from sidecar import __version__
 from sidecar.control import describe_validation_error
-from sidecar.settings import Capture, SidecarSettings, TokenError, read_token
+from sidecar.settings import AppPort, Capture, SidecarSettings, TokenError, read_token
 
 __all__ = ["main", "parser"]
 
@@ -27,12 +27,22 @@ def parser() -> argparse.ArgumentParser:
             "goes to the app."
         ),
     )
-    p.add_argument("--app-port", type=int, required=True, help="the port the app listens on")
+    p.add_argument(
+        "--app-port",
+        action="append",
+        required=True,
+        metavar="PORT[:LISTEN]",
+        help="an app port to front, optionally with the proxy port for it; repeatable. The "
+        "first without LISTEN uses --listen-port, others get a free port",
+    )
     p.add_argument(
         "--app-host", default="127.0.0.1", help="the app's address (default %(default)s)"
     )
     p.add_argument(
-        "--listen-port", type=int, default=15080, help="the proxy's port (default %(default)s)"
+        "--listen-port",
+        type=int,
+        default=15080,
+        help="the proxy's port for the first --app-port (default %(default)s)",
     )
     p.add_argument("--listen-host", default="0.0.0.0", help="default %(default)s")
     p.add_argument(
@@ -52,9 +62,22 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--capture",
         choices=[c.value for c in Capture],
-        default=Capture.NONE.value,
-        help="how the pod's traffic reaches the proxy; 'none': only what is sent to "
-        "--listen-port (default %(default)s)",
+        default=Capture.IPTABLES.value,
+        help="how the pod's traffic reaches the proxy. 'iptables': while a session covers "
+        "an app port, inbound TCP to it is redirected to the proxy (needs NET_ADMIN); "
+        "'none': only what is sent to the listen port (default %(default)s)",
+    )
+    p.add_argument(
+        "--iptables",
+        default="iptables",
+        metavar="BINARY",
+        help="iptables binary to use, e.g. iptables-nft or iptables-legacy (default %(default)s)",
+    )
+    p.add_argument(
+        "--keep-existing-connections",
+        action="store_true",
+        help="when capture starts, leave idle keep-alive connections to the app open "
+        "(by default they are closed so their clients reconnect through the proxy)",
     )
     p.add_argument(
         "--probe-path",
@@ -82,15 +105,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.getLogger("mitmproxy").setLevel(logging.WARNING)
     logging.getLogger("websockets").setLevel(logging.WARNING)
     try:
+        app_ports = tuple(
+            AppPort.parse(text, args.listen_port if i == 0 else 0)
+            for i, text in enumerate(args.app_port)
+        )
         settings = SidecarSettings(
-            app_port=args.app_port,
+            app_ports=app_ports,
             app_host=args.app_host,
-            listen_port=args.listen_port,
             listen_host=args.listen_host,
             control_port=args.control_port,
             control_host=args.control_host,
             token=read_token(args.token_file),
             capture=Capture(args.capture),
+            iptables=args.iptables,
+            close_existing=not args.keep_existing_connections,
             probe_paths=frozenset(args.probe_path),
             drain_timeout=args.drain_timeout,
             log_level=args.log_level,
@@ -100,6 +128,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except ValidationError as e:
         print(f"offramp-sidecar: {describe_validation_error(e)}", file=sys.stderr)
+        return 2
+    except ValueError as e:
+        print(f"offramp-sidecar: {e}", file=sys.stderr)
         return 2
 
     from sidecar.proxy import run  # mitmproxy loads only once the flags are good

@@ -19,6 +19,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.http11 import Request, Response
 
 from sidecar import __version__
+from sidecar.capture import CaptureError
 from sidecar.filters import FilterError, TimeoutCounter, compile_filter
 from sidecar.protocol import (
     PROTOCOL_VERSION,
@@ -107,6 +108,11 @@ class ControlServer:
             return
 
         refusal, session = self._admit(hello, conn, ws)
+        if session is not None:
+            try:
+                self.registry.add(session)  # starts capture for its ports
+            except CaptureError as e:
+                refusal, session = Refused("capture", f"the sidecar cannot capture: {e}"), None
         if refusal is not None:
             log.warning("tunnel from %s refused: %s", peer, refusal.message)
             conn.send(refusal)
@@ -115,14 +121,19 @@ class ControlServer:
                 await ws.close(1008, refusal.code)
             return
         assert session is not None
-        await ws.send(conn.data_to_send())
-        self.registry.add(session)
+        ports = self.registry.covered_ports(session.spec)
+        conn.send(Welcome(PROTOCOL_VERSION, session.id, __version__, ports))
+        try:
+            await ws.send(conn.data_to_send())
+        except Exception:
+            self.registry.remove(session)
+            raise
         log.info(
             "%s opened from %s: %s on ports %s",
             session.describe(),
             peer,
             session.spec.mode.value,
-            ",".join(map(str, self.registry.covered_ports(session.spec))),
+            ",".join(map(str, ports)),
         )
         try:
             reason = await session.tunnel.run()
@@ -171,9 +182,7 @@ class ControlServer:
                 f"http_filter.ports {list(spec.http_filter.ports or ())} names none of the "
                 f"ports this sidecar fronts ({', '.join(map(str, self.registry.app_ports))})",
             ), None
-        session = Session(spec, predicate, Tunnel(conn, ws), timeouts)
-        conn.send(Welcome(PROTOCOL_VERSION, session.id, __version__, ports))
-        return None, session
+        return None, Session(spec, predicate, Tunnel(conn, ws), timeouts)
 
 
 def describe_validation_error(error: ValidationError) -> str:

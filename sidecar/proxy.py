@@ -6,6 +6,8 @@ the CPU per request.
 
 mitmproxy internals this relies on (pinned in pyproject.toml; check them
 before moving the pin):
+- `next_layer` hooks run in addon order, so ours (before mitmproxy's own
+  NextLayer addon) can hand non-HTTP connections to a raw `TCPLayer`;
 - reverse mode resolves a request's destination from `request.data.host/port`
   *after* the `requestheaders` hook, so the addon can send one request of a
   keep-alive connection to the gateway and the next to the app;
@@ -28,10 +30,11 @@ from mitmproxy.addons import core, next_layer, proxyserver
 from mitmproxy.master import Master
 
 from sidecar.addon import OfframpAddon
+from sidecar.capture import IptablesCapture, NoCapture
 from sidecar.control import ControlServer
 from sidecar.gateway import Gateway
 from sidecar.sessions import SessionRegistry
-from sidecar.settings import SidecarSettings
+from sidecar.settings import Capture, SidecarSettings
 
 __all__ = ["Sidecar", "run"]
 
@@ -43,7 +46,7 @@ class Sidecar:
 
     def __init__(self, settings: SidecarSettings):
         self.settings = settings
-        self.registry = SessionRegistry((settings.app_port,))
+        self.registry = SessionRegistry(tuple(p.app for p in settings.app_ports))
         self.gateway = Gateway()
         self.control = ControlServer(
             self.registry, settings.token, settings.control_host, settings.control_port
@@ -52,20 +55,40 @@ class Sidecar:
         self._proxyserver = proxyserver.Proxyserver()
         self.master: Master | None = None
         self._master_task: asyncio.Task[None] | None = None
+        self.capture: IptablesCapture | NoCapture = NoCapture()
 
     async def start(self) -> None:
         s = self.settings
         await self.gateway.start()
         self.master = Master(options.Options())
-        self.master.addons.add(core.Core(), self._proxyserver, next_layer.NextLayer(), self.addon)
+        # Ours before next_layer: it decides raw TCP for what is not HTTP.
+        self.master.addons.add(core.Core(), self._proxyserver, self.addon, next_layer.NextLayer())
         self.master.options.update(
-            mode=[f"reverse:http://{s.app_host}:{s.app_port}@{s.listen_host}:{s.listen_port}"],
+            mode=[
+                f"reverse:http://{s.app_host}:{p.app}@{s.listen_host}:{p.listen}"
+                for p in s.app_ports
+            ],
             keep_host_header=True,
-            connection_strategy="lazy",
+            # Connect to the app as soon as a caller connects, so that a protocol in
+            # which the server speaks first is seen at once and passed as raw TCP.
+            connection_strategy="eager",
         )
         self._master_task = asyncio.create_task(self.master.run())
         await self._wait_listening()
+        if s.capture is Capture.IPTABLES:
+            capture = IptablesCapture(self.listen_ports(), s.iptables, s.close_existing)
+            stale = await asyncio.to_thread(capture.clean_stale)
+            if stale:
+                log.warning("removed iptables chains left by an earlier run: %s", ", ".join(stale))
+            self.capture = capture
+        self.registry.add_listener(self._on_port_change)
         await self.control.start()
+
+    def _on_port_change(self, port: int, sessions: int) -> None:
+        if sessions:
+            self.capture.start(port)
+        else:
+            self.capture.stop(port)
 
     async def _wait_listening(self) -> None:
         deadline = time.monotonic() + 10
@@ -76,21 +99,25 @@ class Sidecar:
             if self._master_task is not None and self._master_task.done():
                 break
             await asyncio.sleep(0.02)
+        wanted = ", ".join(str(p.listen) for p in self.settings.app_ports)
         raise OSError(
-            f"the proxy could not listen on {self.settings.listen_host}:"
-            f"{self.settings.listen_port} (is the port in use?)"
+            f"the proxy could not listen on {self.settings.listen_host} port(s) {wanted} "
+            "(is a port in use?)"
         )
 
-    @property
-    def listen_port(self) -> int:
+    def listen_ports(self) -> dict[int, int]:
+        """app port -> the port its listener actually got."""
+        found = {}
         for srv in self._proxyserver.servers:
+            target = int(str(srv.mode.data).rsplit(":", 1)[1])
             for addr in srv.listen_addrs:
-                return int(addr[1])
-        return self.settings.listen_port
+                found[target] = int(addr[1])
+        return found
 
     async def stop(self) -> None:
-        """Stop listening, drain in-flight requests, end sessions."""
+        """Stop capturing and listening, drain in-flight requests, end sessions."""
         self.control.stop_accepting()
+        self.capture.stop_all()
         await self._proxyserver.servers.update([])
         try:
             await asyncio.wait_for(self.addon.idle.wait(), self.settings.drain_timeout)
@@ -107,12 +134,12 @@ class Sidecar:
 async def run(settings: SidecarSettings) -> int:
     sidecar = Sidecar(settings)
     await sidecar.start()
+    ports = ", ".join(f"{lp} -> app {app}" for app, lp in sidecar.listen_ports().items())
     log.info(
-        "offramp sidecar: proxy on %s:%d -> app %s:%d; sessions on %s:%d",
+        "offramp sidecar: proxy on %s (%s); capture: %s; sessions on %s:%d",
         settings.listen_host,
-        sidecar.listen_port,
-        settings.app_host,
-        settings.app_port,
+        ports,
+        settings.capture.value,
         settings.control_host,
         sidecar.control.port,
     )

@@ -9,6 +9,7 @@ stops).
 from __future__ import annotations
 
 import itertools
+import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ MAX_MIRRORS_IN_FLIGHT = 64
 """Mirror copies one session may have in the tunnel at once; more are dropped."""
 MIRROR_BACKLOG = 16 * 1024 * 1024
 """Bytes of mirror copies one session may hold waiting for tunnel window."""
+
+log = logging.getLogger(__name__)
 
 _ids = itertools.count(1)
 
@@ -87,8 +90,15 @@ class SessionRegistry:
         return tuple(self._sessions)
 
     def add(self, session: Session) -> None:
+        """Add a session; if a listener fails (capture could not start), the
+        session is taken out again and the listener's error raised."""
         self._sessions.append(session)
-        self._rebuild()
+        try:
+            self._rebuild()
+        except Exception:
+            self._sessions.remove(session)
+            self._rebuild()
+            raise
 
     def remove(self, session: Session) -> None:
         if session in self._sessions:
@@ -104,4 +114,9 @@ class SessionRegistry:
         for port, sessions in self._by_port.items():
             if (before[port] == 0) != (len(sessions) == 0):
                 for listener in self._listeners:
-                    listener(port, len(sessions))
+                    try:
+                        listener(port, len(sessions))
+                    except Exception:
+                        if sessions:  # failed to start: undo by the caller
+                            raise
+                        log.exception("port %d: could not stop capturing", port)

@@ -8,11 +8,32 @@ from typing import Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["Capture", "SidecarSettings", "TokenError", "read_token"]
+__all__ = ["AppPort", "Capture", "SidecarSettings", "TokenError", "read_token"]
 
 
 class Capture(StrEnum):
+    IPTABLES = "iptables"
     NONE = "none"
+
+
+class AppPort(BaseModel):
+    """An app port and the sidecar listener that fronts it (0: any free port)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    app: int = Field(ge=1, le=65535)
+    listen: int = Field(ge=0, le=65535)
+
+    @classmethod
+    def parse(cls, text: str, default_listen: int) -> AppPort:
+        """`8080` or `8080:15080`."""
+        app, _, listen = text.partition(":")
+        try:
+            return cls(app=int(app), listen=int(listen) if listen else default_listen)
+        except ValueError:
+            raise ValueError(
+                f"--app-port {text!r}: write PORT or PORT:LISTEN_PORT, e.g. 8080 or 8080:15080"
+            ) from None
 
 
 class TokenError(ValueError):
@@ -35,24 +56,25 @@ def read_token(path: Path) -> str:
 class SidecarSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    app_port: int = Field(ge=1, le=65535)
-    listen_port: int = Field(default=15080, ge=0, le=65535)
+    app_ports: tuple[AppPort, ...] = Field(min_length=1)
     listen_host: str = "0.0.0.0"
     control_port: int = Field(default=15081, ge=0, le=65535)
     control_host: str = "0.0.0.0"
     app_host: str = "127.0.0.1"
     token: str
-    capture: Capture = Capture.NONE
+    capture: Capture = Capture.IPTABLES
+    iptables: str = "iptables"
+    close_existing: bool = True
     probe_paths: frozenset[str] = frozenset()
     drain_timeout: float = Field(default=10.0, ge=0)
     log_level: str = "info"
 
     @model_validator(mode="after")
     def _ports_differ(self) -> Self:
-        used = [p for p in (self.app_port, self.listen_port, self.control_port) if p]
+        used = [p.app for p in self.app_ports] + [p.listen for p in self.app_ports if p.listen]
+        used += [self.control_port] if self.control_port else []
         if len(set(used)) != len(used):
             raise ValueError(
-                f"--app-port {self.app_port}, --listen-port {self.listen_port} and "
-                f"--control-port {self.control_port} must all differ"
+                f"the app ports, listen ports and control port must all differ, got {used}"
             )
         return self

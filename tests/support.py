@@ -106,6 +106,7 @@ def _read_body(handler: BaseHTTPRequestHandler) -> Iterator[bytes]:
 
 class _QuietServer(ThreadingHTTPServer):
     request_queue_size = 128  # the standard library's 5 drops bursts of connections
+
     def handle_error(self, request: object, client_address: object) -> None:
         # Tests cut connections on purpose; anything else is still reported.
         if not isinstance(sys.exc_info()[1], ConnectionError):

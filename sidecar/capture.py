@@ -1,0 +1,217 @@
+"""Capture a pod's inbound traffic with iptables, only while a session listens.
+
+For each app port with at least one session, the sidecar owns one nat chain,
+`OFFRAMP-<port>`, jumped to from PREROUTING for inbound TCP to that port, which
+REDIRECTs to the sidecar's listener. With no session the chain and the jump are
+absent and the pod's traffic does not touch the sidecar at all.
+
+- PREROUTING only sees packets that arrive from outside the pod, so the
+  sidecar's own connections to the app (over loopback, through OUTPUT) are never
+  redirected back to it.
+- Connections already established when capture starts keep going to the app
+  (NAT is decided on a connection's first packet). So that keep-alive clients
+  come back through the sidecar, their *idle* connections are closed (`ss -K`);
+  a connection with a request in progress is left until its answer is sent.
+- Chains left behind by an earlier run that was killed are found by their name
+  prefix and removed at start.
+
+Works with iptables-nft and iptables-legacy: name the binary (`--iptables`).
+Only IPv4 is captured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import subprocess
+import time
+from dataclasses import dataclass, field
+
+__all__ = ["CHAIN_PREFIX", "CaptureError", "IptablesCapture", "NoCapture"]
+
+log = logging.getLogger(__name__)
+
+CHAIN_PREFIX = "OFFRAMP-"
+IDLE_SWEEP_SECONDS = 5.0
+IDLE_SWEEP_INTERVAL = 0.1
+
+
+class CaptureError(RuntimeError):
+    """iptables refused a change; the message has its output."""
+
+
+class NoCapture:
+    """`--capture none`: whatever sends traffic to the listener decides what it sees."""
+
+    def start(self, port: int) -> None:
+        pass
+
+    def stop(self, port: int) -> None:
+        pass
+
+    def stop_all(self) -> None:
+        pass
+
+
+@dataclass
+class IptablesCapture:
+    listen_ports: dict[int, int]
+    """app port -> the sidecar's listener port for it"""
+    binary: str = "iptables"
+    close_existing: bool = True
+    active: set[int] = field(default_factory=set)
+    _sweeps: set[asyncio.Task[int]] = field(default_factory=set)
+
+    def _run(self, *args: str, check: bool = True) -> str:
+        cmd = [self.binary, "-w", "5", "-t", "nat", *args]
+        try:
+            done = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            raise CaptureError(f"cannot run {' '.join(cmd)}: {e}") from e
+        if check and done.returncode != 0:
+            raise CaptureError(
+                f"{' '.join(cmd)} failed ({done.returncode}): {done.stderr.strip()}; "
+                "the sidecar needs the NET_ADMIN capability for --capture iptables "
+                "(or use --capture none)"
+            )
+        return done.stdout
+
+    @staticmethod
+    def chain(port: int) -> str:
+        return f"{CHAIN_PREFIX}{port}"
+
+    def _jump(self, port: int) -> list[str]:
+        return ["-p", "tcp", "--dport", str(port), "-j", self.chain(port)]
+
+    def clean_stale(self) -> list[str]:
+        """Remove chains (and their jumps) that an earlier run left behind."""
+        rules = self._run("-S").splitlines()
+        stale = [line.split()[1] for line in rules if line.startswith(f"-N {CHAIN_PREFIX}")]
+        for line in rules:
+            if line.startswith("-A PREROUTING") and f"-j {CHAIN_PREFIX}" in line:
+                self._run("-D", *line.split()[1:])
+        for chain in stale:
+            self._run("-F", chain)
+            self._run("-X", chain)
+        return stale
+
+    def start(self, port: int) -> None:
+        if port in self.active:
+            return
+        chain = self.chain(port)
+        self._run("-N", chain)
+        try:
+            self._run(
+                "-A", chain, "-p", "tcp", "-j", "REDIRECT", "--to-ports",
+                str(self.listen_ports[port]),
+            )  # fmt: skip
+            self._run("-I", "PREROUTING", *self._jump(port))
+        except CaptureError:
+            self._run("-F", chain, check=False)
+            self._run("-X", chain, check=False)
+            raise
+        self.active.add(port)
+        log.info("capturing inbound TCP to port %d (chain %s)", port, chain)
+        if self.close_existing:
+            task = asyncio.get_running_loop().create_task(close_idle_connections(port))
+            self._sweeps.add(task)
+            task.add_done_callback(self._sweeps.discard)
+
+    def stop(self, port: int) -> None:
+        if port not in self.active:
+            return
+        self.active.discard(port)
+        self._run("-D", "PREROUTING", *self._jump(port), check=False)
+        self._run("-F", self.chain(port), check=False)
+        self._run("-X", self.chain(port), check=False)
+        log.info("stopped capturing port %d", port)
+
+    def stop_all(self) -> None:
+        for task in self._sweeps:
+            task.cancel()
+        for port in sorted(self.active):
+            self.stop(port)
+
+
+@dataclass(frozen=True)
+class _Socket:
+    local: str
+    peer: str
+    idle: bool
+
+
+_ADDR = re.compile(r"^(?:\[(?P<v6>[^\]]+)\]|(?P<v4>[^:]+)):(?P<port>\d+)$")
+_TIMER = re.compile(r"\b(lastsnd|lastrcv):(\d+)")
+
+
+def parse_ss(output: str) -> list[_Socket]:
+    """Parse `ss -H -t -n -i` output: one address line, then one info line per socket.
+
+    A socket is idle when the app's last send came after its last receive (the
+    answer to the last request went out) and nothing waits in its queues."""
+    sockets = []
+    lines = output.splitlines()
+    for first, info in zip(lines[::2], lines[1::2], strict=False):
+        fields = first.split()
+        if len(fields) < 4:
+            continue
+        recv_q, send_q, local, peer = fields[-4:]
+        timers = {k: int(v) for k, v in _TIMER.findall(info)}
+        # ss prints "ms ago"; a missing timer means "never".
+        sent_ago = timers.get("lastsnd", 1 << 62)
+        received_ago = timers.get("lastrcv", 1 << 62)
+        idle = recv_q == "0" and send_q == "0" and sent_ago <= received_ago
+        sockets.append(_Socket(local, peer, idle))
+    return sockets
+
+
+def _is_loopback(address: str) -> bool:
+    match = _ADDR.match(address)
+    host = (match.group("v4") or match.group("v6")) if match else address
+    return host.startswith("127.") or host in ("::1", "::ffff:127.0.0.1")
+
+
+async def _ss(*args: str) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        "ss", *args, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.DEVNULL
+    )
+    out, _ = await proc.communicate()
+    return out.decode()
+
+
+async def close_idle_connections(port: int, sweep: float = IDLE_SWEEP_SECONDS) -> int:
+    """Close callers' idle keep-alive connections to the app port, re-checking busy
+    ones for `sweep` seconds. Returns how many were closed."""
+    closed = 0
+    deadline = time.monotonic() + sweep
+    while True:
+        sockets = [
+            s
+            for s in parse_ss(
+                await _ss("-H", "-t", "-n", "-i", "state", "established", f"( sport = :{port} )")
+            )
+            if not _is_loopback(s.peer)
+        ]
+        for s in sockets:
+            if s.idle:
+                peer = _ADDR.match(s.peer)
+                if peer is None:
+                    continue
+                host = peer.group("v4") or peer.group("v6")
+                await _ss(
+                    "-K", "-t", "state", "established",
+                    f"( sport = :{port} and dst {host} and dport = :{peer.group('port')} )",
+                )  # fmt: skip
+                closed += 1
+        busy = [s for s in sockets if not s.idle]
+        if not busy or time.monotonic() > deadline:
+            if closed or busy:
+                log.info(
+                    "port %d: closed %d idle connections opened before capture%s",
+                    port,
+                    closed,
+                    f"; {len(busy)} still busy, left to finish" if busy else "",
+                )
+            return closed
+        await asyncio.sleep(IDLE_SWEEP_INTERVAL)
