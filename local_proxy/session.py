@@ -162,10 +162,16 @@ class LocalSession:
             await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
             if runner.done():
                 return runner.result()
-            # Stopping: let requests already handed to us finish, briefly.
+            # Stopping: ask the sidecar to send no more; once it confirms, nothing
+            # else can arrive, so finish what we hold and close.
+            deadline = asyncio.get_running_loop().time() + DRAIN_ON_STOP
+            tunnel.say_goodbye("the developer ended the session")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(tunnel.goodbye_received.wait(), DRAIN_ON_STOP)
             pending = set(self.forwarder.tasks)
-            if pending:
-                await asyncio.wait(pending, timeout=DRAIN_ON_STOP)
+            left = deadline - asyncio.get_running_loop().time()
+            if pending and left > 0:
+                await asyncio.wait(pending, timeout=left)
             await tunnel.close("the developer ended the session")
             await runner
             return "session ended"

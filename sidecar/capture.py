@@ -35,6 +35,10 @@ log = logging.getLogger(__name__)
 CHAIN_PREFIX = "OFFRAMP-"
 IDLE_SWEEP_SECONDS = 5.0
 IDLE_SWEEP_INTERVAL = 0.1
+IDLE_AFTER_MS = 500
+"""A connection counts as idle once the app's last answer is this old (ms) and the
+client has sent nothing since. Closing sooner could reset a connection whose
+client has not yet read the answer (an RST discards unread data)."""
 
 
 class CaptureError(RuntimeError):
@@ -148,8 +152,10 @@ _TIMER = re.compile(r"\b(lastsnd|lastrcv):(\d+)")
 def parse_ss(output: str) -> list[_Socket]:
     """Parse `ss -H -t -n -i` output: one address line, then one info line per socket.
 
-    A socket is idle when the app's last send came after its last receive (the
-    answer to the last request went out) and nothing waits in its queues."""
+    A socket is idle when the app has answered (it sent after it last received),
+    that answer is at least IDLE_AFTER_MS old, and nothing waits in its queues.
+    A fresh connection that has exchanged nothing yet is not idle: its request
+    is probably on the way."""
     sockets = []
     lines = output.splitlines()
     for first, info in zip(lines[::2], lines[1::2], strict=False):
@@ -158,10 +164,15 @@ def parse_ss(output: str) -> list[_Socket]:
             continue
         recv_q, send_q, local, peer = fields[-4:]
         timers = {k: int(v) for k, v in _TIMER.findall(info)}
-        # ss prints "ms ago"; a missing timer means "never".
-        sent_ago = timers.get("lastsnd", 1 << 62)
+        # ss prints how many ms ago; a missing timer means "never".
+        sent_ago = timers.get("lastsnd")
         received_ago = timers.get("lastrcv", 1 << 62)
-        idle = recv_q == "0" and send_q == "0" and sent_ago <= received_ago
+        idle = (
+            recv_q == "0"
+            and send_q == "0"
+            and sent_ago is not None
+            and IDLE_AFTER_MS <= sent_ago <= received_ago
+        )
         sockets.append(_Socket(local, peer, idle))
     return sockets
 

@@ -102,7 +102,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    logging.getLogger("mitmproxy").setLevel(logging.WARNING)
+    logging.getLogger("mitmproxy").setLevel(
+        logging.INFO if args.log_level == "debug" else logging.WARNING
+    )
     logging.getLogger("websockets").setLevel(logging.WARNING)
     try:
         app_ports = tuple(

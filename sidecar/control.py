@@ -135,6 +135,14 @@ class ControlServer:
             session.spec.mode.value,
             ",".join(map(str, ports)),
         )
+
+        def on_goodbye(reason: str) -> None:
+            # New requests go to the app from now on; open ones finish. Answering
+            # GOODBYE tells the client that no further request will come.
+            self.registry.remove(session)
+            session.tunnel.say_goodbye("no new requests will be sent")
+
+        session.tunnel.on_goodbye = on_goodbye
         try:
             reason = await session.tunnel.run()
         finally:

@@ -19,6 +19,11 @@ peer of another version can always be told, clearly, that versions differ.
 Handshake: the client sends HELLO {version, token, session}; the sidecar answers
 WELCOME {version, session_id, ...} or REFUSED {code, message} and closes.
 
+Ending: either side sends GOODBYE, once. From then on the sidecar opens no new
+stream, but streams already open finish normally. A sidecar that receives
+GOODBYE answers with its own, so the client knows that no request can follow;
+the client closes the websocket when its streams are done.
+
 Per stream, each direction is a *half* (the request half is sent by the sidecar,
 the response half by the client) that goes IDLE -> OPEN (HEAD) -> DONE (END);
 RESET ends both halves at once. See `_HALF_TRANSITIONS`.
@@ -556,6 +561,13 @@ class Connection:
     _out: list[bytes] = field(default_factory=list)
     _events: deque[Message] = field(default_factory=deque)
     _last_stream_id: int = 0
+    goodbye_sent: bool = False
+    goodbye_received: bool = False
+
+    @property
+    def accepting_streams(self) -> bool:
+        """Whether the sidecar may still open streams on this connection."""
+        return self.state is ConnState.OPEN and not (self.goodbye_sent or self.goodbye_received)
 
     # -- sending ----------------------------------------------------------------
 
@@ -660,8 +672,23 @@ class Connection:
             raise ProtocolError("only the client sends RESPONSE_HEAD")
         if kind is FrameType.STATS and sender is not Role.SIDECAR:
             raise ProtocolError("only the sidecar sends STATS")
+        if kind is FrameType.REQUEST_HEAD:
+            if outgoing and (self.goodbye_sent or self.goodbye_received):
+                raise ProtocolError("the sidecar opens no stream after GOODBYE")
+            if not outgoing and self.goodbye_received:
+                # Frames arrive in order, so this head came after the sidecar's
+                # GOODBYE. (One that arrives after the client's own GOODBYE merely
+                # crossed it, and is served.)
+                raise ProtocolError("REQUEST_HEAD after the sidecar's GOODBYE")
         if kind is FrameType.GOODBYE:
-            self.state = ConnState.CLOSED
+            if outgoing:
+                if self.goodbye_sent:
+                    raise ProtocolError("GOODBYE sent twice")
+                self.goodbye_sent = True
+            else:
+                if self.goodbye_received:
+                    raise ProtocolError("GOODBYE received twice")
+                self.goodbye_received = True
 
     def _on_stream_frame(self, message: Message, *, outgoing: bool) -> bool:
         """Apply a stream frame to the stream's state. Returns False for a frame

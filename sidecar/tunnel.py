@@ -124,11 +124,15 @@ class Tunnel:
         *,
         on_request: Callable[[RequestHead, StreamHandle], None] | None = None,
         on_stats: Callable[[Stats], None] | None = None,
+        on_goodbye: Callable[[str], None] | None = None,
     ):
         self.conn = conn
         self.ws = ws
         self._on_request = on_request
         self._on_stats = on_stats
+        self.on_goodbye = on_goodbye
+        self.goodbye_received = asyncio.Event()
+        self.goodbye_reason = ""
         self._streams: dict[int, StreamHandle] = {}
         self._wake = asyncio.Event()
         self.closed = False
@@ -147,8 +151,8 @@ class Tunnel:
         return sent
 
     def open_stream(self, make_head: Callable[[int], RequestHead]) -> StreamHandle | None:
-        """Sidecar side: hand a request over. None if the tunnel is closed."""
-        if self.closed:
+        """Sidecar side: hand a request over. None if the session is ending."""
+        if self.closed or not self.conn.accepting_streams:
             return None
         stream_id = self.conn.next_stream_id()
         handle = StreamHandle(self, stream_id)
@@ -171,7 +175,11 @@ class Tunnel:
                 while (event := self.conn.next_event()) is not None:
                     if isinstance(event, Goodbye):
                         reason = f"the other side ended the session: {event.reason}"
-                        return reason
+                        self.goodbye_reason = event.reason
+                        self.goodbye_received.set()
+                        if self.on_goodbye:
+                            self.on_goodbye(event.reason)
+                        continue
                     self._dispatch(event)
         except ProtocolError as e:
             reason = f"tunnel protocol error: {e}"
@@ -190,11 +198,17 @@ class Tunnel:
                 await writer
         return reason
 
+    def say_goodbye(self, reason: str) -> None:
+        """Start ending the session: no new streams; open ones finish."""
+        if not self.closed and not self.conn.goodbye_sent:
+            self.send(Goodbye(reason))
+
     async def close(self, reason: str) -> None:
-        """End the tunnel on purpose, telling the peer why."""
+        """End the tunnel now, telling the peer why (if not told already)."""
         if not self.closed:
-            with contextlib.suppress(ProtocolError):
-                self.conn.send(Goodbye(reason))
+            if not self.conn.goodbye_sent:
+                with contextlib.suppress(ProtocolError):
+                    self.conn.send(Goodbye(reason))
             data = self.conn.data_to_send()
             with contextlib.suppress(Exception):
                 if data:

@@ -113,7 +113,7 @@ class _QuietServer(ThreadingHTTPServer):
             super().handle_error(request, client_address)  # type: ignore[arg-type]
 
 
-def start_app(name: str) -> HttpApp:
+def start_app(name: str, host: str = "127.0.0.1", port: int = 0) -> HttpApp:
     app: HttpApp
 
     class Handler(BaseHTTPRequestHandler):
@@ -132,7 +132,7 @@ def start_app(name: str) -> HttpApp:
                         self.path,
                         list(self.headers.items()),
                         size,
-                        f"{self.client_address[0]}:{self.client_address[1]}",
+                        str(self.client_address[0]),
                     )
                 )
                 app.arrived.notify_all()
@@ -157,6 +157,7 @@ def start_app(name: str) -> HttpApp:
                     "path": self.path,
                     "headers": list(self.headers.items()),
                     "bytes": size,
+                    "peer": self.client_address[0],
                 }
             body = json.dumps(out).encode()
             self.send_response(200)
@@ -172,7 +173,7 @@ def start_app(name: str) -> HttpApp:
         def log_message(self, format: str, *args: object) -> None:
             pass
 
-    server = _QuietServer(("127.0.0.1", 0), Handler)
+    server = _QuietServer((host, port), Handler)
     server.daemon_threads = True
     app = HttpApp(name, server)
     threading.Thread(target=server.serve_forever, daemon=True).start()
