@@ -178,7 +178,9 @@ def _response(s: socket.socket) -> dict:
     head, _, body = data.partition(b"\r\n\r\n")
     length = int(
         next(
-            l.split(b":")[1] for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")
+            line.split(b":")[1]
+            for line in head.split(b"\r\n")
+            if line.lower().startswith(b"content-length")
         )
     )
     while len(body) < length:

@@ -227,10 +227,31 @@ def test_message_validation_at_construction() -> None:
         WindowUpdate(1, 0)
 
 
-def test_goodbye_closes_the_connection() -> None:
+def test_after_goodbye_no_new_streams_but_open_ones_finish() -> None:
     sidecar, client = pair()
+    sidecar.send(RequestHead(1, "GET", "/", (), 80, end_stream=True))
+    client.receive_data(sidecar.data_to_send())
+    drain(client)
     client.send(Goodbye("done"))
     sidecar.receive_data(client.data_to_send())
     assert drain(sidecar) == [Goodbye("done")]
-    with pytest.raises(ProtocolError, match="after the tunnel closed"):
-        sidecar.send(RequestHead(1, "GET", "/", (), 80))
+    assert not sidecar.accepting_streams
+    with pytest.raises(ProtocolError, match="no stream after GOODBYE"):
+        sidecar.send(RequestHead(2, "GET", "/", (), 80))
+    client.send(ResponseHead(1, 200, (), end_stream=True))  # the open stream finishes
+    sidecar.receive_data(client.data_to_send())
+    assert [type(e) for e in drain(sidecar)] == [ResponseHead]
+
+
+def test_a_head_that_crossed_the_clients_goodbye_is_served() -> None:
+    sidecar, client = pair()
+    client.send(Goodbye("leaving"))
+    sidecar.send(RequestHead(1, "GET", "/", (), 80))  # sent before it saw the GOODBYE
+    client.receive_data(sidecar.data_to_send())
+    assert [type(e) for e in drain(client)] == [RequestHead]
+
+
+def test_a_head_after_the_sidecars_goodbye_is_an_error() -> None:
+    _, client = pair()
+    with pytest.raises(ProtocolError, match="after the sidecar's GOODBYE"):
+        client.receive_data(encode(Goodbye("bye")) + encode(RequestHead(1, "GET", "/", (), 80)))
