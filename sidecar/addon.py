@@ -197,10 +197,11 @@ class OfframpAddon:
                     session.mirrored += 1
                     session.mirror_streams.add(handle)
                     copies.append(_MirrorCopy(session, handle))
-            if copies:
+            if copies and not no_body:
+                # A bodyless copy was complete with its head; others get the body
+                # as it streams, and END once the request hook says it is whole.
                 flow.metadata[_META + ".mirrors"] = copies
-                if not no_body:
-                    request.stream = _Tee(copies)
+                request.stream = _Tee(copies)
 
         if decision.steal is not None:
             session = decision.steal

@@ -38,3 +38,6 @@ def sidecar(app: HttpApp, token_file: Path, tmp_path: Path) -> Iterator[SidecarP
     yield s
     rc = s.stop()
     assert rc == 0, f"the sidecar exited with {rc} on SIGTERM:\n{s.log()}"
+    # mitmproxy catches an addon's exception and only logs it: look for that too.
+    for sign in ("Traceback", "Addon error", "Error in"):
+        assert sign not in s.log(), f"the sidecar logged an error:\n{s.log()}"
