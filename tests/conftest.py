@@ -16,20 +16,23 @@ def token_file(tmp_path: Path) -> Path:
     return path
 
 
-@pytest.fixture
-def app() -> Iterator[HttpApp]:
-    a = start_app("app")
+def _serving(name: str) -> Iterator[HttpApp]:
+    a = start_app(name)
     yield a
     a.server.shutdown()
     a.server.server_close()
+
+
+@pytest.fixture
+def app() -> Iterator[HttpApp]:
+    """The pod's app, behind the sidecar."""
+    yield from _serving("app")
 
 
 @pytest.fixture
 def local() -> Iterator[HttpApp]:
-    a = start_app("local")
-    yield a
-    a.server.shutdown()
-    a.server.server_close()
+    """The developer's local process."""
+    yield from _serving("local")
 
 
 @pytest.fixture
