@@ -32,8 +32,8 @@ def parser() -> argparse.ArgumentParser:
         action="append",
         required=True,
         metavar="PORT[:LISTEN]",
-        help="an app port to front, optionally with the proxy port for it; repeatable. The "
-        "first without LISTEN uses --listen-port, others get a free port",
+        help="an app port to front, optionally with the proxy port for it; repeatable. "
+        "Without LISTEN, the first --app-port uses --listen-port and later ones a free port",
     )
     p.add_argument(
         "--app-host", default="127.0.0.1", help="the app's address (default %(default)s)"
