@@ -297,7 +297,10 @@ def test_non_http_on_a_captured_port_passes_through_promptly(pod: Pod, laptop: H
             # Through the sidecar (the server sees 127.0.0.1), with no detection delay.
             assert greeting == b"220 hello 127.0.0.1\r\n"
             assert echo == b"\x00\x01binary\xff"
-            assert waited < 0.1, f"the greeting took {waited * 1000:.0f} ms"
+            # Without the raw-TCP decision a server-first protocol waits forever for
+            # the client; the bound only separates "at once" from "stuck", since
+            # speed is for the benchmarks (measured here: 2-5 ms on an idle machine).
+            assert waited < 1.0, f"the greeting took {waited * 1000:.0f} ms"
 
             def client_first() -> bytes:
                 with socket.create_connection((pod.bed.pod_ip, 2525), timeout=10) as s:
