@@ -19,22 +19,10 @@ from dataclasses import dataclass
 
 import httpx
 
-from sidecar.protocol import Data, End, RequestHead, Reset, ResetCode, ResponseHead
+from sidecar.protocol import HOP_BY_HOP, Data, End, RequestHead, Reset, ResetCode, ResponseHead
 from sidecar.tunnel import Lost, StreamHandle
 
 __all__ = ["Counters", "Forwarder"]
-
-_HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"transfer-encoding",
-        b"upgrade",
-        b"trailer",
-    }
-)
 
 
 class _StreamGone(Exception):
@@ -107,7 +95,7 @@ class Forwarder:
         self.report(f"{kind:<6} {head.method} {head.target} -> {status} ({ms:.1f} ms)")
 
     async def _forward(self, head: RequestHead, stream: StreamHandle) -> str:
-        headers = [(n, v) for n, v in head.headers if n.lower() not in _HOP_BY_HOP]
+        headers = [(n, v) for n, v in head.headers if n.lower() not in HOP_BY_HOP]
         content = None if head.end_stream else _body(stream)
         request = httpx.Request(
             head.method,
@@ -144,7 +132,7 @@ class Forwarder:
             )
         try:
             out_headers = tuple(
-                (n, v) for n, v in response.headers.raw if n.lower() not in _HOP_BY_HOP
+                (n, v) for n, v in response.headers.raw if n.lower() not in HOP_BY_HOP
             )
             if head.mirror:
                 # The answer to a copy goes nowhere: read it to free the connection.

@@ -22,7 +22,7 @@ from mitmproxy.proxy import layer, layers
 
 from sidecar.filters import RequestView
 from sidecar.gateway import ROUTE_HEADER, Gateway
-from sidecar.protocol import MAX_DATA, Data, End, RequestHead, ResetCode, Stats
+from sidecar.protocol import HOP_BY_HOP, MAX_DATA, Data, End, RequestHead, ResetCode, Stats
 from sidecar.router import decide, is_probe
 from sidecar.sessions import MAX_MIRRORS_IN_FLIGHT, MIRROR_BACKLOG, Session, SessionRegistry
 from sidecar.tunnel import StreamHandle
@@ -32,20 +32,8 @@ __all__ = ["OfframpAddon"]
 log = logging.getLogger(__name__)
 
 _META = "offramp"
-# Headers that describe one hop, not the request: never handed to the local side.
-# `expect` is answered by mitmproxy itself (100 Continue) before the body streams.
-_HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"te",
-        b"transfer-encoding",
-        b"upgrade",
-        b"trailer",
-        b"expect",
-    }
-)
+# mitmproxy answers `expect: 100-continue` itself before the body streams.
+_NOT_HANDED_OVER = HOP_BY_HOP | {b"expect"}
 
 
 class _MirrorCopy:
@@ -177,7 +165,9 @@ class OfframpAddon:
         )
         probe = is_probe(request.headers.get("user-agent"), view.path, self.probe_paths)
         decision = decide(sessions, view, probe)
-        head_fields = tuple((n, v) for n, v in fields if n.lower() not in _HOP_BY_HOP)
+        if decision.steal is None and not decision.mirrors:
+            return
+        head_fields = tuple((n, v) for n, v in fields if n.lower() not in _NOT_HANDED_OVER)
         no_body = _has_no_body(request)
         peer = f"{client_ip}:{flow.client_conn.peername[1]}" if client_ip else ""
 

@@ -123,7 +123,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             close_existing=not args.keep_existing_connections,
             probe_paths=frozenset(args.probe_path),
             drain_timeout=args.drain_timeout,
-            log_level=args.log_level,
         )
     except TokenError as e:
         print(f"offramp-sidecar: {e}", file=sys.stderr)

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import h11
 
+from sidecar.protocol import HOP_BY_HOP, End, ResetCode, ResponseHead
 from sidecar.protocol import Data as TunnelData
-from sidecar.protocol import End, ResetCode, ResponseHead
 from sidecar.protocol import Reset as ResetMsg
 from sidecar.tunnel import Lost, StreamHandle
 
@@ -165,7 +165,7 @@ async def _download(
     while True:
         event = await handle.next()
         if isinstance(event, ResponseHead):
-            headers = [(n, v) for n, v in event.headers if n.lower() not in _HOP_BY_HOP]
+            headers = [(n, v) for n, v in event.headers if n.lower() not in HOP_BY_HOP]
             writer.write(
                 conn.send(
                     h11.Response(
@@ -241,16 +241,3 @@ def _route_key(request: h11.Request) -> str:
         if name == ROUTE_HEADER.encode():
             return bytes(value).decode("latin-1")
     return ""
-
-
-_HOP_BY_HOP = frozenset(
-    {
-        b"connection",
-        b"keep-alive",
-        b"proxy-connection",
-        b"transfer-encoding",
-        b"te",
-        b"upgrade",
-        b"trailer",
-    }
-)

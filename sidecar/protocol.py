@@ -49,6 +49,7 @@ from enum import Enum, IntEnum
 from typing import Any, ClassVar, Self
 
 __all__ = [
+    "HOP_BY_HOP",
     "INITIAL_WINDOW",
     "MAX_DATA",
     "PROTOCOL_VERSION",
@@ -83,6 +84,13 @@ MAX_FRAME = 1024 * 1024
 """Largest frame of any type (heads with many headers included)."""
 
 _HEADER = struct.Struct("!IBI")
+
+HOP_BY_HOP = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"transfer-encoding",
+     b"upgrade", b"trailer"}
+)  # fmt: skip
+"""Headers that describe one hop, not the message: heads never carry them (lower case).
+Each end frames the body itself on its own connection."""
 
 Headers = tuple[tuple[bytes, bytes], ...]
 

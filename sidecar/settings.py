@@ -67,7 +67,6 @@ class SidecarSettings(BaseModel):
     close_existing: bool = True
     probe_paths: frozenset[str] = frozenset()
     drain_timeout: float = Field(default=10.0, ge=0)
-    log_level: str = "info"
 
     @model_validator(mode="after")
     def _ports_differ(self) -> Self:
