@@ -61,17 +61,25 @@ class Gateway:
         self._pending: dict[str, _Pending] = {}
         self._server: asyncio.Server | None = None
         self._counter = 0
+        self._open: dict[asyncio.StreamWriter, asyncio.Task[None]] = {}
 
     async def start(self) -> None:
         self._server = await asyncio.start_server(self._serve, self.host, 0)
         self.port = self._server.sockets[0].getsockname()[1]
 
     async def stop(self) -> None:
+        """Stop listening, reset what is still pending and close the idle
+        keep-alive connections, so each connection task ends on its own
+        rather than being cancelled when the event loop closes."""
         if self._server is not None:
             self._server.close()
         for pending in self._pending.values():
             pending.handle.reset(ResetCode.CANCEL, "the sidecar is shutting down")
         self._pending.clear()
+        for writer in list(self._open):
+            writer.close()
+        if self._open:
+            await asyncio.wait(list(self._open.values()), timeout=2)
 
     def register(self, handle: StreamHandle, who: str, head_ended: bool) -> str:
         self._counter += 1
@@ -86,6 +94,9 @@ class Gateway:
             pending.handle.reset(ResetCode.CANCEL, "the caller went away")
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._open[writer] = task
         conn = h11.Connection(h11.SERVER)
         try:
             while True:
@@ -104,6 +115,7 @@ class Gateway:
         except (_Closed, ConnectionError, h11.ProtocolError) as e:
             log.debug("gateway connection ended: %s", e)
         finally:
+            del self._open[writer]
             with contextlib.suppress(Exception):
                 writer.close()
 

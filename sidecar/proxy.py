@@ -12,7 +12,12 @@ before moving the pin):
   *after* the `requestheaders` hook, so the addon can send one request of a
   keep-alive connection to the gateway and the next to the app;
 - `Proxyserver.servers.update([])` closes the listening sockets but leaves the
-  open connections to finish (used for a graceful SIGTERM).
+  open connections to finish (used for a graceful SIGTERM);
+- `Proxyserver.connections` holds each open client's handler, whose
+  `transports[client].handler` task serves that connection. Cancelling that
+  inner task ends the connection the way a client disconnect does. (Cancelling
+  the outer task instead, as `Master.shutdown` does, makes Python 3.12.1's
+  asyncio log a spurious "Exception in callback ... CancelledError".)
 
 Shutdown (SIGTERM or SIGINT): stop listening, let in-flight requests finish for
 up to `drain_timeout` seconds, end the sessions, exit 0.
@@ -125,10 +130,23 @@ class Sidecar:
             log.warning("%d requests still open after the drain timeout", len(self.addon.in_flight))
         await self.control.end_sessions("the sidecar is shutting down")
         await self.gateway.stop()
+        await self._close_client_connections()
         if self.master is not None:
             self.master.shutdown()
         if self._master_task is not None:
             await self._master_task
+
+    async def _close_client_connections(self) -> None:
+        """End the connections still open after the drain (idle keep-alives,
+        or requests past the drain timeout), as a disconnect would."""
+        for handler in list(self._proxyserver.connections.values()):
+            io = handler.transports.get(handler.client)
+            if io is not None and io.handler is not None:
+                io.handler.cancel("the sidecar is shutting down")
+        deadline = time.monotonic() + 2
+        # mitmproxy signals no "last connection gone"; its table is what there is.
+        while self._proxyserver.connections and time.monotonic() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(0.01)
 
 
 async def run(settings: SidecarSettings) -> int:
