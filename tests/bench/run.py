@@ -1,0 +1,749 @@
+"""What the sidecar costs, measured side by side in one run.
+
+    .venv/bin/python -m tests.bench [--duration 5] [--out bench-results]
+
+Every scenario sends to the same small HTTP/1.1 app (an nginx server block that
+answers `200 app`) with wrk, at 1 connection (latency) and at 16 (throughput),
+all on 127.0.0.1. The "local process" of a stolen request is a second nginx
+server block that answers `200 local`. Before each measurement one request
+checks who answers it, so a row cannot silently measure the wrong path.
+
+Rows:
+  direct          wrk -> app
+  bare mitmproxy  mitmproxy reverse mode, no addons of ours: the engine's floor
+  idle sidecar    a sidecar runs, no session: with iptables capture it is not on
+                  the path, so wrk goes to the app's port (its CPU is shown)
+  no session      through the sidecar's listener with no session (the path of
+                  privilege-free mode, where a Service points at the sidecar)
+  1 session       one session whose filter matches nothing: pass-through cost
+  N sessions      N such sessions: the filter cost
+  stolen          every request matches and is answered by the local process
+                  through the tunnel (the local proxy runs in this process)
+  mirror          every request matches; the app answers, the local side gets a copy
+  nginx, haproxy  the same header routing in a C proxy (requests that pass)
+
+Reported: requests/s, p50 and p99 latency, the proxy's CPU seconds per 1,000
+requests and its peak RSS, with ratios to direct and to bare mitmproxy; then
+the RSS of one sidecar across many requests, and the targets of the benchmark
+issue, met or not. Writes results.json and results.png into --out.
+
+Needs wrk, nginx and haproxy (Debian: apt-get install wrk nginx-light haproxy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import re
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Coroutine
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from local_proxy.config import LocalSettings
+from local_proxy.session import LocalSession
+from sidecar.spec import HttpFilterSpec, Mode, SessionSpec
+from tests.support import free_port
+
+TOOLS = ("wrk", "nginx", "haproxy")
+REPO = Path(__file__).resolve().parents[2]
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+# Headers a browser-ish client sends, so filters have something to scan.
+COMMON_HEADERS = ("User-Agent: offramp-bench", "Accept: */*", "Accept-Encoding: gzip")
+PREVIEW = "x-preview: bench"
+
+
+def missing_tools() -> list[str]:
+    return [t for t in TOOLS if shutil.which(t) is None]
+
+
+# --- processes -------------------------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, IndexError, ValueError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == pid:
+                found.append(int(stat.parent.name))
+    return found
+
+
+@dataclass
+class Proc:
+    """A process we started, and the pids whose CPU and memory count as its own."""
+
+    name: str
+    popen: subprocess.Popen[bytes]
+    with_children: bool = False
+
+    def pids(self) -> list[int]:
+        pid = self.popen.pid
+        return [pid, *_children(pid)] if self.with_children else [pid]
+
+    def cpu_seconds(self) -> float:
+        total = 0
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+                total += int(fields[11]) + int(fields[12])  # utime, stime
+        return total / CLK_TCK
+
+    def memory_kib(self, key: str) -> int:
+        total = 0
+        for pid in self.pids():
+            with contextlib.suppress(OSError):
+                for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                    if line.startswith(key + ":"):
+                        total += int(line.split()[1])
+        return total
+
+    def stop(self) -> None:
+        if self.popen.poll() is None:
+            self.popen.send_signal(signal.SIGTERM)
+            try:
+                self.popen.wait(20)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait()
+
+
+def _wait_http(port: int, proc: Proc, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.popen.poll() is not None:
+            raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}")
+        with contextlib.suppress(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{port}/", timeout=1)
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{proc.name} did not answer on port {port} within {timeout} s")
+
+
+class Bed:
+    """Starts processes and config files in one temporary folder; stops them all."""
+
+    def __init__(self, work: Path):
+        self.work = work
+        self.procs: list[Proc] = []
+
+    def start(self, name: str, argv: list[str], *, with_children: bool = False) -> Proc:
+        log = (self.work / f"{name}.log").open("wb")
+        # `python -m tests.bench...` must find this checkout from the work folder.
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.work, env=env)
+        proc = Proc(name, popen, with_children)
+        self.procs.append(proc)
+        return proc
+
+    def stop(self, proc: Proc) -> None:
+        proc.stop()
+        self.procs.remove(proc)
+
+    def close(self) -> None:
+        for proc in reversed(self.procs):
+            proc.stop()
+
+    def nginx(self, name: str, servers: str, extra_http: str = "") -> Proc:
+        prefix = self.work / name
+        prefix.mkdir()
+        temp = " ".join(
+            f"{kind}_temp_path {prefix}/{kind};"
+            for kind in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi")
+        )
+        (prefix / "nginx.conf").write_text(
+            f"""
+worker_processes 1;
+daemon off;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    {temp}
+    keepalive_requests 1000000;
+    {extra_http}
+    {servers}
+}}
+"""
+        )
+        return self.start(
+            name,
+            ["nginx", "-p", str(prefix), "-c", str(prefix / "nginx.conf"), "-e", "stderr"],
+            with_children=True,
+        )
+
+
+# --- the local side's sessions, in a loop of their own ----------------------
+
+
+class SessionHost:
+    """Runs real `LocalSession`s (the local proxy's code) on an event loop in a
+    thread, so they keep serving while the main thread waits for wrk."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.sessions: list[tuple[LocalSession, asyncio.Task[None]]] = []
+        self.reports = 0
+
+    def _call[T](self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def _report(self, line: str) -> None:
+        self.reports += 1
+
+    def open(self, control_url: str, token: str, to_port: int, specs: list[SessionSpec]) -> None:
+        async def open_all() -> None:
+            for spec in specs:
+                settings = LocalSettings(
+                    sidecar_url=control_url, token=token, to_port=to_port, spec=spec
+                )
+                session = LocalSession(settings, report=self._report)
+                task = asyncio.create_task(session.run())
+                ready = asyncio.create_task(session.ready.wait())
+                await asyncio.wait({task, ready}, timeout=10, return_when="FIRST_COMPLETED")
+                if not ready.done():
+                    ready.cancel()
+                    raise RuntimeError("a session did not open within 10 s")
+                self.sessions.append((session, task))
+
+        self._call(open_all())
+
+    def close_all(self) -> None:
+        async def close() -> None:
+            for session, _ in self.sessions:
+                session.stop()
+            await asyncio.wait_for(asyncio.gather(*(t for _, t in self.sessions)), 30)
+            self.sessions.clear()
+
+        self._call(close())
+
+    def shutdown(self) -> None:
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+# --- wrk ---------------------------------------------------------------------
+
+
+@dataclass
+class WrkResult:
+    requests: int
+    seconds: float
+    rps: float
+    p50_ms: float
+    p99_ms: float
+    errors: int
+
+
+_UNITS = {"us": 0.001, "ms": 1.0, "s": 1000.0, "m": 60000.0}
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([\d.]+)(us|ms|s|m)", text)
+    if not m:
+        raise ValueError(f"unexpected wrk latency {text!r}")
+    return float(m[1]) * _UNITS[m[2]]
+
+
+def parse_wrk(out: str) -> WrkResult:
+    total = re.search(r"(\d+) requests in ([\d.]+)(us|ms|s|m)", out)
+    p50 = re.search(r"^\s+50%\s+(\S+)", out, re.M)
+    p99 = re.search(r"^\s+99%\s+(\S+)", out, re.M)
+    if not (total and p50 and p99):
+        raise ValueError(f"could not read wrk's output:\n{out}")
+    errors = sum(int(n) for n in re.findall(r"(?:connect|read|write|timeout) (\d+)", out))
+    non2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors += int(non2xx[1]) if non2xx else 0
+    seconds = _ms(total[2] + total[3]) / 1000
+    return WrkResult(
+        requests=int(total[1]),
+        seconds=seconds,
+        rps=int(total[1]) / seconds,
+        p50_ms=_ms(p50[1]),
+        p99_ms=_ms(p99[1]),
+        errors=errors,
+    )
+
+
+def wrk(port: int, connections: int, duration: int, headers: tuple[str, ...]) -> WrkResult:
+    """`duration` in whole seconds: wrk takes no fractions."""
+    argv = [
+        "wrk",
+        f"-t{min(connections, 2)}",
+        f"-c{connections}",
+        f"-d{max(duration, 1)}s",
+        "--timeout=10s",
+        "--latency",
+    ]
+    for h in headers:
+        argv += ["-H", h]
+    argv.append(f"http://127.0.0.1:{port}/")
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60, check=True)
+    return parse_wrk(done.stdout)
+
+
+# --- scenarios ---------------------------------------------------------------
+
+
+@dataclass
+class Row:
+    key: str
+    label: str
+    connections: int
+    requests: int = 0
+    rps: float = 0.0
+    p50_ms: float = 0.0
+    p99_ms: float = 0.0
+    errors: int = 0
+    cpu_s_per_1k: float | None = None
+    """The proxy's CPU seconds per 1,000 requests (None where no proxy is on the path)."""
+    peak_rss_mib: float | None = None
+    note: str = ""
+
+
+@dataclass
+class Results:
+    machine: dict[str, str]
+    settings: dict[str, Any]
+    rows: list[Row] = field(default_factory=list)
+    rss: dict[str, Any] = field(default_factory=dict)
+    targets: list[dict[str, Any]] = field(default_factory=list)
+    not_measured: list[dict[str, str]] = field(default_factory=list)
+
+
+def _answer(port: int, headers: tuple[str, ...]) -> str:
+    hdrs = dict(h.split(": ", 1) for h in headers)
+    return httpx.get(f"http://127.0.0.1:{port}/", headers=hdrs, timeout=10).text.strip()
+
+
+class Bench:
+    def __init__(self, bed: Bed, args: argparse.Namespace, log: Callable[[str], None]):
+        self.bed = bed
+        self.args = args
+        self.log = log
+        self.app_port = free_port()
+        self.local_port = free_port()
+        self.token_file = bed.work / "token"
+        self.token_file.write_text(secrets.token_hex(32) + "\n")
+        self.host = SessionHost()
+        self.rows: list[Row] = []
+
+    def start_apps(self) -> None:
+        servers = "\n".join(
+            f'server {{ listen 127.0.0.1:{port}; location / {{ return 200 "{name}\\n"; }} }}'
+            for name, port in (("app", self.app_port), ("local", self.local_port))
+        )
+        app = self.bed.nginx("apps", servers)
+        _wait_http(self.app_port, app)
+        _wait_http(self.local_port, app)
+
+    def measure(
+        self,
+        key: str,
+        label: str,
+        port: int,
+        proxy: Proc | None,
+        *,
+        headers: tuple[str, ...] = COMMON_HEADERS,
+        expect: str = "app",
+        note: str = "",
+    ) -> None:
+        got = _answer(port, headers)
+        if got != expect:
+            raise RuntimeError(f"{label}: expected the {expect} to answer, got {got!r}")
+        for connections in (1, 16):
+            if self.args.warmup:
+                wrk(port, connections, self.args.warmup, headers)
+            before = proxy.cpu_seconds() if proxy else 0.0
+            r = wrk(port, connections, self.args.duration, headers)
+            cpu = proxy.cpu_seconds() - before if proxy else None
+            row = Row(
+                key=key,
+                label=label,
+                connections=connections,
+                requests=r.requests,
+                rps=r.rps,
+                p50_ms=r.p50_ms,
+                p99_ms=r.p99_ms,
+                errors=r.errors,
+                cpu_s_per_1k=(cpu / r.requests * 1000) if cpu is not None and r.requests else None,
+                peak_rss_mib=proxy.memory_kib("VmHWM") / 1024 if proxy else None,
+                note=note,
+            )
+            self.rows.append(row)
+            self.log(
+                f"  {label:<22} c={connections:<3} {r.rps:9.0f} req/s  p50 {r.p50_ms:7.3f} ms"
+                f"  p99 {r.p99_ms:7.3f} ms  errors {r.errors}"
+            )
+
+    def sidecar(self) -> tuple[Proc, int, str]:
+        listen, control = free_port(), free_port()
+        proc = self.bed.start(
+            f"sidecar-{listen}",
+            [
+                sys.executable,
+                "-m",
+                "sidecar",
+                f"--app-port={self.app_port}",
+                f"--listen-port={listen}",
+                "--listen-host=127.0.0.1",
+                f"--control-port={control}",
+                "--control-host=127.0.0.1",
+                f"--token-file={self.token_file}",
+                "--capture=none",
+                "--log-level=warning",
+            ],
+        )
+        _wait_http(listen, proc)
+        return proc, listen, f"ws://127.0.0.1:{control}"
+
+    def with_sessions(self, specs: list[SessionSpec]) -> tuple[Proc, int]:
+        proc, listen, control_url = self.sidecar()
+        if specs:
+            token = self.token_file.read_text().strip()
+            self.host.open(control_url, token, self.local_port, specs)
+        return proc, listen
+
+    def end_sidecar(self, proc: Proc) -> None:
+        self.host.close_all()
+        self.bed.stop(proc)
+
+    def run_all(self) -> None:
+        nothing = [
+            SessionSpec(http_filter=HttpFilterSpec(header_filter=f"^x-preview: dev{i}$"))
+            for i in range(self.args.sessions)
+        ]
+        bench = SessionSpec(http_filter=HttpFilterSpec(header_filter=f"^{PREVIEW}$"))
+        self.start_apps()
+        self.measure("direct", "direct", self.app_port, None)
+
+        bare_port = free_port()
+        bare = self.bed.start(
+            "bare-mitmproxy",
+            [
+                sys.executable,
+                "-m",
+                "tests.bench.bare_mitmproxy",
+                str(self.app_port),
+                str(bare_port),
+            ],
+        )
+        _wait_http(bare_port, bare)
+        self.measure("bare", "bare mitmproxy", bare_port, bare)
+        self.bed.stop(bare)
+
+        proc, _ = self.with_sessions([])
+        self.measure("idle", "idle sidecar", self.app_port, proc, note="not on the path")
+        self.end_sidecar(proc)
+
+        proc, listen = self.with_sessions([])
+        self.measure("no_session", "no session", listen, proc)
+        self.end_sidecar(proc)
+
+        proc, listen = self.with_sessions(nothing[:1])
+        self.measure("one_session", "1 session", listen, proc)
+        self.end_sidecar(proc)
+
+        proc, listen = self.with_sessions(nothing)
+        self.measure("many_sessions", f"{len(nothing)} sessions", listen, proc)
+        self.end_sidecar(proc)
+
+        steal = (*COMMON_HEADERS, PREVIEW)
+        proc, listen = self.with_sessions([bench])
+        self.measure("stolen", "stolen", listen, proc, headers=steal, expect="local")
+        self.end_sidecar(proc)
+
+        mirror = bench.model_copy(update={"mode": Mode.MIRROR})
+        proc, listen = self.with_sessions([mirror])
+        copies_before = self.host.reports
+        self.measure("mirror", "mirror", listen, proc, headers=steal)
+        copies = self.host.reports - copies_before
+        self.end_sidecar(proc)
+        for row in self.rows[-2:]:
+            row.note = f"{copies} copies reached the local side in both runs"
+
+        self.measure_c_proxies()
+
+    def measure_c_proxies(self) -> None:
+        route_port = free_port()
+        nginx = self.bed.nginx(
+            "nginx-router",
+            f"""
+server {{
+    listen 127.0.0.1:{route_port};
+    location / {{
+        proxy_pass http://$offramp_pool;
+        proxy_http_version 1.1;
+        proxy_set_header Connection "";
+    }}
+}}""",
+            extra_http=f"""
+upstream app {{ server 127.0.0.1:{self.app_port}; keepalive 64; }}
+upstream local {{ server 127.0.0.1:{self.local_port}; keepalive 64; }}
+map $http_x_preview $offramp_pool {{ default app; "bench" local; }}""",
+        )
+        _wait_http(route_port, nginx)
+        if _answer(route_port, (PREVIEW,)) != "local":
+            raise RuntimeError("the nginx router does not route x-preview: bench to local")
+        self.measure("nginx", "nginx (header route)", route_port, nginx)
+        self.bed.stop(nginx)
+
+        route_port = free_port()
+        cfg = self.bed.work / "haproxy.cfg"
+        cfg.write_text(
+            f"""
+global
+    nbthread 1
+    maxconn 4096
+defaults
+    mode http
+    option http-keep-alive
+    timeout connect 5s
+    timeout client 30s
+    timeout server 30s
+frontend route
+    bind 127.0.0.1:{route_port}
+    acl preview req.hdr(x-preview) -m str bench
+    use_backend local if preview
+    default_backend app
+backend app
+    server app 127.0.0.1:{self.app_port}
+backend local
+    server local 127.0.0.1:{self.local_port}
+"""
+        )
+        haproxy = self.bed.start("haproxy", ["haproxy", "-db", "-f", str(cfg)])
+        _wait_http(route_port, haproxy)
+        if _answer(route_port, (PREVIEW,)) != "local":
+            raise RuntimeError("the haproxy router does not route x-preview: bench to local")
+        self.measure("haproxy", "haproxy (header route)", route_port, haproxy)
+        self.bed.stop(haproxy)
+
+    def measure_rss(self) -> dict[str, Any]:
+        """One sidecar, one non-matching session, RSS sampled between rounds of load."""
+        spec = SessionSpec(http_filter=HttpFilterSpec(header_filter="^x-preview: nobody$"))
+        proc, listen = self.with_sessions([spec])
+        samples: list[tuple[int, int]] = []
+        total = 0
+        deadline = time.monotonic() + self.args.rss_max_seconds
+        while total < self.args.rss_requests and time.monotonic() < deadline:
+            total += wrk(listen, 16, self.args.duration, COMMON_HEADERS).requests
+            samples.append((total, proc.memory_kib("VmRSS")))
+        self.end_sidecar(proc)
+        # The first round is the warm-up: caches, pools and the allocator settle.
+        base = samples[0][1]
+        growth = (samples[-1][1] - base) / base * 100
+        self.log(
+            f"  RSS after {samples[0][0]} requests: {base / 1024:.1f} MiB; after {total}:"
+            f" {samples[-1][1] / 1024:.1f} MiB ({growth:+.1f}%)"
+        )
+        return {"samples": samples, "requests": total, "growth_percent": growth}
+
+
+# --- report ------------------------------------------------------------------
+
+
+def _row(rows: list[Row], key: str, connections: int) -> Row | None:
+    return next((r for r in rows if r.key == key and r.connections == connections), None)
+
+
+def targets(rows: list[Row], rss: dict[str, Any]) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = []
+
+    def add(name: str, value: float | None, limit: float, unit: str) -> None:
+        if value is not None:
+            out.append({"target": name, "value": value, "limit": limit, "unit": unit,
+                        "met": value <= limit})  # fmt: skip
+
+    def ratio_pct(a: float | None, b: float | None) -> float | None:
+        return None if a is None or not b else (a / b - 1) * 100
+
+    direct, idle = _row(rows, "direct", 16), _row(rows, "idle", 16)
+    if direct and idle:
+        add("idle sidecar: req/s below direct", -ratio_pct(idle.rps, direct.rps), 2, "%")  # type: ignore[operator]
+    one, bare, many = (_row(rows, k, 16) for k in ("one_session", "bare", "many_sessions"))
+    if one and bare:
+        add("1 session: CPU per request above bare mitmproxy",
+            ratio_pct(one.cpu_s_per_1k, bare.cpu_s_per_1k), 10, "%")  # fmt: skip
+    if one and many:
+        add(f"{many.label}: CPU per request above 1 session",
+            ratio_pct(many.cpu_s_per_1k, one.cpu_s_per_1k), 10, "%")  # fmt: skip
+    one1, stolen1 = _row(rows, "one_session", 1), _row(rows, "stolen", 1)
+    if one1 and stolen1:
+        add("stolen: p50 above passed, 1 connection", stolen1.p50_ms - one1.p50_ms, 1, "ms")
+    if rss:
+        add(f"RSS growth across {rss['requests']} requests", rss["growth_percent"], 5, "%")
+    return out
+
+
+def table(results: Results) -> str:
+    rows = results.rows
+    lines = [
+        f"{'scenario':<22} {'conns':>5} {'req/s':>9} {'vs direct':>9} {'p50 ms':>8}"
+        f" {'p99 ms':>8} {'CPU s/1k':>9} {'vs bare':>8} {'peak RSS':>9} {'errors':>6}"
+    ]
+    for r in rows:
+        direct = _row(rows, "direct", r.connections)
+        bare = _row(rows, "bare", r.connections)
+        vs_direct = f"{r.rps / direct.rps:.2f}x" if direct and direct.rps else "-"
+        cpu = f"{r.cpu_s_per_1k:.3f}" if r.cpu_s_per_1k is not None else "-"
+        vs_bare = (
+            f"{r.cpu_s_per_1k / bare.cpu_s_per_1k:.2f}x"
+            if bare and bare.cpu_s_per_1k and r.cpu_s_per_1k is not None
+            else "-"
+        )
+        rss = f"{r.peak_rss_mib:.0f} MiB" if r.peak_rss_mib is not None else "-"
+        lines.append(
+            f"{r.label:<22} {r.connections:>5} {r.rps:>9.0f} {vs_direct:>9} {r.p50_ms:>8.3f}"
+            f" {r.p99_ms:>8.3f} {cpu:>9} {vs_bare:>8} {rss:>9} {r.errors:>6}"
+        )
+    for item in results.not_measured:
+        lines.append(f"{item['label']:<22} not measured: {item['why']}")
+    if results.targets:
+        lines.append("")
+        lines.append("targets:")
+        for t in results.targets:
+            mark = "met" if t["met"] else "NOT met"
+            lines.append(
+                f"  {t['target']}: {t['value']:+.2f} {t['unit']} (limit {t['limit']} {t['unit']}):"
+                f" {mark}"
+            )
+    return "\n".join(lines)
+
+
+def chart(results: Results, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(dict.fromkeys(r.label for r in results.rows))
+    fig, (ax_rps, ax_cpu) = plt.subplots(1, 2, figsize=(13, 5))
+    width = 0.4
+    for i, conns in enumerate((1, 16)):
+        values = [next((r.rps for r in results.rows if r.label == label and
+                        r.connections == conns), 0.0) for label in labels]  # fmt: skip
+        ax_rps.barh([y + i * width for y in range(len(labels))], values, width,
+                    label=f"{conns} connection{'s' if conns > 1 else ''}")  # fmt: skip
+    ax_rps.set_yticks([y + width / 2 for y in range(len(labels))], labels)
+    ax_rps.invert_yaxis()
+    ax_rps.set_xscale("log")
+    ax_rps.set_xlabel("requests/s, log scale (higher is better)")
+    ax_rps.legend()
+    cpu_rows = [r for r in results.rows if r.connections == 16 and r.cpu_s_per_1k is not None]
+    ax_cpu.barh([r.label for r in cpu_rows], [r.cpu_s_per_1k or 0.0 for r in cpu_rows])
+    ax_cpu.invert_yaxis()
+    ax_cpu.set_xlabel("proxy CPU s per 1,000 requests at 16 connections\n(lower is better)")
+    fig.suptitle(f"offramp sidecar cost, {results.machine['cpu']} ({results.machine['cores']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+
+
+def _version(argv: list[str]) -> str:
+    with contextlib.suppress(OSError, subprocess.SubprocessError):
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=10)
+        text = (done.stdout + done.stderr).strip().splitlines()
+        return text[0] if text else ""
+    return ""
+
+
+def machine() -> dict[str, str]:
+    import mitmproxy.version
+
+    cpu = "unknown CPU"
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    return {
+        "cpu": cpu,
+        "cores": f"{os.cpu_count()} cores",
+        "kernel": platform.release(),
+        "python": platform.python_version(),
+        "mitmproxy": mitmproxy.version.VERSION,
+        "nginx": _version(["nginx", "-v"]),
+        "haproxy": _version(["haproxy", "-v"]),
+        "wrk": _version(["wrk", "-v"]),
+    }
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m tests.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--duration", type=int, default=5, help="seconds per measurement (whole)")
+    p.add_argument("--warmup", type=int, default=1, help="seconds of load before each (0: none)")
+    p.add_argument("--sessions", type=int, default=100, help="sessions in the N-sessions row")
+    p.add_argument("--rss-requests", type=int, default=100_000, help="requests for the RSS check")
+    p.add_argument(
+        "--rss-max-seconds", type=float, default=300.0, help="time bound of the RSS check"
+    )
+    p.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for the results")
+    p.add_argument(
+        "--tiny",
+        action="store_true",
+        help="a quick run that only shows the benchmark works (numbers mean nothing)",
+    )
+    args = p.parse_args(argv)
+    if args.tiny:
+        args.duration, args.warmup, args.sessions = 1, 0, 5
+        args.rss_requests, args.rss_max_seconds = 1000, 20.0
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if missing := missing_tools():
+        print(f"the benchmark needs {', '.join(missing)} (apt-get install wrk nginx-light haproxy)")
+        return 2
+    args.out.mkdir(parents=True, exist_ok=True)
+    results = Results(
+        machine=machine(),
+        settings={k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+    )
+    print(f"machine: {results.machine['cpu']}, {results.machine['cores']}", flush=True)
+    with tempfile.TemporaryDirectory(prefix="offramp-bench-") as tmp:
+        work = Path(tmp)
+        work.chmod(0o755)  # nginx workers may run as another user
+        bed = Bed(work)
+        bench = Bench(bed, args, lambda line: print(line, flush=True))
+        try:
+            bench.run_all()
+            results.rss = bench.measure_rss()
+        finally:
+            with contextlib.suppress(Exception):
+                bench.host.close_all()
+            bench.host.shutdown()
+            bed.close()
+    results.rows = bench.rows
+    results.not_measured.append(
+        {"label": "gRPC unary", "why": "the sidecar does not speak h2c yet (issue 6)"}
+    )
+    results.targets = targets(results.rows, results.rss)
+    text = table(results)
+    print()
+    print(text)
+    (args.out / "results.json").write_text(
+        json.dumps({**asdict(results), "table": text}, indent=2) + "\n"
+    )
+    chart(results, args.out / "results.png")
+    print(f"\nwrote {args.out / 'results.json'} and {args.out / 'results.png'}")
+    return 0

@@ -1,0 +1,56 @@
+"""The benchmark runs end to end in its tiny configuration.
+
+Nothing here asserts a timing: numbers from a one-second run on a shared
+machine mean nothing. It checks that every scenario ran, each one answered by
+the side it claims (the benchmark checks that itself before measuring), that no
+request failed, and that the table, the JSON and the chart were written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.bench.run import REPO, missing_tools
+
+EXPECTED = {
+    "direct", "bare", "idle", "no_session", "one_session",
+    "many_sessions", "stolen", "mirror", "nginx", "haproxy",
+}  # fmt: skip
+
+
+@pytest.mark.timeout(240)
+def test_benchmark_runs_in_its_tiny_configuration(tmp_path: Path) -> None:
+    if missing := missing_tools():
+        reason = (
+            f"the benchmark needs {', '.join(missing)} (apt-get install wrk nginx-light haproxy)"
+        )
+        if os.environ.get("CI"):
+            pytest.fail(reason + "; CI must provide it (.ci/run installs it)")
+        pytest.skip(reason)
+    done = subprocess.run(
+        [sys.executable, "-m", "tests.bench", "--tiny", "--out", str(tmp_path)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=220,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    results = json.loads((tmp_path / "results.json").read_text())
+    rows = results["rows"]
+    assert {(r["key"], r["connections"]) for r in rows} == {
+        (k, c) for k in EXPECTED for c in (1, 16)
+    }
+    for r in rows:
+        assert r["requests"] > 0 and r["errors"] == 0, r
+        if r["key"] not in ("direct",):
+            assert r["cpu_s_per_1k"] is not None and r["peak_rss_mib"] > 0, r
+    assert results["rss"]["requests"] >= 1000
+    assert {t["target"].split(":")[0] for t in results["targets"]} >= {"1 session", "stolen"}
+    assert "gRPC unary" in done.stdout and "req/s" in done.stdout
+    assert (tmp_path / "results.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
