@@ -80,6 +80,11 @@ class Gateway:
             writer.close()
         if self._open:
             await asyncio.wait(list(self._open.values()), timeout=2)
+        tasks = list(self._open.values())
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
 
     def register(self, handle: StreamHandle, who: str, head_ended: bool) -> str:
         self._counter += 1
@@ -114,6 +119,11 @@ class Gateway:
                 conn.start_next_cycle()
         except (_Closed, ConnectionError, h11.ProtocolError) as e:
             log.debug("gateway connection ended: %s", e)
+        except asyncio.CancelledError:
+            # Only `stop` cancels these, for an exchange still open after the drain.
+            # Ending normally keeps Python 3.12.1's stream callback from logging
+            # the cancellation as an error; nothing awaits this task.
+            log.warning("a stolen request was still open at shutdown; its connection is closed")
         finally:
             del self._open[writer]
             with contextlib.suppress(Exception):

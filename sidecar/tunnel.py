@@ -248,7 +248,11 @@ class Tunnel:
             return
         if isinstance(event, ResponseHead | Data | End | Reset):
             found._deliver(event)
-        if isinstance(event, Reset) or not self.conn.is_active(event.stream_id):
+        # The connection has already read every frame of this websocket message, so
+        # its state may be ahead of this event: only an event that ends the peer's
+        # half (or the whole stream) may retire the handle.
+        ends_peer = isinstance(event, End) or (isinstance(event, ResponseHead) and event.end_stream)
+        if isinstance(event, Reset) or (ends_peer and not self.conn.is_active(event.stream_id)):
             self._streams.pop(event.stream_id, None)
             found._wake_window()
 

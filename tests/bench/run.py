@@ -123,14 +123,14 @@ class Proc:
                 self.popen.wait()
 
 
-def _wait_http(port: int, proc: Proc, timeout: float = 20) -> None:
+def _wait_http(port: int, proc: Proc, timeout: float = 20, path: str = "/") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.popen.poll() is not None:
             raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}")
         with contextlib.suppress(httpx.HTTPError):
-            httpx.get(f"http://127.0.0.1:{port}/", timeout=1)
-            return
+            if httpx.get(f"http://127.0.0.1:{port}{path}", timeout=1).status_code < 500:
+                return
         time.sleep(0.05)
     raise RuntimeError(f"{proc.name} did not answer on port {port} within {timeout} s")
 
@@ -219,6 +219,8 @@ class SessionHost:
                 task = asyncio.create_task(session.run())
                 ready = asyncio.create_task(session.ready.wait())
                 await asyncio.wait({task, ready}, timeout=10, return_when="FIRST_COMPLETED")
+                if task.done():
+                    task.result()  # raises why the session ended
                 if not ready.done():
                     ready.cancel()
                     raise RuntimeError("a session did not open within 10 s")
@@ -412,7 +414,8 @@ class Bench:
                 "--log-level=warning",
             ],
         )
-        _wait_http(listen, proc)
+        # The session server starts last: once /healthz answers, all of it is up.
+        _wait_http(control, proc, path="/healthz")
         return proc, listen, f"ws://127.0.0.1:{control}"
 
     def with_sessions(self, specs: list[SessionSpec]) -> tuple[Proc, int]:
