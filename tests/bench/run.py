@@ -65,6 +65,11 @@ CLK_TCK = os.sysconf("SC_CLK_TCK")
 # Headers a browser-ish client sends, so filters have something to scan.
 COMMON_HEADERS = ("User-Agent: offramp-bench", "Accept: */*", "Accept-Encoding: gzip")
 PREVIEW = "x-preview: bench"
+BENCH_SESSION = SessionSpec(http_filter=HttpFilterSpec(header_filter=f"^{PREVIEW}$"))
+PARTS = (
+    "direct", "bare", "idle", "no_session", "one_session", "many_sessions",
+    "stolen", "mirror", "c_proxies", "rss",
+)  # fmt: skip
 
 
 def missing_tools() -> list[str]:
@@ -347,6 +352,7 @@ class Bench:
         self.token_file.write_text(secrets.token_hex(32) + "\n")
         self.host = SessionHost()
         self.rows: list[Row] = []
+        self.rss: dict[str, Any] = {}
 
     def start_apps(self) -> None:
         servers = "\n".join(
@@ -430,60 +436,68 @@ class Bench:
         self.bed.stop(proc)
 
     def run_all(self) -> None:
-        nothing = [
-            SessionSpec(http_filter=HttpFilterSpec(header_filter=f"^x-preview: dev{i}$"))
-            for i in range(self.args.sessions)
-        ]
-        bench = SessionSpec(http_filter=HttpFilterSpec(header_filter=f"^{PREVIEW}$"))
         self.start_apps()
+        for key in self.args.only:
+            getattr(self, f"_run_{key}")()
+
+    def _nothing(self, n: int) -> list[SessionSpec]:
+        """n team-preview sessions whose keys the benchmark's requests never carry."""
+        return [
+            SessionSpec(http_filter=HttpFilterSpec(header_filter=f"^x-preview: dev{i}$"))
+            for i in range(n)
+        ]
+
+    def _run_direct(self) -> None:
         self.measure("direct", "direct", self.app_port, None)
 
-        bare_port = free_port()
-        bare = self.bed.start(
-            "bare-mitmproxy",
-            [
-                sys.executable,
-                "-m",
-                "tests.bench.bare_mitmproxy",
-                str(self.app_port),
-                str(bare_port),
-            ],
-        )
-        _wait_http(bare_port, bare)
-        self.measure("bare", "bare mitmproxy", bare_port, bare)
+    def _run_bare(self) -> None:
+        port = free_port()
+        argv = [sys.executable, "-m", "tests.bench.bare_mitmproxy", str(self.app_port), str(port)]
+        bare = self.bed.start("bare-mitmproxy", argv)
+        _wait_http(port, bare)
+        self.measure("bare", "bare mitmproxy", port, bare)
         self.bed.stop(bare)
 
+    def _run_idle(self) -> None:
         proc, _ = self.with_sessions([])
         self.measure("idle", "idle sidecar", self.app_port, proc, note="not on the path")
         self.end_sidecar(proc)
 
+    def _run_no_session(self) -> None:
         proc, listen = self.with_sessions([])
         self.measure("no_session", "no session", listen, proc)
         self.end_sidecar(proc)
 
-        proc, listen = self.with_sessions(nothing[:1])
+    def _run_one_session(self) -> None:
+        proc, listen = self.with_sessions(self._nothing(1))
         self.measure("one_session", "1 session", listen, proc)
         self.end_sidecar(proc)
 
-        proc, listen = self.with_sessions(nothing)
-        self.measure("many_sessions", f"{len(nothing)} sessions", listen, proc)
+    def _run_many_sessions(self) -> None:
+        proc, listen = self.with_sessions(self._nothing(self.args.sessions))
+        self.measure("many_sessions", f"{self.args.sessions} sessions", listen, proc)
         self.end_sidecar(proc)
 
-        steal = (*COMMON_HEADERS, PREVIEW)
-        proc, listen = self.with_sessions([bench])
-        self.measure("stolen", "stolen", listen, proc, headers=steal, expect="local")
+    def _run_stolen(self) -> None:
+        proc, listen = self.with_sessions([BENCH_SESSION])
+        headers = (*COMMON_HEADERS, PREVIEW)
+        self.measure("stolen", "stolen", listen, proc, headers=headers, expect="local")
         self.end_sidecar(proc)
 
-        mirror = bench.model_copy(update={"mode": Mode.MIRROR})
-        proc, listen = self.with_sessions([mirror])
+    def _run_mirror(self) -> None:
+        proc, listen = self.with_sessions([BENCH_SESSION.model_copy(update={"mode": Mode.MIRROR})])
         copies_before = self.host.reports
-        self.measure("mirror", "mirror", listen, proc, headers=steal)
+        self.measure("mirror", "mirror", listen, proc, headers=(*COMMON_HEADERS, PREVIEW))
         copies = self.host.reports - copies_before
         self.end_sidecar(proc)
         for row in self.rows[-2:]:
             row.note = f"{copies} copies reached the local side in both runs"
 
+    def _run_c_proxies(self) -> None:
         self.measure_c_proxies()
+
+    def _run_rss(self) -> None:
+        self.rss = self.measure_rss()
 
     def measure_c_proxies(self) -> None:
         route_port = free_port()
@@ -705,7 +719,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="a quick run that only shows the benchmark works (numbers mean nothing)",
     )
+    p.add_argument(
+        "--only",
+        type=lambda text: [part.strip() for part in text.split(",")],
+        default=list(PARTS),
+        help=f"comma-separated parts to run, of: {', '.join(PARTS)} (default: all)",
+    )
     args = p.parse_args(argv)
+    if unknown := set(args.only) - set(PARTS):
+        p.error(f"unknown part(s) {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
     if args.tiny:
         args.duration, args.warmup, args.sessions = 1, 0, 5
         args.rss_requests, args.rss_max_seconds = 1000, 20.0
@@ -730,13 +752,13 @@ def main(argv: list[str] | None = None) -> int:
         bench = Bench(bed, args, lambda line: print(line, flush=True))
         try:
             bench.run_all()
-            results.rss = bench.measure_rss()
         finally:
             with contextlib.suppress(Exception):
                 bench.host.close_all()
             bench.host.shutdown()
             bed.close()
     results.rows = bench.rows
+    results.rss = bench.rss
     results.not_measured.append(
         {"label": "gRPC unary", "why": "the sidecar does not speak h2c yet (issue 6)"}
     )

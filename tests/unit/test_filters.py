@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import regex
 
 from sidecar.filters import FilterError, RequestView, TimeoutCounter, compile_filter
 from sidecar.spec import FilterClause, HttpFilterSpec
@@ -138,3 +139,63 @@ def test_catastrophic_pattern_times_out_as_no_match() -> None:
     assert predicate is not None
     assert predicate(req(headers={"x": "a" * 60 + "!"})) is False
     assert counter.count == 1
+
+
+# Header filters skip the regex engine where the pattern itself says which header
+# it needs (`^Name:`) or is a plain `^Name: value$`. Each pattern here must give
+# exactly what the plain search over every line gives.
+SHORTCUT_PATTERNS = [
+    "^x-preview: alice$",
+    "^X-Preview: ALICE$",
+    "^x-preview: alice",
+    "^x-preview:",
+    "^x-preview: (?!alice)",
+    "^x-preview: al.ce$",
+    "^x-preview:? alice",
+    "^x-preview:* alice",
+    "^x-previe: alice",
+    "^x-preview: alice$|^x-debug: 1$",
+    "x-preview: alice$",
+    "^x-preview: ss$",
+    "(?x) ^x-preview: \\s alice",
+    "^x-preview: alice $",
+    "^x-preview: a=1, b/2;c@d%e~f$",
+]
+SHORTCUT_HEADERS = [
+    {},
+    {"x-preview": "alice"},
+    {"X-PREVIEW": "Alice"},
+    {"x-preview": "alice "},
+    {"x-preview": "alice2"},
+    {"x-preview": "bob", "x-debug": "1"},
+    {"x-x-preview": "alice"},
+    {"other": "x-preview: alice"},
+    {"x-preview": "ß"},
+    {"x-preview": "alIce", "accept": "*/*"},
+    {"x-preview": "a=1, b/2;c@d%e~f"},
+    {"x-previewalice": "1"},
+]
+
+
+@pytest.mark.parametrize("pattern", SHORTCUT_PATTERNS)
+def test_header_shortcuts_agree_with_the_plain_search(pattern: str) -> None:
+    plain = regex.compile(pattern, regex.IGNORECASE | regex.VERSION1)
+    predicate = compile_filter(HttpFilterSpec(header_filter=pattern))
+    assert predicate is not None
+    for headers in SHORTCUT_HEADERS:
+        request = req(headers=headers)
+        expected = any(plain.search(line) for line in request.header_lines)
+        assert predicate(request) is expected, (pattern, headers)
+
+
+def test_header_shortcuts_are_taken_where_the_pattern_allows() -> None:
+    # The comparison and the by-name lookup are what keep 100 sessions cheap.
+    exact = compile_filter(HttpFilterSpec(header_filter="^x-preview: alice$"))
+    named = compile_filter(HttpFilterSpec(header_filter="^x-preview: (?!alice)"))
+    either = compile_filter(HttpFilterSpec(header_filter="^x-preview: a$|^x-b: 1$"))
+    assert (getattr(exact, "name", None), getattr(exact, "exact", None)) == (
+        "x-preview",
+        "x-preview: alice",
+    )
+    assert (getattr(named, "name", None), getattr(named, "exact", None)) == ("x-preview", None)
+    assert getattr(either, "name", "") is None
