@@ -163,10 +163,8 @@ class Forwarder:
                     pass
                 stream.send(ResponseHead(stream.id, response.status, out_headers, end_stream=True))
                 return str(response.status)
-            (
-                stream.send(
-                    ResponseHead(stream.id, response.status, out_headers, response.reason or "")
-                )
+            stream.send(
+                ResponseHead(stream.id, response.status, out_headers, response.reason or "")
             )
             async for chunk in response.content.iter_any():
                 if not await stream.send_body(chunk):
