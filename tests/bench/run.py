@@ -11,8 +11,8 @@ checks who answers it, so a row cannot silently measure the wrong path.
 Rows:
   direct          wrk -> app
   bare mitmproxy  mitmproxy reverse mode, no addons of ours: the engine's floor
-  idle sidecar    a sidecar runs, no session: with iptables capture it is not on
-                  the path, so wrk goes to the app's port (its CPU is shown)
+  idle sidecar    a sidecar runs with no session; wrk goes to the app's port, as
+                  callers do under iptables capture with no session (its CPU is shown)
   no session      through the sidecar's listener with no session (the path of
                   privilege-free mode, where a Service points at the sidecar)
   1 session       one session whose filter matches nothing: pass-through cost
@@ -148,10 +148,12 @@ class Bed:
         self.procs: list[Proc] = []
 
     def start(self, name: str, argv: list[str], *, with_children: bool = False) -> Proc:
-        log = (self.work / f"{name}.log").open("wb")
         # `python -m tests.bench...` must find this checkout from the work folder.
         env = {**os.environ, "PYTHONPATH": str(REPO)}
-        popen = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.work, env=env)
+        with (self.work / f"{name}.log").open("wb") as log:
+            popen = subprocess.Popen(
+                argv, stdout=log, stderr=subprocess.STDOUT, cwd=self.work, env=env
+            )
         proc = Proc(name, popen, with_children)
         self.procs.append(proc)
         return proc
@@ -490,16 +492,12 @@ class Bench:
         self.measure("mirror", "mirror", listen, proc, headers=(*COMMON_HEADERS, PREVIEW))
         copies = self.host.reports - copies_before
         self.end_sidecar(proc)
+        if not copies:
+            raise RuntimeError("mirror: no copy reached the local side; the row measured nothing")
         for row in self.rows[-2:]:
             row.note = f"{copies} copies reached the local side in both runs"
 
     def _run_c_proxies(self) -> None:
-        self.measure_c_proxies()
-
-    def _run_rss(self) -> None:
-        self.rss = self.measure_rss()
-
-    def measure_c_proxies(self) -> None:
         route_port = free_port()
         nginx = self.bed.nginx(
             "nginx-router",
@@ -554,7 +552,7 @@ backend local
         self.measure("haproxy", "haproxy (header route)", route_port, haproxy)
         self.bed.stop(haproxy)
 
-    def measure_rss(self) -> dict[str, Any]:
+    def _run_rss(self) -> None:
         """One sidecar, one non-matching session, RSS sampled between rounds of load."""
         spec = SessionSpec(http_filter=HttpFilterSpec(header_filter="^x-preview: nobody$"))
         proc, listen = self.with_sessions([spec])
@@ -572,7 +570,7 @@ backend local
             f"  RSS after {samples[0][0]} requests: {base / 1024:.1f} MiB; after {total}:"
             f" {samples[-1][1] / 1024:.1f} MiB ({growth:+.1f}%)"
         )
-        return {"samples": samples, "requests": total, "growth_percent": growth}
+        self.rss = {"samples": samples, "requests": total, "growth_percent": growth}
 
 
 # --- report ------------------------------------------------------------------
@@ -595,7 +593,7 @@ def targets(rows: list[Row], rss: dict[str, Any]) -> list[dict[str, Any]]:
 
     direct, idle = _row(rows, "direct", 16), _row(rows, "idle", 16)
     if direct and idle:
-        add("idle sidecar: req/s below direct", -ratio_pct(idle.rps, direct.rps), 2, "%")  # type: ignore[operator]
+        add("idle sidecar: req/s below direct", (1 - idle.rps / direct.rps) * 100, 2, "%")
     one, bare, many = (_row(rows, k, 16) for k in ("one_session", "bare", "many_sessions"))
     if one and bare:
         add("1 session: CPU per request above bare mitmproxy",

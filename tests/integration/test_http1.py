@@ -36,6 +36,24 @@ async def test_passthrough_keeps_host_and_adds_forwarded_for(
     assert headers["x-forwarded-for"] == "127.0.0.1"
 
 
+async def test_stolen_request_reaches_the_local_app_as_the_caller_wrote_it(
+    sidecar: SidecarProcess, local: HttpApp
+) -> None:
+    # No re-quoted target, and no headers of the local proxy's HTTP client added.
+    request = (
+        b"GET /x/../a%2Fb/c%20d?q=%20x&r%7e HTTP/1.1\r\nHost: shop.example\r\n"
+        b"X-Preview: alice\r\nConnection: close\r\n\r\n"
+    )
+    async with open_session(sidecar, local.port, header_spec("^x-preview: alice$")):
+        answer = await asyncio.to_thread(raw_exchange, sidecar.listen_port, request)
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+    seen = local.seen[0]
+    assert seen.path == "/x/../a%2Fb/c%20d?q=%20x&r%7e"
+    names = sorted(name.lower() for name, _ in seen.headers)
+    assert names == ["host", "x-forwarded-for", "x-preview"], seen.headers
+    assert dict(seen.headers)["X-Preview"] == "alice"
+
+
 @pytest.mark.parametrize(
     ("spec", "matching", "other"),
     [
