@@ -19,6 +19,8 @@ from dataclasses import dataclass
 import aiohttp
 from yarl import URL
 
+from local_proxy.forward_h2 import H2Forwarder
+from local_proxy.upgrade import forward_upgrade
 from sidecar.protocol import HOP_BY_HOP, Data, End, RequestHead, Reset, ResetCode, ResponseHead
 from sidecar.tunnel import Lost, StreamHandle
 
@@ -64,6 +66,7 @@ class Forwarder:
         self._mirrors_running = 0
         self.tasks: set[asyncio.Task[None]] = set()
         self._client: aiohttp.ClientSession | None = None
+        self._h2 = H2Forwarder(host, port, timeout)
 
     def _session(self) -> aiohttp.ClientSession:
         # Made on first use: an aiohttp session belongs to the running event loop.
@@ -80,6 +83,7 @@ class Forwarder:
     async def aclose(self) -> None:
         if self._client is not None:
             await self._client.close()
+        await self._h2.aclose()
 
     def on_request(self, head: RequestHead, stream: StreamHandle) -> None:
         """Tunnel callback for each new stream: handle it in its own task."""
@@ -109,6 +113,10 @@ class Forwarder:
         self.report(f"{kind:<6} {head.method} {head.target} -> {status} ({ms:.1f} ms)")
 
     async def _forward(self, head: RequestHead, stream: StreamHandle) -> str:
+        if head.http2:
+            return await self._h2.forward(head, stream)
+        if head.upgrade:
+            return await forward_upgrade(self.host, self.port, self.timeout, head, stream)
         headers = [
             (n.decode("latin-1"), v.decode("latin-1"))
             for n, v in head.headers

@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 from collections import deque
 from collections.abc import Callable
 
 from mitmproxy import http
-from mitmproxy.proxy import layer, layers
 
 from sidecar.filters import RequestView
 from sidecar.gateway import ROUTE_HEADER, Gateway
@@ -133,15 +131,6 @@ class OfframpAddon:
 
     # -- hooks ------------------------------------------------------------------
 
-    def next_layer(self, nextlayer: layer.NextLayer) -> None:
-        """Anything that is not HTTP goes to the app as raw TCP, untouched: a
-        server that speaks first, or first bytes that are no HTTP request line."""
-        if nextlayer.layer is not None:
-            return
-        client: bytes = nextlayer.data_client()
-        if (not client and nextlayer.data_server()) or (client and not _HTTP_START.match(client)):
-            nextlayer.layer = layers.TCPLayer(nextlayer.context)
-
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         request = flow.request
         request.stream = True
@@ -167,16 +156,34 @@ class OfframpAddon:
         decision = decide(sessions, view, probe)
         if decision.steal is None and not decision.mirrors:
             return
-        head_fields = tuple((n, v) for n, v in fields if n.lower() not in _NOT_HANDED_OVER)
-        no_body = _has_no_body(request)
+        http2 = request.is_http2
+        upgrade = "" if http2 else _upgrade_of(request)
+        head_fields = tuple(
+            (n, v)
+            for n, v in fields
+            if n.lower() not in _NOT_HANDED_OVER or (http2 and _is_te_trailers(n, v))
+        )
+        no_body = _has_no_body(request) and not upgrade
         peer = f"{client_ip}:{flow.client_conn.peername[1]}" if client_ip else ""
+        authority = request.authority if http2 else ""
 
         def head(mirror: bool) -> Callable[[int], RequestHead]:
             return lambda sid: RequestHead(
-                sid, request.method, request.path, head_fields, request.port, peer, mirror, no_body
+                sid,
+                request.method,
+                request.path,
+                head_fields,
+                request.port,
+                peer,
+                mirror,
+                no_body,
+                http2,
+                authority,
+                upgrade,
             )
 
-        if decision.mirrors:
+        # A copy of an upgrade would open a second conversation the caller never sees.
+        if decision.mirrors and not upgrade:
             copies = []
             for session in decision.mirrors:
                 if session.mirrors_in_flight() >= MAX_MIRRORS_IN_FLIGHT:
@@ -199,7 +206,7 @@ class OfframpAddon:
             if handle is None:
                 return  # the tunnel closed a moment ago: the app serves it
             session.stolen += 1
-            key = self.gateway.register(handle, session.describe(), no_body)
+            key = self.gateway.register(handle, session.describe(), no_body, upgrade)
             flow.metadata[_META + ".route"] = key
             request.headers[ROUTE_HEADER] = key
             request.data.host = self.gateway.host
@@ -233,9 +240,17 @@ class OfframpAddon:
             self.idle.set()
 
 
-# A request line starts with a method token then a space; h2c starts "PRI * HTTP/2.0".
-# Shorter prefixes of that shape are given the benefit of the doubt.
-_HTTP_START = re.compile(rb"^[A-Z]{1,20}( |$)")
+def _upgrade_of(request: http.Request) -> str:
+    """The protocol an HTTP/1.1 request asks to switch to, or ""."""
+    connection = request.headers.get("connection", "")
+    if "upgrade" not in (t.strip().lower() for t in connection.split(",")):
+        return ""
+    return str(request.headers.get("upgrade", "")).strip()
+
+
+def _is_te_trailers(name: bytes, value: bytes) -> bool:
+    # gRPC servers require "te: trailers", the one `te` HTTP/2 allows.
+    return name.lower() == b"te" and value.strip().lower() == b"trailers"
 
 
 def _has_no_body(request: http.Request) -> bool:

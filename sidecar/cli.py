@@ -106,6 +106,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         logging.INFO if args.log_level == "debug" else logging.WARNING
     )
     logging.getLogger("websockets").setLevel(logging.WARNING)
+    logging.getLogger("hpack").setLevel(logging.WARNING)  # a line per header at debug
     try:
         app_ports = tuple(
             AppPort.parse(text, args.listen_port if i == 0 else 0)

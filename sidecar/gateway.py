@@ -23,12 +23,18 @@ import contextlib
 import logging
 import secrets
 from dataclasses import dataclass
+from typing import Any
 
+import h2.errors
+import h2.events
 import h11
 
+from sidecar.h2bridge import h2_fields, h2_to_tunnel, tunnel_to_h2
+from sidecar.h2conn import H2_PREFACE, H2Endpoint, H2Stream
 from sidecar.protocol import HOP_BY_HOP, End, ResetCode, ResponseHead
 from sidecar.protocol import Data as TunnelData
 from sidecar.protocol import Reset as ResetMsg
+from sidecar.splice import next_h11_event, splice
 from sidecar.tunnel import Lost, StreamHandle
 
 __all__ = ["ROUTE_HEADER", "Gateway"]
@@ -47,6 +53,8 @@ class _Pending:
     who: str
     head_ended: bool
     """The head was sent with end_stream: there is no body to pass on."""
+    upgrade: str
+    """The protocol an HTTP/1.1 Upgrade request asks for, or ""."""
 
 
 class _Closed(Exception):
@@ -86,10 +94,10 @@ class Gateway:
         if tasks:
             await asyncio.wait(tasks)
 
-    def register(self, handle: StreamHandle, who: str, head_ended: bool) -> str:
+    def register(self, handle: StreamHandle, who: str, head_ended: bool, upgrade: str = "") -> str:
         self._counter += 1
         key = f"{self._secret}.{self._counter}"
-        self._pending[key] = _Pending(handle, who, head_ended)
+        self._pending[key] = _Pending(handle, who, head_ended, upgrade)
         return key
 
     def abandon(self, key: str) -> None:
@@ -104,8 +112,18 @@ class Gateway:
         self._open[writer] = task
         conn = h11.Connection(h11.SERVER)
         try:
+            first = await reader.read(_READ)
+            while first and len(first) < len(H2_PREFACE) and H2_PREFACE.startswith(first):
+                more = await reader.read(_READ)
+                if not more:
+                    break
+                first += more
+            if first.startswith(H2_PREFACE):
+                await self._serve_h2(reader, writer, first)
+                return
+            conn.receive_data(first)
             while True:
-                event = await _next_event(conn, reader)
+                event = await next_h11_event(conn, reader)
                 if not isinstance(event, h11.Request):
                     break
                 key = _route_key(event)
@@ -129,6 +147,94 @@ class Gateway:
             with contextlib.suppress(Exception):
                 writer.close()
 
+    async def _serve_h2(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, first: bytes
+    ) -> None:
+        """mitmproxy sends the stolen streams of an HTTP/2 caller here over one
+        h2c connection; each stream is paired with its tunnel stream by key."""
+        exchanges: set[asyncio.Task[None]] = set()
+
+        def on_stream(stream: H2Stream, event: h2.events.RequestReceived) -> None:
+            task = asyncio.create_task(self._h2_exchange(stream, event))
+            exchanges.add(task)
+            task.add_done_callback(exchanges.discard)
+
+        endpoint = H2Endpoint(reader, writer, client_side=False, on_stream=on_stream)
+        try:
+            reason = await endpoint.run(first)
+            log.debug("gateway h2 connection ended: %s", reason)
+        finally:
+            endpoint.close()
+            if exchanges:
+                await asyncio.wait(list(exchanges), timeout=2)
+            for task in exchanges:
+                task.cancel()
+
+    async def _h2_exchange(self, stream: H2Stream, event: h2.events.RequestReceived) -> None:
+        key = ""
+        grpc = False
+        for name, value in event.headers or ():
+            if name == ROUTE_HEADER.encode():
+                key = bytes(value).decode("latin-1")
+            elif name == b"content-type":
+                grpc = bytes(value).startswith(b"application/grpc")
+        pending = self._pending.pop(key, None) if key else None
+        if pending is None or not key.startswith(self._secret):
+            await _h2_simple(stream, 502, "offramp: no stolen request under that key", grpc)
+            return
+        handle = pending.handle
+        upload = asyncio.create_task(h2_to_tunnel(stream, handle))
+        gone = asyncio.create_task(stream.gone.wait())
+        try:
+            broke = await self._h2_download(stream, handle, pending.who, gone, grpc)
+            if broke is None:
+                # The answer is complete; the request half may still be arriving.
+                await upload
+        finally:
+            for task in (upload, gone):
+                if not task.done():
+                    task.cancel()
+            stream.done()
+            if handle.active:
+                handle.reset(ResetCode.CANCEL, "the caller went away")
+
+    async def _h2_download(
+        self,
+        stream: H2Stream,
+        handle: StreamHandle,
+        who: str,
+        gone: asyncio.Task[Any],
+        grpc: bool,
+    ) -> object | None:
+        """The answer: tunnel -> h2 stream. Returns None when it is complete,
+        else what broke it off. A caller that resets its stream (`gone`) ends
+        this at any point, and the tunnel stream is then reset too."""
+        head_task = asyncio.create_task(handle.next())
+        await asyncio.wait({head_task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not head_task.done():
+            head_task.cancel()
+            return "the caller reset its stream"
+        head = head_task.result()
+        if not isinstance(head, ResponseHead):
+            why = _why(head, who)
+            status = 504 if isinstance(head, ResetMsg) and head.code is ResetCode.TIMEOUT else 502
+            await _h2_simple(stream, status, why, grpc)
+            return head
+        fields = [(b":status", str(head.status).encode()), *h2_fields(head.headers)]
+        stream.send_headers(fields, end_stream=head.end_stream)
+        if head.end_stream:
+            return None
+        download = asyncio.create_task(tunnel_to_h2(handle, stream))
+        await asyncio.wait({download, gone}, return_when=asyncio.FIRST_COMPLETED)
+        if not download.done():
+            download.cancel()
+            return "the caller reset its stream"
+        broke = download.result()
+        if broke is not None:
+            log.info("stolen response broke off: %s", _why(broke, who))
+            stream.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
+        return broke
+
     async def _exchange(
         self,
         conn: h11.Connection,
@@ -136,6 +242,9 @@ class Gateway:
         writer: asyncio.StreamWriter,
         pending: _Pending,
     ) -> None:
+        if pending.upgrade:
+            await self._upgrade(conn, reader, writer, pending)
+            return
         handle = pending.handle
         upload = asyncio.create_task(_upload(conn, reader, handle, not pending.head_ended))
         try:
@@ -150,15 +259,82 @@ class Gateway:
             if handle.active:
                 handle.reset(ResetCode.CANCEL, "the caller went away")
 
+    async def _upgrade(
+        self,
+        conn: h11.Connection,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        pending: _Pending,
+    ) -> None:
+        """An Upgrade request (a websocket handshake): if the local side answers
+        101, the connection becomes a byte pipe to it through the tunnel."""
+        handle = pending.handle
+        try:
+            while not isinstance(await next_h11_event(conn, reader), h11.EndOfMessage):
+                pass  # a body on an upgrade request has no meaning here: dropped
+            first = await handle.next()
+            if not (isinstance(first, ResponseHead) and first.status == 101):
+                if isinstance(first, ResponseHead):
+                    handle.send(End(handle.id))  # refused: the request half is complete
+                await _download(conn, writer, handle, pending.who, first)
+                return
+            headers = [
+                (b"connection", b"Upgrade"),
+                (b"upgrade", pending.upgrade.encode("latin-1")),
+                *((n, v) for n, v in first.headers if n.lower() not in HOP_BY_HOP),
+            ]
+            reason = first.reason.encode("latin-1", "replace") or b"Switching Protocols"
+            writer.write(
+                conn.send(
+                    h11.InformationalResponse(status_code=101, headers=headers, reason=reason)
+                )
+                or b""
+            )
+            await writer.drain()
+            why = await splice(handle, reader, writer, conn.trailing_data[0])
+            if why is not None:
+                log.info("stolen %s connection ended: %s", pending.upgrade, why)
+        finally:
+            if handle.active:
+                handle.reset(ResetCode.CANCEL, "the caller went away")
 
-async def _next_event(conn: h11.Connection, reader: asyncio.StreamReader) -> object:
-    while True:
-        event = conn.next_event()
-        if event is h11.NEED_DATA:
-            # On EOF (b"") h11 reports ConnectionClosed, or raises on a truncated body.
-            conn.receive_data(await reader.read(_READ))
-            continue
-        return event
+
+async def _h2_simple(stream: H2Stream, status: int, text: str, grpc: bool) -> None:
+    """Our own answer on an h2 stream. A gRPC caller gets it as a gRPC status
+    (UNAVAILABLE, or DEADLINE_EXCEEDED for a local timeout), which its client
+    library shows, rather than an HTTP status it would turn into a vague one."""
+    if grpc:
+        code = b"4" if status == 504 else b"14"
+        stream.send_headers(
+            [
+                (b":status", b"200"),
+                (b"content-type", b"application/grpc"),
+                (b"grpc-status", code),
+                (b"grpc-message", _grpc_message(text)),
+                (b"x-offramp", b"error"),
+            ],
+            end_stream=True,
+        )
+        return
+    body = (text + "\n").encode()
+    stream.send_headers(
+        [
+            (b":status", str(status).encode()),
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", str(len(body)).encode()),
+            (b"x-offramp", b"error"),
+        ]
+    )
+    if await stream.send_data(body):
+        stream.end()
+
+
+def _grpc_message(text: str) -> bytes:
+    """grpc-message as the gRPC spec has it: UTF-8, percent-encoding every byte
+    outside printable ASCII, and "%" itself."""
+    return b"".join(
+        bytes([b]) if 0x20 <= b <= 0x7E and b != 0x25 else b"%%%02X" % b for b in text.encode()
+    )
 
 
 async def _upload(
@@ -167,7 +343,7 @@ async def _upload(
     """Request body: gateway connection -> tunnel. Once the stream cannot take
     more (reset by the local side, or no body expected) the rest is read and dropped."""
     while True:
-        event = await _next_event(conn, reader)
+        event = await next_h11_event(conn, reader)
         if isinstance(event, h11.Data):
             if sending:
                 sending = await handle.send_body(bytes(event.data))
@@ -180,12 +356,16 @@ async def _upload(
 
 
 async def _download(
-    conn: h11.Connection, writer: asyncio.StreamWriter, handle: StreamHandle, who: str
+    conn: h11.Connection,
+    writer: asyncio.StreamWriter,
+    handle: StreamHandle,
+    who: str,
+    first: object = None,
 ) -> None:
-    """Answer: tunnel -> gateway connection."""
+    """Answer: tunnel -> gateway connection. `first`: its first event, if already read."""
     started = False
     while True:
-        event = await handle.next()
+        event, first = (first, None) if first is not None else (await handle.next(), None)
         if isinstance(event, ResponseHead):
             headers = [(n, v) for n, v in event.headers if n.lower() not in HOP_BY_HOP]
             writer.write(

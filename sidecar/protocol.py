@@ -76,7 +76,8 @@ __all__ = [
     "encode",
 ]
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2
+"""2: request heads say whether the request came as HTTP/2 and whether it upgrades."""
 INITIAL_WINDOW = 256 * 1024
 MAX_DATA = 64 * 1024
 """Largest DATA payload one frame may carry."""
@@ -257,7 +258,13 @@ class Refused:
 
 @dataclass(frozen=True, slots=True)
 class RequestHead:
-    """A request the sidecar hands over. `mirror`: a copy; the answer is discarded."""
+    """A request the sidecar hands over. `mirror`: a copy; the answer is discarded.
+
+    `http2`: the caller spoke HTTP/2 (gRPC does); the local side should too, so
+    that trailers and full-duplex streams carry over. `authority` is then its
+    `:authority`. `upgrade`: an HTTP/1.1 `Upgrade:` request (e.g. "websocket");
+    after a 101 answer, DATA carries the new protocol's bytes both ways and END
+    half-closes a direction."""
 
     TYPE: ClassVar[FrameType] = FrameType.REQUEST_HEAD
     stream_id: int
@@ -268,6 +275,9 @@ class RequestHead:
     client_addr: str = ""
     mirror: bool = False
     end_stream: bool = False
+    http2: bool = False
+    authority: str = ""
+    upgrade: str = ""
 
     def __post_init__(self) -> None:
         if self.stream_id <= 0:
@@ -285,6 +295,9 @@ class RequestHead:
                 "client": self.client_addr,
                 "mirror": self.mirror,
                 "end": self.end_stream,
+                "http2": self.http2,
+                "authority": self.authority,
+                "upgrade": self.upgrade,
             }
         )
 
@@ -301,6 +314,9 @@ class RequestHead:
                 str(obj.get("client", "")),
                 bool(obj.get("mirror", False)),
                 bool(obj.get("end", False)),
+                bool(obj.get("http2", False)),
+                str(obj.get("authority", "")),
+                str(obj.get("upgrade", "")),
             )
         except ValueError as e:
             raise ProtocolError(str(e)) from e

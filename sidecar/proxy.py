@@ -1,13 +1,13 @@
 """Run the sidecar: an embedded mitmproxy Master, the gateway and the session server.
 
-The Master is bare: only the `core`, `proxyserver` and `next_layer` addons and
+The Master is bare: only the `core` and `proxyserver` addons, `ProtocolDetect` and
 ours. mitmproxy's `DumpMaster` loads some thirty addons and costs about twice
 the CPU per request.
 
 mitmproxy internals this relies on (pinned in pyproject.toml; check them
 before moving the pin):
-- `next_layer` hooks run in addon order, so ours (before mitmproxy's own
-  NextLayer addon) can hand non-HTTP connections to a raw `TCPLayer`;
+- the protocol of each connection is decided by `sidecar.h2c.ProtocolDetect`,
+  a subclass of mitmproxy's NextLayer addon (its module says what it relies on);
 - reverse mode resolves a request's destination from `request.data.host/port`
   *after* the `requestheaders` hook, so the addon can send one request of a
   keep-alive connection to the gateway and the next to the app;
@@ -31,13 +31,14 @@ import signal
 import time
 
 from mitmproxy import options
-from mitmproxy.addons import core, next_layer, proxyserver
+from mitmproxy.addons import core, proxyserver
 from mitmproxy.master import Master
 
 from sidecar.addon import OfframpAddon
 from sidecar.capture import IptablesCapture, NoCapture
 from sidecar.control import ControlServer
 from sidecar.gateway import Gateway
+from sidecar.h2c import ProtocolDetect
 from sidecar.sessions import SessionRegistry
 from sidecar.settings import Capture, SidecarSettings
 
@@ -66,8 +67,8 @@ class Sidecar:
         s = self.settings
         await self.gateway.start()
         self.master = Master(options.Options())
-        # Ours before next_layer: it decides raw TCP for what is not HTTP.
-        self.master.addons.add(core.Core(), self._proxyserver, self.addon, next_layer.NextLayer())
+        # ProtocolDetect stands in for mitmproxy's NextLayer: raw TCP, HTTP/1.1 or h2c.
+        self.master.addons.add(core.Core(), self._proxyserver, self.addon, ProtocolDetect())
         self.master.options.update(
             mode=[
                 f"reverse:http://{s.app_host}:{p.app}@{s.listen_host}:{p.listen}"

@@ -181,9 +181,20 @@ def start_app(name: str, host: str = "127.0.0.1", port: int = 0) -> HttpApp:
 
 
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    return free_ports(1)[0]
+
+
+def free_ports(n: int, avoid: tuple[int, ...] = ()) -> list[int]:
+    """n distinct ports free right now (all bound at once, so none repeats)."""
+    with contextlib.ExitStack() as stack:
+        ports: list[int] = []
+        while len(ports) < n:
+            s = stack.enter_context(socket.socket())
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+            if port not in avoid:
+                ports.append(port)
+        return ports
 
 
 @dataclass
@@ -225,7 +236,7 @@ class SidecarProcess:
 
 
 def start_sidecar(app_port: int, token_file: Path, log_dir: Path, *extra: str) -> SidecarProcess:
-    listen, control = free_port(), free_port()
+    listen, control = free_ports(2, avoid=(app_port,))
     log_path = log_dir / f"sidecar-{listen}.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
@@ -259,6 +270,15 @@ def start_sidecar(app_port: int, token_file: Path, log_dir: Path, *extra: str) -
         time.sleep(0.05)
     sidecar.stop()
     raise AssertionError("the sidecar did not become healthy:\n" + sidecar.log())
+
+
+def stop_cleanly(s: SidecarProcess) -> None:
+    """SIGTERM the sidecar; it must exit 0 and have logged no error."""
+    rc = s.stop()
+    assert rc == 0, f"the sidecar exited with {rc} on SIGTERM:\n{s.log()}"
+    # mitmproxy catches an addon's exception and only logs it: look for that too.
+    for sign in ("Traceback", "Addon error", "Error in"):
+        assert sign not in s.log(), f"the sidecar logged an error:\n{s.log()}"
 
 
 def raw_exchange(port: int, data: bytes, timeout: float = 10, *, until_close: bool = True) -> bytes:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import websockets
 
-from sidecar.protocol import Connection, HandshakeRefused, Hello, Role
+from sidecar.protocol import PROTOCOL_VERSION, Connection, HandshakeRefused, Hello, Role
 from tests.support import HttpApp, SidecarProcess
 
 pytestmark = pytest.mark.timeout(90)
@@ -77,20 +77,22 @@ async def _hello(sidecar: SidecarProcess, hello: Hello) -> str:
 async def test_sidecar_refuses_a_bad_filter_itself(sidecar: SidecarProcess) -> None:
     """A client that skips local validation still gets the pattern and position."""
     session = {"http_filter": {"all_of": [{"path": "^/ok"}, {"header": "x-(?<!"}]}}
-    message = await _hello(sidecar, Hello(1, sidecar.token, session))
+    message = await _hello(sidecar, Hello(PROTOCOL_VERSION, sidecar.token, session))
     assert message.startswith("bad_filter: http_filter.all_of[1].header")
     assert "position" in message
 
 
 async def test_sidecar_refuses_an_unknown_key(sidecar: SidecarProcess) -> None:
-    message = await _hello(sidecar, Hello(1, sidecar.token, {"http_filter": {"header": "x"}}))
+    message = await _hello(
+        sidecar, Hello(PROTOCOL_VERSION, sidecar.token, {"http_filter": {"header": "x"}})
+    )
     assert message.startswith("bad_spec: invalid session spec: http_filter.header")
 
 
 async def test_version_mismatch_is_a_clear_error(sidecar: SidecarProcess) -> None:
     message = await _hello(sidecar, Hello(99, sidecar.token, {}))
     assert message.startswith("version: ")
-    assert "protocol 1" in message and "speaks 99" in message
+    assert f"protocol {PROTOCOL_VERSION}" in message and "speaks 99" in message
 
 
 def test_unreachable_sidecar_fails_fast(token_file: Path) -> None:
