@@ -38,22 +38,13 @@ from mitmproxy.proxy import layer, layers, server_hooks
 from mitmproxy.proxy.context import Context
 from mitmproxy.proxy.layers.http import HTTPMode
 
-from sidecar.h2conn import H2_PREFACE
+from sidecar.h2conn import H2_PREFACE, starts_like_h2_settings
 
 __all__ = ["ProtocolDetect"]
 
 # A request line starts with a method token then a space. Shorter prefixes of
 # that shape are given the benefit of the doubt.
 _HTTP_START = re.compile(rb"^[A-Z]{1,20}( |$)")
-
-
-def _starts_like_h2_settings(data: bytes) -> bool:
-    """An HTTP/2 server's first frame: SETTINGS (type 4, no flags) on stream 0,
-    its length a multiple of 6. A frame head not yet whole is judged on what is there."""
-    expected = (None, None, None, 0x04, 0x00, 0x00, 0x00, 0x00, 0x00)
-    if any(want is not None and got != want for got, want in zip(data[:9], expected, strict=False)):
-        return False
-    return len(data) < 9 or int.from_bytes(data[:3], "big") % 6 == 0
 
 
 class ProtocolDetect(NextLayer):
@@ -65,7 +56,7 @@ class ProtocolDetect(NextLayer):
         self, context: Context, data_client: bytes, data_server: bytes
     ) -> layer.Layer | None:
         if not data_client:
-            if data_server and not _starts_like_h2_settings(data_server):
+            if data_server and not starts_like_h2_settings(data_server):
                 return layers.TCPLayer(context)
             # An h2c server (grpcio's, for one) sends its SETTINGS as soon as the
             # connection opens; whether the caller speaks h2c, its bytes tell.

@@ -30,7 +30,14 @@ import h2.events
 import h2.exceptions
 import h2.settings
 
-__all__ = ["H2_PREFACE", "H2Closed", "H2Endpoint", "H2Stream", "StreamEvent"]
+__all__ = [
+    "H2_PREFACE",
+    "H2Closed",
+    "H2Endpoint",
+    "H2Stream",
+    "StreamEvent",
+    "starts_like_h2_settings",
+]
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +46,15 @@ H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 _READ = 64 * 1024
 WINDOW = 1024 * 1024
 """What each stream (and the connection) may have in flight towards us."""
+
+
+def starts_like_h2_settings(data: bytes) -> bool:
+    """An HTTP/2 server's first frame: SETTINGS (type 4, no flags) on stream 0,
+    its length a multiple of 6. A frame head not yet whole is judged on what is there."""
+    expected = (None, None, None, 0x04, 0x00, 0x00, 0x00, 0x00, 0x00)
+    if any(want is not None and got != want for got, want in zip(data[:9], expected, strict=False)):
+        return False
+    return len(data) < 9 or int.from_bytes(data[:3], "big") % 6 == 0
 
 
 @dataclass(frozen=True, slots=True)

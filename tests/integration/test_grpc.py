@@ -233,6 +233,17 @@ async def test_caller_cancelling_cancels_the_local_call(
         assert await client.unary(b"after", metadata=ME, timeout=10) == b"local:after"
 
 
+async def test_mirrored_grpc_calls_are_answered_by_the_app_and_copied_locally(
+    client: EchoClient, grpc_app: GrpcApp, grpc_local: GrpcApp, grpc_sidecar: SidecarProcess
+) -> None:
+    spec = header_spec("^x-who: me$", mode="mirror")
+    async with open_session(grpc_sidecar, grpc_local.port, spec):
+        assert await client.unary(b"copy me", metadata=ME, timeout=10) == b"app:copy me"
+        await ping_pong(client, b"app:", 10, ME)
+        await wait_for(lambda: [m for m, _, _ in grpc_local.seen] == ["Unary", "Bidi"])
+    assert [m for m, _, _ in grpc_app.seen] == ["Unary", "Bidi"]
+
+
 async def test_stolen_call_with_no_local_server_gets_a_clear_grpc_status(
     client: EchoClient, grpc_sidecar: SidecarProcess
 ) -> None:
