@@ -44,8 +44,11 @@ log = logging.getLogger(__name__)
 H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 """What an HTTP/2 client sends first; with no TLS, the only sign of h2c."""
 _READ = 64 * 1024
-WINDOW = 1024 * 1024
-"""What each stream (and the connection) may have in flight towards us."""
+WINDOW = 256 * 1024
+"""What each stream (and the connection) may have in flight towards us: the
+tunnel's window too, so a stolen h2 stream holds no more here than an HTTP/1.1 one."""
+CONNECTION_WINDOW = 16 * 1024 * 1024
+"""Shared by all streams of a connection, so that many streams can be in flight."""
 
 
 def starts_like_h2_settings(data: bytes) -> bool:
@@ -167,7 +170,7 @@ class H2Endpoint:
         self._window = asyncio.Event()
         self.conn.initiate_connection()
         self.conn.update_settings({h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: WINDOW})
-        self.conn.increment_flow_control_window(WINDOW)
+        self.conn.increment_flow_control_window(CONNECTION_WINDOW)
         self._flush()
 
     # -- used by streams -------------------------------------------------------------

@@ -47,7 +47,7 @@ class GrpcApp:
         await self.server.stop(grace=None)
 
 
-async def start_grpc_app(name: str, host: str = "127.0.0.1") -> GrpcApp:
+async def start_grpc_app(name: str, host: str = "127.0.0.1", port: int = 0) -> GrpcApp:
     server = aio.server()
     app = GrpcApp(name, server, 0)
     tag = name.encode() + b":"
@@ -118,7 +118,7 @@ async def start_grpc_app(name: str, host: str = "127.0.0.1") -> GrpcApp:
         },
     )
     server.add_generic_rpc_handlers((handler,))
-    app.port = server.add_insecure_port(f"{host}:0")
+    app.port = server.add_insecure_port(f"{host}:{port}")
     await server.start()
     return app
 

@@ -21,13 +21,18 @@ Rows:
                   through the tunnel (the local proxy runs in this process)
   mirror          every request matches; the app answers, the local side gets a copy
   nginx, haproxy  the same header routing in a C proxy (requests that pass)
+  gRPC direct, gRPC passed, gRPC stolen
+                  unary calls to a grpcio server (h2c) with h2load: straight to it,
+                  through the sidecar with one session that matches nothing, and
+                  stolen to a second grpcio server; compared with gRPC direct
 
 Reported: requests/s, p50 and p99 latency, the proxy's CPU seconds per 1,000
 requests and its peak RSS, with ratios to direct and to bare mitmproxy; then
 the RSS of one sidecar across many requests, and the targets of the benchmark
 issue, met or not. Writes results.json and results.png into --out.
 
-Needs wrk, nginx and haproxy (Debian: apt-get install wrk nginx-light haproxy).
+Needs wrk, nginx, haproxy and h2load (Debian: apt-get install wrk nginx-light
+haproxy nghttp2-client).
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ import re
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -57,9 +63,10 @@ import httpx
 from local_proxy.config import LocalSettings
 from local_proxy.session import LocalSession
 from sidecar.spec import HttpFilterSpec, Mode, SessionSpec
-from tests.support import free_port
+from tests.support import free_port, free_ports
 
-TOOLS = ("wrk", "nginx", "haproxy")
+TOOLS = ("wrk", "nginx", "haproxy", "h2load")
+APT_PACKAGES = "wrk nginx-light haproxy nghttp2-client"
 REPO = Path(__file__).resolve().parents[2]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 # Headers a browser-ish client sends, so filters have something to scan.
@@ -68,8 +75,10 @@ PREVIEW = "x-preview: bench"
 BENCH_SESSION = SessionSpec(http_filter=HttpFilterSpec(header_filter=f"^{PREVIEW}$"))
 PARTS = (
     "direct", "bare", "idle", "no_session", "one_session", "many_sessions",
-    "stolen", "mirror", "c_proxies", "rss",
+    "stolen", "mirror", "c_proxies", "grpc", "rss",
 )  # fmt: skip
+GRPC_UNARY = "/offramp.test.Echo/Unary"
+GRPC_MESSAGE = b"bench"
 
 
 def missing_tools() -> list[str]:
@@ -292,6 +301,71 @@ def parse_wrk(out: str) -> WrkResult:
     )
 
 
+def parse_h2load(out: str, log: str) -> WrkResult:
+    """h2load's summary, and p50/p99 from its per-request log (start time in
+    microseconds, HTTP status, microseconds until the response ended)."""
+    finished = re.search(r"finished in ([\d.]+)(us|ms|s|m), ([\d.]+) req/s", out)
+    counts = re.search(
+        r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed,"
+        r" (\d+) errored, (\d+) timeout",
+        out,
+    )
+    codes = re.search(r"status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx", out)
+    if not (finished and counts and codes):
+        raise ValueError(f"could not read h2load's output:\n{out}")
+    latencies = sorted(
+        int(fields[2]) / 1000
+        for line in log.splitlines()
+        if len(fields := line.split("\t")) >= 3 and fields[2].isdigit()
+    )
+    if not latencies:
+        raise ValueError("h2load logged no request")
+
+    def pct(p: float) -> float:
+        return latencies[min(len(latencies) - 1, int(len(latencies) * p))]
+
+    succeeded = int(counts[2])
+    return WrkResult(
+        requests=succeeded,
+        seconds=_ms(finished[1] + finished[2]) / 1000,
+        rps=float(finished[3]),
+        p50_ms=pct(0.50),
+        p99_ms=pct(0.99),
+        errors=int(counts[3]) + int(counts[4]) + int(counts[5]) + int(codes[3]) + int(codes[4]),
+    )
+
+
+def h2load(
+    port: int, connections: int, duration: int, headers: tuple[str, ...], work: Path
+) -> WrkResult:
+    """gRPC unary calls over h2c, one stream at a time per connection. The
+    request is one gRPC message: a 5-byte prefix (not compressed, length) and
+    its bytes."""
+    body = work / "grpc-request"
+    body.write_bytes(b"\x00" + len(GRPC_MESSAGE).to_bytes(4, "big") + GRPC_MESSAGE)
+    log = work / f"h2load-{port}-{connections}.log"
+    argv = [
+        "h2load",
+        f"-c{connections}",
+        f"-t{min(connections, 2)}",
+        "-m1",
+        f"-D{max(duration, 1)}",
+        "-d",
+        str(body),
+        "-H",
+        "content-type: application/grpc",
+        "-H",
+        "te: trailers",
+        "--log-file",
+        str(log),
+    ]
+    for h in headers:
+        argv += ["-H", h]
+    argv.append(f"http://127.0.0.1:{port}{GRPC_UNARY}")
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=duration + 60, check=True)
+    return parse_h2load(done.stdout, log.read_text())
+
+
 def wrk(port: int, connections: int, duration: int, headers: tuple[str, ...]) -> WrkResult:
     """`duration` in whole seconds: wrk takes no fractions."""
     argv = [
@@ -326,6 +400,8 @@ class Row:
     """The proxy's CPU seconds per 1,000 requests (None where no proxy is on the path)."""
     peak_rss_mib: float | None = None
     note: str = ""
+    baseline: str = "direct"
+    """The row (at the same connections) that "vs direct" compares with."""
 
 
 @dataclass
@@ -336,6 +412,28 @@ class Results:
     rss: dict[str, Any] = field(default_factory=dict)
     targets: list[dict[str, Any]] = field(default_factory=list)
     not_measured: list[dict[str, str]] = field(default_factory=list)
+
+
+def _grpc_answer(port: int, headers: tuple[str, ...]) -> str:
+    """Who answers a unary call (the benchmark's gRPC servers say their name)."""
+    import grpc
+
+    metadata = tuple(tuple(h.lower().split(": ", 1)) for h in headers)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        answer = channel.unary_unary(GRPC_UNARY)(GRPC_MESSAGE, metadata=metadata, timeout=10)
+    name, _, echoed = bytes(answer).partition(b":")
+    return name.decode() if echoed == GRPC_MESSAGE else repr(answer)
+
+
+def _wait_grpc(port: int, proc: Proc, timeout: float = 20) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.popen.poll() is not None:
+            raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}")
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{proc.name} did not listen on port {port} within {timeout} s")
 
 
 def _answer(port: int, headers: tuple[str, ...]) -> str:
@@ -375,15 +473,22 @@ class Bench:
         headers: tuple[str, ...] = COMMON_HEADERS,
         expect: str = "app",
         note: str = "",
+        grpc: bool = False,
     ) -> None:
-        got = _answer(port, headers)
+        got = _grpc_answer(port, headers) if grpc else _answer(port, headers)
         if got != expect:
             raise RuntimeError(f"{label}: expected the {expect} to answer, got {got!r}")
+
+        def load(connections: int, seconds: int) -> WrkResult:
+            if grpc:
+                return h2load(port, connections, seconds, headers, self.bed.work)
+            return wrk(port, connections, seconds, headers)
+
         for connections in (1, 16):
             if self.args.warmup:
-                wrk(port, connections, self.args.warmup, headers)
+                load(connections, self.args.warmup)
             before = proxy.cpu_seconds() if proxy else 0.0
-            r = wrk(port, connections, self.args.duration, headers)
+            r = load(connections, self.args.duration)
             cpu = proxy.cpu_seconds() - before if proxy else None
             row = Row(
                 key=key,
@@ -397,6 +502,7 @@ class Bench:
                 cpu_s_per_1k=(cpu / r.requests * 1000) if cpu is not None and r.requests else None,
                 peak_rss_mib=proxy.memory_kib("VmHWM") / 1024 if proxy else None,
                 note=note,
+                baseline="grpc_direct" if grpc else "direct",
             )
             self.rows.append(row)
             self.log(
@@ -404,15 +510,15 @@ class Bench:
                 f"  p99 {r.p99_ms:7.3f} ms  errors {r.errors}"
             )
 
-    def sidecar(self) -> tuple[Proc, int, str]:
-        listen, control = free_port(), free_port()
+    def sidecar(self, app_port: int | None = None) -> tuple[Proc, int, str]:
+        listen, control = free_ports(2, avoid=(self.app_port, self.local_port))
         proc = self.bed.start(
             f"sidecar-{listen}",
             [
                 sys.executable,
                 "-m",
                 "sidecar",
-                f"--app-port={self.app_port}",
+                f"--app-port={app_port or self.app_port}",
                 f"--listen-port={listen}",
                 "--listen-host=127.0.0.1",
                 f"--control-port={control}",
@@ -426,11 +532,13 @@ class Bench:
         _wait_http(control, proc, path="/healthz")
         return proc, listen, f"ws://127.0.0.1:{control}"
 
-    def with_sessions(self, specs: list[SessionSpec]) -> tuple[Proc, int]:
-        proc, listen, control_url = self.sidecar()
+    def with_sessions(
+        self, specs: list[SessionSpec], app_port: int | None = None, to_port: int | None = None
+    ) -> tuple[Proc, int]:
+        proc, listen, control_url = self.sidecar(app_port)
         if specs:
             token = self.token_file.read_text().strip()
-            self.host.open(control_url, token, self.local_port, specs)
+            self.host.open(control_url, token, to_port or self.local_port, specs)
         return proc, listen
 
     def end_sidecar(self, proc: Proc) -> None:
@@ -552,6 +660,26 @@ backend local
         self.measure("haproxy", "haproxy (header route)", route_port, haproxy)
         self.bed.stop(haproxy)
 
+    def _run_grpc(self) -> None:
+        app_port, local_port = free_ports(2, avoid=(self.app_port, self.local_port))
+        servers = []
+        for name, port in (("app", app_port), ("local", local_port)):
+            argv = [sys.executable, "-m", "tests.bench.grpc_server", name, str(port)]
+            servers.append(self.bed.start(f"grpc-{name}", argv))
+            _wait_grpc(port, servers[-1])
+        self.measure("grpc_direct", "gRPC direct", app_port, None, grpc=True)
+        proc, listen = self.with_sessions(self._nothing(1), app_port, local_port)
+        self.measure("grpc_passed", "gRPC passed (1 sess.)", listen, proc, grpc=True)
+        self.end_sidecar(proc)
+        proc, listen = self.with_sessions([BENCH_SESSION], app_port, local_port)
+        self.measure(
+            "grpc_stolen", "gRPC stolen", listen, proc, headers=(PREVIEW,), expect="local",
+            grpc=True,
+        )  # fmt: skip
+        self.end_sidecar(proc)
+        for server in servers:
+            self.bed.stop(server)
+
     def _run_rss(self) -> None:
         """One sidecar, one non-matching session, RSS sampled between rounds of load."""
         spec = SessionSpec(http_filter=HttpFilterSpec(header_filter="^x-preview: nobody$"))
@@ -616,8 +744,9 @@ def table(results: Results) -> str:
         f" {'p99 ms':>8} {'CPU s/1k':>9} {'vs bare':>8} {'peak RSS':>9} {'errors':>6}"
     ]
     for r in rows:
-        direct = _row(rows, "direct", r.connections)
-        bare = _row(rows, "bare", r.connections)
+        direct = _row(rows, r.baseline, r.connections)
+        # gRPC rows have no bare-mitmproxy row to compare with: it speaks no h2c.
+        bare = _row(rows, "bare", r.connections) if r.baseline == "direct" else None
         vs_direct = f"{r.rps / direct.rps:.2f}x" if direct and direct.rps else "-"
         cpu = f"{r.cpu_s_per_1k:.3f}" if r.cpu_s_per_1k is not None else "-"
         vs_bare = (
@@ -735,7 +864,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if missing := missing_tools():
-        print(f"the benchmark needs {', '.join(missing)} (apt-get install wrk nginx-light haproxy)")
+        print(f"the benchmark needs {', '.join(missing)} (apt-get install {APT_PACKAGES})")
         return 2
     args.out.mkdir(parents=True, exist_ok=True)
     results = Results(
@@ -757,9 +886,6 @@ def main(argv: list[str] | None = None) -> int:
             bed.close()
     results.rows = bench.rows
     results.rss = bench.rss
-    results.not_measured.append(
-        {"label": "gRPC unary", "why": "the sidecar does not speak h2c yet (issue 6)"}
-    )
     results.targets = targets(results.rows, results.rss)
     text = table(results)
     print()

@@ -16,20 +16,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.bench.run import REPO, missing_tools
+from tests.bench.run import APT_PACKAGES, REPO, missing_tools
 
 EXPECTED = {
     "direct", "bare", "idle", "no_session", "one_session",
     "many_sessions", "stolen", "mirror", "nginx", "haproxy",
+    "grpc_direct", "grpc_passed", "grpc_stolen",
 }  # fmt: skip
 
 
 @pytest.mark.timeout(240)
 def test_benchmark_runs_in_its_tiny_configuration(tmp_path: Path) -> None:
     if missing := missing_tools():
-        reason = (
-            f"the benchmark needs {', '.join(missing)} (apt-get install wrk nginx-light haproxy)"
-        )
+        reason = f"the benchmark needs {', '.join(missing)} (apt-get install {APT_PACKAGES})"
         if os.environ.get("CI"):
             pytest.fail(reason + "; CI must provide it (.ci/run installs it)")
         pytest.skip(reason)
@@ -48,9 +47,9 @@ def test_benchmark_runs_in_its_tiny_configuration(tmp_path: Path) -> None:
     }
     for r in rows:
         assert r["requests"] > 0 and r["errors"] == 0, r
-        if r["key"] not in ("direct",):
+        if r["key"] not in ("direct", "grpc_direct"):
             assert r["cpu_s_per_1k"] is not None and r["peak_rss_mib"] > 0, r
     assert results["rss"]["requests"] >= 1000
     assert {t["target"].split(":")[0] for t in results["targets"]} >= {"1 session", "stolen"}
-    assert "gRPC unary" in done.stdout and "req/s" in done.stdout
+    assert "gRPC stolen" in done.stdout and "req/s" in done.stdout
     assert (tmp_path / "results.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
