@@ -15,7 +15,7 @@ from sidecar import __version__
 from sidecar.control import describe_validation_error
 from sidecar.settings import AppPort, Capture, SidecarSettings, TokenError, read_token
 
-__all__ = ["main", "parser"]
+__all__ = ["main", "parser", "webhook_parser"]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -24,7 +24,7 @@ def parser() -> argparse.ArgumentParser:
         description=(
             "Proxy in front of an app port: requests that match an open session's filter "
             "go through that session's tunnel to a developer's machine; everything else "
-            "goes to the app."
+            "goes to the app. `offramp-sidecar webhook --help`: the injector webhook."
         ),
     )
     p.add_argument(
@@ -97,7 +97,83 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def webhook_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="offramp-sidecar webhook",
+        description="The mutating admission webhook that injects the offramp sidecar into "
+        'pods that opt in (label or annotation offramp.dev/inject: "true", or a namespace '
+        "labelled so). Serves HTTPS POST /mutate/pod and /mutate/namespace.",
+    )
+    p.add_argument("--cert", type=Path, required=True, help="TLS certificate (PEM)")
+    p.add_argument("--key", type=Path, required=True, help="TLS private key (PEM)")
+    p.add_argument("--host", default="0.0.0.0", help="default %(default)s")
+    p.add_argument("--port", type=int, default=8443, help="default %(default)s")
+    p.add_argument("--image", required=True, help="the sidecar image to inject")
+    p.add_argument(
+        "--capture",
+        choices=[c.value for c in Capture],
+        default=Capture.IPTABLES.value,
+        help="the injected sidecar's capture mode unless a pod says otherwise "
+        "(default %(default)s)",
+    )
+    p.add_argument(
+        "--token-secret",
+        default="offramp-token",
+        help="the Secret (in the pod's namespace) whose key 'token' the sidecar reads "
+        "(default %(default)s)",
+    )
+    p.add_argument(
+        "--no-probe-protection",
+        action="store_true",
+        help="do not pass the app's probe paths to the sidecar (probes may then be stolen)",
+    )
+    p.add_argument("--cpu-request", default="50m", help="the sidecar's (default %(default)s)")
+    p.add_argument("--memory-request", default="64Mi", help="the sidecar's (default %(default)s)")
+    p.add_argument("--memory-limit", default="256Mi", help="the sidecar's (default %(default)s)")
+    p.add_argument(
+        "--namespace",
+        required=True,
+        help="the webhook's own namespace: its pods are never injected",
+    )
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return p
+
+
+def webhook_main(argv: Sequence[str]) -> int:
+    args = webhook_parser().parse_args(argv)
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    from sidecar.admission import WebhookPolicy
+    from sidecar.inject import InjectOptions
+    from sidecar.webhook import serve
+
+    try:
+        options = InjectOptions(
+            image=args.image,
+            capture=Capture(args.capture),
+            token_secret=args.token_secret,
+            protect_probes=not args.no_probe_protection,
+            resources={
+                "requests": {"cpu": args.cpu_request, "memory": args.memory_request},
+                "limits": {"memory": args.memory_limit},
+            },
+        )
+        policy = WebhookPolicy(options=options, own_namespace=args.namespace)
+    except ValidationError as e:
+        print(f"offramp-sidecar webhook: {describe_validation_error(e)}", file=sys.stderr)
+        return 2
+    try:
+        return asyncio.run(serve(policy, args.host, args.port, args.cert, args.key))
+    except OSError as e:
+        print(f"offramp-sidecar webhook: {e}", file=sys.stderr)
+        return 1
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["webhook"]:
+        return webhook_main(argv[1:])
     args = parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"

@@ -1,0 +1,309 @@
+"""Injection: a pod template in, an RFC 6902 JSON Patch that adds the sidecar out.
+
+Pure: no I/O, no Kubernetes client. The same functions serve `offramp steal`
+(patching a Deployment's or StatefulSet's `spec.template`) and the admission
+webhook (patching a Pod). A *template* here is `{"metadata": ..., "spec": ...}`
+with a pod spec, as both a Pod and `spec.template` are; `prefix` is where it
+sits in the object being patched ("" for a Pod, "/spec/template" for a
+Deployment).
+
+What `inject` changes, and records in the `offramp.dev/injected` annotation
+together with the patch that undoes it, so that `uninject` restores the
+template exactly:
+- adds the `offramp-sidecar` container: the image, one listener per app port,
+  the session port, the token from a Secret mounted as a file, a readiness
+  probe on /healthz, resources, and NET_ADMIN only for iptables capture;
+- passes the app container's HTTP probe paths to it (`--probe-path`), so
+  kubelet probes are never stolen;
+- privilege-free mode (`capture="none"` with `named_port`): the app's port of
+  that name is renamed `app-<number>` and the sidecar's listener takes the
+  name, so a Service whose targetPort is that name sends its traffic to the
+  sidecar; the app's probes that named the port are rewritten to the new name
+  so that kubelet keeps probing the app directly.
+
+Injecting a template that carries the annotation changes nothing.
+
+Errors: `InjectError` (a ValueError) says what in the template or the options
+does not fit, and lists what there is.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import jsonpatch
+from pydantic import BaseModel, ConfigDict, Field
+
+from sidecar.settings import Capture
+
+__all__ = [
+    "ANNOTATION",
+    "SIDECAR_NAME",
+    "TOKEN_DIR",
+    "InjectError",
+    "InjectOptions",
+    "inject",
+    "injected",
+    "uninject",
+]
+
+ANNOTATION = "offramp.dev/injected"
+SIDECAR_NAME = "offramp-sidecar"
+TOKEN_VOLUME = "offramp-token"
+TOKEN_DIR = "/var/run/offramp"
+TOKEN_KEY = "token"
+RECORD_VERSION = 1
+_PROBES = ("livenessProbe", "readinessProbe", "startupProbe")
+
+Template = dict[str, Any]
+Patch = list[dict[str, Any]]
+
+
+class InjectError(ValueError):
+    pass
+
+
+class InjectOptions(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    image: str = Field(min_length=1)
+    ports: tuple[int, ...] = ()
+    """App ports to front; empty: every TCP port the app container declares."""
+    container: str | None = None
+    """The app container; None: the first container."""
+    capture: Capture = Capture.IPTABLES
+    named_port: str | None = None
+    """Privilege-free mode: the port name a Service targets, to hand to the sidecar."""
+    token_secret: str = Field(default="offramp-token", min_length=1)
+    listen_port: int = Field(default=15080, ge=1, le=65535)
+    control_port: int = Field(default=15081, ge=1, le=65535)
+    protect_probes: bool = True
+    resources: dict[str, dict[str, str]] = Field(
+        default_factory=lambda: {
+            "requests": {"cpu": "50m", "memory": "64Mi"},
+            "limits": {"memory": "256Mi"},
+        }
+    )
+    run_as_user: int = Field(default=10001, ge=1)
+
+
+def injected(template: Template) -> dict[str, Any] | None:
+    """The injection record of a template, or None if it is not injected."""
+    raw = ((template.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION)
+    if raw is None:
+        return None
+    try:
+        record = json.loads(raw)
+    except ValueError as e:
+        raise InjectError(f"the {ANNOTATION} annotation is not JSON: {e}") from e
+    if not isinstance(record, dict) or not isinstance(record.get("undo"), list):
+        raise InjectError(f"the {ANNOTATION} annotation has no undo patch")
+    return record
+
+
+def inject(template: Template, options: InjectOptions, prefix: str = "") -> Patch:
+    """The patch that injects the sidecar into `template` ([] if it already is)."""
+    if injected(template) is not None:
+        return []
+    before = template
+    after = copy.deepcopy(template)
+    spec = after.setdefault("spec", {})
+    containers: list[dict[str, Any]] = spec.setdefault("containers", [])
+    app = _app_container(containers, options.container)
+    app_ports = _app_ports(app, options.ports)
+    used = {
+        p.get("containerPort")
+        for c in containers
+        for p in c.get("ports") or []
+        if isinstance(p, dict)
+    }
+    listen = _listen_ports(app_ports, options, used)
+
+    named: dict[int, str] = {}
+    if options.capture is Capture.NONE and options.named_port:
+        named = _hand_over_named_port(app, options.named_port, app_ports)
+
+    probe_paths = sorted(
+        {
+            str(probe["httpGet"]["path"])
+            for name in _PROBES
+            if isinstance(probe := app.get(name), dict)
+            and isinstance(probe.get("httpGet"), dict)
+            and probe["httpGet"].get("path")
+        }
+    )
+    containers.append(_sidecar(options, app_ports, listen, named, probe_paths))
+    volumes: list[dict[str, Any]] = spec.setdefault("volumes", [])
+    if any(v.get("name") == TOKEN_VOLUME for v in volumes):
+        raise InjectError(f"the pod already has a volume named {TOKEN_VOLUME!r}")
+    volumes.append({"name": TOKEN_VOLUME, "secret": {"secretName": options.token_secret}})
+
+    undo = jsonpatch.make_patch(after, before).patch
+    # Undoing must also take away a map the injection made to hold the record.
+    if "metadata" not in after:
+        undo.append({"op": "remove", "path": "/metadata"})
+    elif "annotations" not in after["metadata"]:
+        undo.append({"op": "remove", "path": "/metadata/annotations"})
+    record = {"version": RECORD_VERSION, "options": options.model_dump(mode="json"), "undo": undo}
+    annotations = after.setdefault("metadata", {}).setdefault("annotations", {})
+    annotations[ANNOTATION] = json.dumps(record, separators=(",", ":"), sort_keys=True)
+    return _prefixed(jsonpatch.make_patch(before, after).patch, prefix)
+
+
+def uninject(template: Template, prefix: str = "") -> Patch:
+    """The patch that restores the template as it was before `inject` ([] if not injected)."""
+    record = injected(template)
+    if record is None:
+        return []
+    remove = {"op": "remove", "path": "/metadata/annotations/" + _escape(ANNOTATION)}
+    return _prefixed([remove, *record["undo"]], prefix)
+
+
+# --- the parts -------------------------------------------------------------------------
+
+
+def _app_container(containers: list[dict[str, Any]], wanted: str | None) -> dict[str, Any]:
+    names = [str(c.get("name")) for c in containers]
+    if SIDECAR_NAME in names:
+        raise InjectError(f"the pod already has a container named {SIDECAR_NAME!r}")
+    if not containers:
+        raise InjectError("the pod has no containers")
+    if wanted is None:
+        return containers[0]
+    for c in containers:
+        if c.get("name") == wanted:
+            return c
+    raise InjectError(f"no container named {wanted!r}; the pod has: {', '.join(names)}")
+
+
+def _app_ports(app: dict[str, Any], wanted: tuple[int, ...]) -> list[int]:
+    declared = [
+        int(p["containerPort"])
+        for p in app.get("ports") or []
+        if p.get("protocol", "TCP") == "TCP" and "containerPort" in p
+    ]
+    if not wanted:
+        if not declared:
+            raise InjectError(
+                f"container {app.get('name')!r} declares no TCP port; name the port to front "
+                "(--port), and declare it in the container's ports"
+            )
+        return declared
+    missing = [p for p in wanted if p not in declared]
+    if missing:
+        have = ", ".join(map(str, declared)) or "none"
+        raise InjectError(
+            f"container {app.get('name')!r} declares no port {', '.join(map(str, missing))}; "
+            f"it declares: {have}"
+        )
+    return list(wanted)
+
+
+def _listen_ports(app_ports: list[int], options: InjectOptions, used: set[Any]) -> list[int]:
+    taken = {*used, options.control_port}
+    if options.listen_port in taken:
+        raise InjectError(
+            f"port {options.listen_port} (the sidecar's listener) is already used in the pod; "
+            "choose another listen port"
+        )
+    out = [options.listen_port]
+    candidate = options.listen_port + 1
+    while len(out) < len(app_ports):
+        if candidate not in taken and candidate not in out:
+            out.append(candidate)
+        candidate += 1
+    return out
+
+
+def _hand_over_named_port(app: dict[str, Any], name: str, app_ports: list[int]) -> dict[int, str]:
+    """Privilege-free mode: the app's port `name` becomes the sidecar's."""
+    for port in app.get("ports") or []:
+        if port.get("name") == name:
+            number = int(port["containerPort"])
+            if number not in app_ports:
+                raise InjectError(
+                    f"port {name!r} is {number}, which is not among the ports to front "
+                    f"({', '.join(map(str, app_ports))})"
+                )
+            renamed = f"app-{number}"
+            port["name"] = renamed
+            for probe_name in _PROBES:
+                probe = app.get(probe_name)
+                if not isinstance(probe, dict):
+                    continue
+                for kind in ("httpGet", "tcpSocket"):
+                    action = probe.get(kind)
+                    if isinstance(action, dict) and action.get("port") == name:
+                        action["port"] = renamed
+            return {number: name}
+    names = [str(p.get("name")) for p in app.get("ports") or [] if p.get("name")]
+    raise InjectError(
+        f"container {app.get('name')!r} has no port named {name!r}; its named ports: "
+        f"{', '.join(names) or 'none'}"
+    )
+
+
+def _sidecar(
+    options: InjectOptions,
+    app_ports: list[int],
+    listen: list[int],
+    named: dict[int, str],
+    probe_paths: list[str],
+) -> dict[str, Any]:
+    args = [f"--app-port={app}:{port}" for app, port in zip(app_ports, listen, strict=True)]
+    args += [
+        f"--control-port={options.control_port}",
+        f"--token-file={TOKEN_DIR}/{TOKEN_KEY}",
+        f"--capture={options.capture.value}",
+    ]
+    if options.protect_probes:
+        args += [f"--probe-path={path}" for path in probe_paths]
+    ports: list[dict[str, Any]] = []
+    for app, port in zip(app_ports, listen, strict=True):
+        entry: dict[str, Any] = {"containerPort": port, "protocol": "TCP"}
+        if app in named:
+            entry["name"] = named[app]
+        ports.append(entry)
+    ports.append({"name": "offramp-control", "containerPort": options.control_port})
+    security: dict[str, Any] = {
+        "runAsNonRoot": True,
+        "runAsUser": options.run_as_user,
+        "readOnlyRootFilesystem": True,
+    }
+    if options.capture is Capture.IPTABLES:
+        # The image gives the iptables and ss binaries this capability as a file
+        # capability; no_new_privs (allowPrivilegeEscalation: false) would void it.
+        security["capabilities"] = {"drop": ["ALL"], "add": ["NET_ADMIN"]}
+    else:
+        security["capabilities"] = {"drop": ["ALL"]}
+        security["allowPrivilegeEscalation"] = False
+    return {
+        "name": SIDECAR_NAME,
+        "image": options.image,
+        "args": args,
+        "ports": ports,
+        "volumeMounts": [{"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True}],
+        "readinessProbe": {
+            "httpGet": {"path": "/healthz", "port": options.control_port},
+            "periodSeconds": 5,
+        },
+        "resources": copy.deepcopy(options.resources),
+        "securityContext": security,
+    }
+
+
+def _escape(key: str) -> str:
+    return key.replace("~", "~0").replace("/", "~1")
+
+
+def _prefixed(patch: Patch, prefix: str) -> Patch:
+    out = []
+    for op in patch:
+        op = dict(op)
+        op["path"] = prefix + op["path"]
+        if "from" in op:
+            op["from"] = prefix + op["from"]
+        out.append(op)
+    return out
