@@ -52,6 +52,8 @@ __all__ = [
 ANNOTATION = "offramp.dev/injected"
 SIDECAR_NAME = "offramp-sidecar"
 TOKEN_VOLUME = "offramp-token"
+TMP_VOLUME = "offramp-tmp"
+"""The image's root filesystem is read-only; iptables' lock file goes here."""
 TOKEN_DIR = "/var/run/offramp"
 TOKEN_KEY = "token"
 RECORD_VERSION = 1
@@ -136,9 +138,11 @@ def inject(template: Template, options: InjectOptions, prefix: str = "") -> Patc
     )
     containers.append(_sidecar(options, app_ports, listen, named, probe_paths))
     volumes: list[dict[str, Any]] = spec.setdefault("volumes", [])
-    if any(v.get("name") == TOKEN_VOLUME for v in volumes):
-        raise InjectError(f"the pod already has a volume named {TOKEN_VOLUME!r}")
+    for name in (TOKEN_VOLUME, TMP_VOLUME):
+        if any(v.get("name") == name for v in volumes):
+            raise InjectError(f"the pod already has a volume named {name!r}")
     volumes.append({"name": TOKEN_VOLUME, "secret": {"secretName": options.token_secret}})
+    volumes.append({"name": TMP_VOLUME, "emptyDir": {}})
 
     undo = jsonpatch.make_patch(after, before).patch
     # Undoing must also take away a map the injection made to hold the record.
@@ -284,7 +288,10 @@ def _sidecar(
         "image": options.image,
         "args": args,
         "ports": ports,
-        "volumeMounts": [{"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True}],
+        "volumeMounts": [
+            {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True},
+            {"name": TMP_VOLUME, "mountPath": "/tmp"},
+        ],
         "readinessProbe": {
             "httpGet": {"path": "/healthz", "port": options.control_port},
             "periodSeconds": 5,
