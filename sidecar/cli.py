@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import logging
 import sys
 from collections.abc import Sequence
@@ -127,9 +128,14 @@ def webhook_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not pass the app's probe paths to the sidecar (probes may then be stolen)",
     )
-    p.add_argument("--cpu-request", default="50m", help="the sidecar's (default %(default)s)")
-    p.add_argument("--memory-request", default="64Mi", help="the sidecar's (default %(default)s)")
-    p.add_argument("--memory-limit", default="256Mi", help="the sidecar's (default %(default)s)")
+    p.add_argument(
+        "--resources",
+        type=_resources,
+        default=None,
+        metavar="JSON",
+        help="the injected sidecar's resources, as in a pod spec, e.g. '{\"requests\": "
+        '{"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}}\' (that is the default)',
+    )
     p.add_argument(
         "--namespace",
         required=True,
@@ -137,6 +143,20 @@ def webhook_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return p
+
+
+def _resources(text: str) -> dict[str, dict[str, str]]:
+    """`--resources` JSON: {"requests"|"limits": {name: quantity}}; numbers become strings."""
+    try:
+        value = json.loads(text)
+        if not isinstance(value, dict) or not set(value) <= {"requests", "limits"}:
+            raise ValueError
+        return {kind: {str(k): str(v) for k, v in dict(q).items()} for kind, q in value.items()}
+    except (ValueError, TypeError, AttributeError):
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: write a JSON object with 'requests' and/or 'limits', each mapping "
+            'resource names to quantities, e.g. {"requests": {"cpu": "50m"}}'
+        ) from None
 
 
 def webhook_main(argv: Sequence[str]) -> int:
@@ -154,10 +174,7 @@ def webhook_main(argv: Sequence[str]) -> int:
             capture=Capture(args.capture),
             token_secret=args.token_secret,
             protect_probes=not args.no_probe_protection,
-            resources={
-                "requests": {"cpu": args.cpu_request, "memory": args.memory_request},
-                "limits": {"memory": args.memory_limit},
-            },
+            **({"resources": args.resources} if args.resources is not None else {}),
         )
         policy = WebhookPolicy(options=options, own_namespace=args.namespace)
     except ValidationError as e:
