@@ -58,7 +58,8 @@ def parser() -> argparse.ArgumentParser:
         "--token-file",
         type=Path,
         required=True,
-        help="file holding the token every session must present",
+        help="file holding the token every session must present; if it does not exist "
+        "yet, the sidecar serves traffic and refuses sessions until it does",
     )
     p.add_argument(
         "--capture",
@@ -211,7 +212,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             listen_host=args.listen_host,
             control_port=args.control_port,
             control_host=args.control_host,
-            token=read_token(args.token_file),
+            # A missing file is waited for (an optional Secret volume appears when
+            # its Secret is made); one that exists must hold a good token.
+            token=read_token(args.token_file) if args.token_file.exists() else None,
+            token_file=args.token_file,
             capture=Capture(args.capture),
             iptables=args.iptables,
             close_existing=not args.keep_existing_connections,

@@ -13,6 +13,7 @@ import contextlib
 import hmac
 import logging
 from http import HTTPStatus
+from pathlib import Path
 
 from pydantic import ValidationError
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -31,6 +32,7 @@ from sidecar.protocol import (
     Welcome,
 )
 from sidecar.sessions import Session, SessionRegistry
+from sidecar.settings import TokenError, read_token
 from sidecar.spec import SessionSpec
 from sidecar.tunnel import Tunnel
 
@@ -43,13 +45,30 @@ HANDSHAKE_TIMEOUT = 10.0
 
 
 class ControlServer:
-    def __init__(self, registry: SessionRegistry, token: str, host: str, port: int):
+    def __init__(
+        self,
+        registry: SessionRegistry,
+        token: str | None,
+        token_file: Path | None,
+        host: str,
+        port: int,
+    ):
         self.registry = registry
-        self._token = token.encode()
+        self._token = token.encode() if token is not None else None
+        self._token_file = token_file
         self.host = host
         self.port = port
         self._server: Server | None = None
         self.serving = True
+
+    def _current_token(self) -> bytes | None:
+        """The token; if the sidecar started without one, read it once the file exists."""
+        if self._token is None and self._token_file is not None and self._token_file.exists():
+            try:
+                self._token = read_token(self._token_file).encode()
+            except TokenError as e:
+                log.warning("the token file is there but unusable: %s", e)
+        return self._token
 
     async def start(self) -> None:
         self._server = await serve(
@@ -168,7 +187,14 @@ class ControlServer:
             ), None
         if not self.serving:
             return Refused("shutting_down", "the sidecar is shutting down; retry shortly"), None
-        if not hmac.compare_digest(hello.token.encode(), self._token):
+        token = self._current_token()
+        if token is None:
+            return Refused(
+                "no_token",
+                f"this sidecar has no session token yet: nothing at {self._token_file}. Create "
+                "the Secret mounted there (key 'token'); the sidecar reads it once it appears",
+            ), None
+        if not hmac.compare_digest(hello.token.encode(), token):
             return Refused(
                 "unauthorized",
                 "the token does not match this sidecar's token; pass the token the sidecar "

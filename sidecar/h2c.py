@@ -23,10 +23,13 @@ each before moving the pin):
   starts;
 - `HttpLayer.get_connection` does not reuse a server connection for an h2
   client unless that connection's `alpn` is also h2; with both set, the
-  streams of one client connection share one connection per destination.
+  streams of one client connection share one connection per destination;
+- `Proxyserver` finds this addon by the name "nextlayer".
 
 Anything that is not HTTP goes to the app as raw TCP, untouched: a server that
-speaks first, or first bytes that are no HTTP request line.
+speaks first, or first bytes that are no HTTP request line. An h2c server's
+SETTINGS frame, which grpcio sends as soon as a connection opens, does not
+count as speaking first: the caller's bytes decide.
 """
 
 from __future__ import annotations

@@ -141,7 +141,10 @@ def inject(template: Template, options: InjectOptions, prefix: str = "") -> Patc
     for name in (TOKEN_VOLUME, TMP_VOLUME):
         if any(v.get("name") == name for v in volumes):
             raise InjectError(f"the pod already has a volume named {name!r}")
-    volumes.append({"name": TOKEN_VOLUME, "secret": {"secretName": options.token_secret}})
+    # Optional: without its Secret the pod still starts; the sidecar serves
+    # traffic and refuses sessions until the Secret (and so the file) exists.
+    secret = {"secretName": options.token_secret, "optional": True}
+    volumes.append({"name": TOKEN_VOLUME, "secret": secret})
     volumes.append({"name": TMP_VOLUME, "emptyDir": {}})
 
     undo = jsonpatch.make_patch(after, before).patch

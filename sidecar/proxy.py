@@ -55,7 +55,11 @@ class Sidecar:
         self.registry = SessionRegistry(tuple(p.app for p in settings.app_ports))
         self.gateway = Gateway()
         self.control = ControlServer(
-            self.registry, settings.token, settings.control_host, settings.control_port
+            self.registry,
+            settings.token,
+            settings.token_file,
+            settings.control_host,
+            settings.control_port,
         )
         self.addon = OfframpAddon(self.registry, self.gateway, settings.probe_paths)
         self._proxyserver = proxyserver.Proxyserver()
@@ -162,6 +166,10 @@ async def run(settings: SidecarSettings) -> int:
         settings.control_host,
         sidecar.control.port,
     )
+    if settings.token is None:
+        log.warning(
+            "no token file at %s yet: sessions are refused until it exists", settings.token_file
+        )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -61,7 +61,10 @@ class SidecarSettings(BaseModel):
     control_port: int = Field(default=15081, ge=0, le=65535)
     control_host: str = "0.0.0.0"
     app_host: str = "127.0.0.1"
-    token: str
+    token: str | None
+    """None: the token file does not exist yet (its Secret may be created later);
+    sessions are refused until it does, while traffic flows to the app."""
+    token_file: Path | None = None
     capture: Capture = Capture.IPTABLES
     iptables: str = "iptables"
     close_existing: bool = True

@@ -257,9 +257,8 @@ def start_sidecar(app_port: int, token_file: Path, log_dir: Path, *extra: str) -
             stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
-    sidecar = SidecarProcess(
-        proc, listen, control, app_port, token_file.read_text().strip(), log_path
-    )
+    token = token_file.read_text().strip() if token_file.exists() else ""
+    sidecar = SidecarProcess(proc, listen, control, app_port, token, log_path)
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if proc.poll() is not None:

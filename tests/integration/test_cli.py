@@ -8,11 +8,19 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 import websockets
 
 from sidecar.protocol import PROTOCOL_VERSION, Connection, HandshakeRefused, Hello, Role
-from tests.support import HttpApp, SidecarProcess
+from tests.support import (
+    HttpApp,
+    SidecarProcess,
+    header_spec,
+    open_session,
+    start_sidecar,
+    stop_cleanly,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -145,3 +153,29 @@ def sidecar_token_file(sidecar: SidecarProcess) -> Path:
     path = sidecar.log_path.with_suffix(".token")
     path.write_text(sidecar.token)
     return path
+
+
+async def test_a_sidecar_without_its_token_file_serves_traffic_and_waits_for_it(
+    app: HttpApp, local: HttpApp, tmp_path: Path
+) -> None:
+    """As in a pod whose token Secret does not exist yet (an optional volume)."""
+    token_file = tmp_path / "secret" / "token"
+    s = await asyncio.to_thread(start_sidecar, app.port, token_file, tmp_path)
+    try:
+        async with httpx.AsyncClient() as client:
+            r = await client.get(f"{s.url}/before", headers={"x-preview": "alice"})
+        assert r.json()["served_by"] == "app"
+        message = await _hello(s, Hello(PROTOCOL_VERSION, "anything-at-all-1234", {}))
+        assert message.startswith(
+            f"no_token: this sidecar has no session token yet: nothing at {token_file}"
+        )
+        # The Secret appears: the next session is checked against it.
+        token_file.parent.mkdir()
+        token_file.write_text("a-token-that-is-long-enough\n")
+        s.token = "a-token-that-is-long-enough"
+        async with open_session(s, local.port, header_spec("^x-preview: alice$")):
+            async with httpx.AsyncClient() as client:
+                r = await client.get(f"{s.url}/after", headers={"x-preview": "alice"})
+            assert r.json()["served_by"] == "local"
+    finally:
+        await asyncio.to_thread(stop_cleanly, s)

@@ -95,9 +95,8 @@ def test_iptables_mode_adds_the_sidecar_with_net_admin_and_the_probe_paths() -> 
     assert sidecar["securityContext"]["runAsNonRoot"] is True
     assert "privileged" not in sidecar["securityContext"]
     assert sidecar["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": 15081}
-    assert {"name": "offramp-token", "secret": {"secretName": "offramp-token"}} in out["spec"][
-        "template"
-    ]["spec"]["volumes"]
+    token = {"secretName": "offramp-token", "optional": True}
+    assert {"name": "offramp-token", "secret": token} in out["spec"]["template"]["spec"]["volumes"]
     # The app container is untouched in this mode.
     assert (
         out["spec"]["template"]["spec"]["containers"][0]
