@@ -828,6 +828,7 @@ def machine() -> dict[str, str]:
         "nginx": _version(["nginx", "-v"]),
         "haproxy": _version(["haproxy", "-v"]),
         "wrk": _version(["wrk", "-v"]),
+        "h2load": _version(["h2load", "--version"]),
     }
 
 
