@@ -80,6 +80,10 @@ class H2Forwarder:
         answer = asyncio.create_task(self._answer(head, local, stream))
         try:
             await asyncio.wait({caller, answer}, return_when=asyncio.FIRST_COMPLETED)
+            if not answer.done() and local.closed:
+                # The local app reset the stream and the request pump noticed first
+                # (both wake on the same frame): the answer task says how it ended.
+                return await answer
             if not answer.done():
                 # The caller went away (or the tunnel did): cancel the local call.
                 local.reset(h2.errors.ErrorCodes.CANCEL)

@@ -7,7 +7,9 @@ registers the stream here under a one-time key, and points the request at this
 loopback server. The gateway pairs the incoming HTTP/1.1 request with the stream
 by that key, streams the body into the tunnel (waiting for window, so a slow
 local side slows the caller rather than growing memory) and streams the answer
-back.
+back. An Upgrade request (a websocket) that the local side accepts with 101
+becomes a byte pipe (`sidecar.splice`). A connection that opens with the
+HTTP/2 preface carries an h2c caller's stolen streams (`sidecar.gateway_h2`).
 
 What the caller gets when things go wrong:
 - tunnel lost or stream reset before the answer's head: 502 (504 for a local
@@ -23,26 +25,21 @@ import contextlib
 import logging
 import secrets
 from dataclasses import dataclass
-from typing import Any
 
-import h2.errors
-import h2.events
 import h11
 
-from sidecar.h2bridge import h2_fields, h2_to_tunnel, tunnel_to_h2
-from sidecar.h2conn import H2_PREFACE, H2Endpoint, H2Stream
+from sidecar.gateway_h2 import ROUTE_HEADER, serve_h2, why_broken
+from sidecar.h2conn import H2_PREFACE
 from sidecar.protocol import HOP_BY_HOP, End, ResetCode, ResponseHead
 from sidecar.protocol import Data as TunnelData
 from sidecar.protocol import Reset as ResetMsg
 from sidecar.splice import next_h11_event, splice
-from sidecar.tunnel import Lost, StreamHandle
+from sidecar.tunnel import StreamHandle
 
 __all__ = ["ROUTE_HEADER", "Gateway"]
 
 log = logging.getLogger(__name__)
 
-ROUTE_HEADER = "x-offramp-route"
-"""Carries the one-time key from the addon to the gateway; never leaves the sidecar."""
 
 _READ = 64 * 1024
 
@@ -119,7 +116,7 @@ class Gateway:
                     break
                 first += more
             if first.startswith(H2_PREFACE):
-                await self._serve_h2(reader, writer, first)
+                await serve_h2(reader, writer, first, self._claim)
                 return
             conn.receive_data(first)
             while True:
@@ -147,93 +144,10 @@ class Gateway:
             with contextlib.suppress(Exception):
                 writer.close()
 
-    async def _serve_h2(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, first: bytes
-    ) -> None:
-        """mitmproxy sends the stolen streams of an HTTP/2 caller here over one
-        h2c connection; each stream is paired with its tunnel stream by key."""
-        exchanges: set[asyncio.Task[None]] = set()
-
-        def on_stream(stream: H2Stream, event: h2.events.RequestReceived) -> None:
-            task = asyncio.create_task(self._h2_exchange(stream, event))
-            exchanges.add(task)
-            task.add_done_callback(exchanges.discard)
-
-        endpoint = H2Endpoint(reader, writer, client_side=False, on_stream=on_stream)
-        try:
-            reason = await endpoint.run(first)
-            log.debug("gateway h2 connection ended: %s", reason)
-        finally:
-            endpoint.close()
-            if exchanges:
-                await asyncio.wait(list(exchanges), timeout=2)
-            for task in exchanges:
-                task.cancel()
-
-    async def _h2_exchange(self, stream: H2Stream, event: h2.events.RequestReceived) -> None:
-        key = ""
-        grpc = False
-        for name, value in event.headers or ():
-            if name == ROUTE_HEADER.encode():
-                key = bytes(value).decode("latin-1")
-            elif name == b"content-type":
-                grpc = bytes(value).startswith(b"application/grpc")
-        pending = self._pending.pop(key, None) if key else None
-        if pending is None or not key.startswith(self._secret):
-            await _h2_simple(stream, 502, "offramp: no stolen request under that key", grpc)
-            return
-        handle = pending.handle
-        upload = asyncio.create_task(h2_to_tunnel(stream, handle))
-        gone = asyncio.create_task(stream.gone.wait())
-        try:
-            broke = await self._h2_download(stream, handle, pending.who, gone, grpc)
-            if broke is None:
-                # The answer is complete; the request half may still be arriving.
-                await upload
-        finally:
-            for task in (upload, gone):
-                if not task.done():
-                    task.cancel()
-            stream.done()
-            if handle.active:
-                handle.reset(ResetCode.CANCEL, "the caller went away")
-
-    async def _h2_download(
-        self,
-        stream: H2Stream,
-        handle: StreamHandle,
-        who: str,
-        gone: asyncio.Task[Any],
-        grpc: bool,
-    ) -> object | None:
-        """The answer: tunnel -> h2 stream. Returns None when it is complete,
-        else what broke it off. A caller that resets its stream (`gone`) ends
-        this at any point, and the tunnel stream is then reset too."""
-        head_task = asyncio.create_task(handle.next())
-        await asyncio.wait({head_task, gone}, return_when=asyncio.FIRST_COMPLETED)
-        if not head_task.done():
-            head_task.cancel()
-            return "the caller reset its stream"
-        head = head_task.result()
-        if not isinstance(head, ResponseHead):
-            why = _why(head, who)
-            status = 504 if isinstance(head, ResetMsg) and head.code is ResetCode.TIMEOUT else 502
-            await _h2_simple(stream, status, why, grpc)
-            return head
-        fields = [(b":status", str(head.status).encode()), *h2_fields(head.headers)]
-        stream.send_headers(fields, end_stream=head.end_stream)
-        if head.end_stream:
-            return None
-        download = asyncio.create_task(tunnel_to_h2(handle, stream))
-        await asyncio.wait({download, gone}, return_when=asyncio.FIRST_COMPLETED)
-        if not download.done():
-            download.cancel()
-            return "the caller reset its stream"
-        broke = download.result()
-        if broke is not None:
-            log.info("stolen response broke off: %s", _why(broke, who))
-            stream.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
-        return broke
+    def _claim(self, key: str) -> tuple[StreamHandle, str] | None:
+        """The stolen request registered under `key`, once: its stream and who took it."""
+        pending = self._pending.pop(key, None) if key.startswith(self._secret) else None
+        return (pending.handle, pending.who) if pending is not None else None
 
     async def _exchange(
         self,
@@ -299,44 +213,6 @@ class Gateway:
                 handle.reset(ResetCode.CANCEL, "the caller went away")
 
 
-async def _h2_simple(stream: H2Stream, status: int, text: str, grpc: bool) -> None:
-    """Our own answer on an h2 stream. A gRPC caller gets it as a gRPC status
-    (UNAVAILABLE, or DEADLINE_EXCEEDED for a local timeout), which its client
-    library shows, rather than an HTTP status it would turn into a vague one."""
-    if grpc:
-        code = b"4" if status == 504 else b"14"
-        stream.send_headers(
-            [
-                (b":status", b"200"),
-                (b"content-type", b"application/grpc"),
-                (b"grpc-status", code),
-                (b"grpc-message", _grpc_message(text)),
-                (b"x-offramp", b"error"),
-            ],
-            end_stream=True,
-        )
-        return
-    body = (text + "\n").encode()
-    stream.send_headers(
-        [
-            (b":status", str(status).encode()),
-            (b"content-type", b"text/plain; charset=utf-8"),
-            (b"content-length", str(len(body)).encode()),
-            (b"x-offramp", b"error"),
-        ]
-    )
-    if await stream.send_data(body):
-        stream.end()
-
-
-def _grpc_message(text: str) -> bytes:
-    """grpc-message as the gRPC spec has it: UTF-8, percent-encoding every byte
-    outside printable ASCII, and "%" itself."""
-    return b"".join(
-        bytes([b]) if 0x20 <= b <= 0x7E and b != 0x25 else b"%%%02X" % b for b in text.encode()
-    )
-
-
 async def _upload(
     conn: h11.Connection, reader: asyncio.StreamReader, handle: StreamHandle, sending: bool
 ) -> None:
@@ -365,7 +241,10 @@ async def _download(
     """Answer: tunnel -> gateway connection. `first`: its first event, if already read."""
     started = False
     while True:
-        event, first = (first, None) if first is not None else (await handle.next(), None)
+        if first is not None:
+            event, first = first, None
+        else:
+            event = await handle.next()
         if isinstance(event, ResponseHead):
             headers = [(n, v) for n, v in event.headers if n.lower() not in HOP_BY_HOP]
             writer.write(
@@ -392,7 +271,7 @@ async def _download(
             await writer.drain()
             return
         else:
-            why = _why(event, who)
+            why = why_broken(event, who)
             if started:
                 log.info("stolen response broke off: %s", why)
                 writer.transport.abort()
@@ -400,17 +279,6 @@ async def _download(
             status = 504 if isinstance(event, ResetMsg) and event.code is ResetCode.TIMEOUT else 502
             await _simple(conn, writer, status, why)
             return
-
-
-def _why(event: object, who: str) -> str:
-    if isinstance(event, Lost):
-        return (
-            f"offramp: this request was handed to {who}, but the tunnel to it closed before "
-            f"it answered ({event.reason}). The local process may or may not have seen it."
-        )
-    if isinstance(event, ResetMsg):
-        return f"offramp: {who} could not answer this request: {event.message or event.code.name}"
-    return f"offramp: unexpected tunnel event {event!r}"
 
 
 async def _simple(

@@ -82,10 +82,13 @@ class H2Stream:
         self.endpoint = endpoint
         self.id = stream_id
         self._inbox: asyncio.Queue[StreamEvent] = asyncio.Queue()
-        self.closed = False
-        """Either end reset the stream, or the connection ended."""
         self.gone = asyncio.Event()
-        """Set when `closed` becomes true: for owners that are not reading events."""
+        """Set once either end reset the stream or the connection ended; an owner
+        busy with the other direction can wait on it."""
+
+    @property
+    def closed(self) -> bool:
+        return self.gone.is_set()
 
     async def next(self) -> StreamEvent:
         return await self._inbox.get()
@@ -131,7 +134,6 @@ class H2Stream:
 
     def reset(self, code: int = h2.errors.ErrorCodes.CANCEL) -> None:
         if not self.closed:
-            self.closed = True
             self.gone.set()
             self.endpoint._do(lambda c: c.reset_stream(self.id, code))
         self.endpoint._forget(self.id)
@@ -142,7 +144,6 @@ class H2Stream:
 
     def _deliver(self, event: StreamEvent) -> None:
         if isinstance(event, h2.events.StreamReset | H2Closed):
-            self.closed = True
             self.gone.set()
         self._inbox.put_nowait(event)
 

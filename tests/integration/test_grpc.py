@@ -9,9 +9,12 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+import h2.errors
+import h2.events
 import httpx
 import pytest
 
+from sidecar.h2conn import H2Endpoint, H2Stream
 from sidecar.spec import HttpFilterSpec, SessionSpec
 from tests.grpc_apps import EchoClient, GrpcApp, start_grpc_app
 from tests.support import (
@@ -284,3 +287,43 @@ async def wait_for(condition: object, within: float = 10) -> None:
         if asyncio.get_running_loop().time() > deadline:
             raise AssertionError("condition not met within the time limit")
         await asyncio.sleep(0.02)
+
+
+async def test_a_local_server_that_resets_a_stream_is_reported_as_such(
+    client: EchoClient, grpc_sidecar: SidecarProcess
+) -> None:
+    """A local server that resets a call part-way breaks the caller's call, and
+    the session reports the local side, not the caller, as the one that left."""
+
+    async def reset_after_first_message(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        def on_stream(stream: H2Stream, _: object) -> None:
+            async def answer() -> None:
+                while not isinstance(await stream.next(), h2.events.DataReceived):
+                    pass
+                stream.reset(h2.errors.ErrorCodes.INTERNAL_ERROR)
+
+            tasks.add(asyncio.create_task(answer()))
+
+        await H2Endpoint(reader, writer, client_side=False, on_stream=on_stream).run()
+
+    tasks: set[asyncio.Task[None]] = set()
+    server = await asyncio.start_server(reset_after_first_message, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    lines: list[str] = []
+    try:
+        async with open_session(grpc_sidecar, port, header_spec("^x-who: me$"), lines=lines):
+
+            async def slow_upload() -> AsyncIterator[bytes]:
+                for i in range(50):
+                    yield b"m%d" % i
+                    await asyncio.sleep(0.02)
+
+            with pytest.raises(grpc.aio.AioRpcError):
+                await client.client_stream(slow_upload(), metadata=ME, timeout=10)
+    finally:
+        server.close()
+    (line,) = [line for line in lines if "ClientStream" in line]
+    assert "abandoned by the caller" not in line, line
+    assert "reset the stream" in line, line

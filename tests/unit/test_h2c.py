@@ -7,7 +7,7 @@ import h2.config
 import h2.connection
 import pytest
 
-from sidecar.gateway import _grpc_message
+from sidecar.gateway_h2 import _grpc_message
 from sidecar.h2conn import starts_like_h2_settings
 
 
