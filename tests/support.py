@@ -275,8 +275,9 @@ def stop_cleanly(s: SidecarProcess) -> None:
     """SIGTERM the sidecar; it must exit 0 and have logged no error."""
     rc = s.stop()
     assert rc == 0, f"the sidecar exited with {rc} on SIGTERM:\n{s.log()}"
-    # mitmproxy catches an addon's exception and only logs it: look for that too.
-    for sign in ("Traceback", "Addon error", "Error in"):
+    # mitmproxy catches an addon's exception and only logs it: look for that too,
+    # and for its warning that no addon is named "nextlayer" (ProtocolDetect is).
+    for sign in ("Traceback", "Addon error", "Error in", "without nextlayer addon"):
         assert sign not in s.log(), f"the sidecar logged an error:\n{s.log()}"
 
 
