@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import getpass
+import os
 import signal
 import socket
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
@@ -26,7 +29,15 @@ from sidecar import __version__
 from sidecar.control import describe_validation_error
 from sidecar.settings import TokenError, read_token
 
+if TYPE_CHECKING:
+    from local_proxy.target import StealTarget
+    from local_proxy.workload import Target
+
 __all__ = ["main", "parser"]
+
+DEFAULT_IMAGE = f"registry.example/offramp-sidecar:{__version__}"
+"""The chart's default image (values.yaml); no public registry hosts it yet."""
+LISTEN_WAIT = 60.0
 
 
 def parser() -> argparse.ArgumentParser:
@@ -48,12 +59,36 @@ def parser() -> argparse.ArgumentParser:
         ),
     )
     steal.add_argument(
-        "--sidecar-url",
-        required=True,
-        help="the sidecar's session server, e.g. ws://127.0.0.1:15081",
+        "target",
+        nargs="?",
+        metavar="KIND/NAME",
+        help="the workload in the cluster: deploy/NAME, sts/NAME or pod/NAME (kubeconfig as "
+        "kubectl uses it). The sidecar is injected if needed; every ready pod joins the session",
     )
     steal.add_argument(
-        "--token-file", type=Path, required=True, help="file with the sidecar's token"
+        "--sidecar-url",
+        help="instead of KIND/NAME: one sidecar's session server, e.g. ws://127.0.0.1:15081 "
+        "(needs --token-file)",
+    )
+    steal.add_argument("--token-file", type=Path, help="with --sidecar-url: the sidecar's token")
+    _kube_flags(steal)
+    steal.add_argument(
+        "--no-iptables",
+        action="store_true",
+        help="privilege-free mode: no NET_ADMIN; the Service's named targetPort is handed to "
+        "the sidecar (chosen by itself where the namespace's PodSecurity forbids NET_ADMIN)",
+    )
+    steal.add_argument(
+        "--image",
+        default=os.environ.get("OFFRAMP_SIDECAR_IMAGE", DEFAULT_IMAGE),
+        help="the sidecar image to inject (default: $OFFRAMP_SIDECAR_IMAGE or %(default)s)",
+    )
+    steal.add_argument("--container", help="the app container (default: the first)")
+    steal.add_argument(
+        "--rollout-timeout",
+        type=float,
+        default=300.0,
+        help="seconds to wait for the injected pods to be ready (default %(default)s)",
     )
     steal.add_argument(
         "--to", type=int, required=True, metavar="PORT", help="local port to send requests to"
@@ -113,6 +148,23 @@ def parser() -> argparse.ArgumentParser:
         help="mirror copies handled at once; more are dropped and counted (default %(default)s)",
     )
 
+    status = sub.add_parser(
+        "status",
+        help="is the sidecar injected, which version, which sessions are open",
+        description="Shows whether KIND/NAME has the sidecar, and asks each ready pod's "
+        "sidecar (through port-forward) for its version and open sessions.",
+    )
+    status.add_argument("target", metavar="KIND/NAME")
+    _kube_flags(status)
+    uninject = sub.add_parser(
+        "uninject",
+        help="remove the sidecar from a workload, restoring its pod template exactly",
+        description="Applies the undo patch recorded at injection: the pod template is "
+        "restored as it was, and the pods roll out without the sidecar. The token Secret stays.",
+    )
+    uninject.add_argument("target", metavar="KIND/NAME")
+    _kube_flags(uninject)
+
     demo = sub.add_parser(
         "demo",
         help="run the whole path on this machine and show what was stolen and why",
@@ -126,13 +178,51 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _kube_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("-n", "--namespace", help="namespace (default: the context's, as kubectl)")
+    p.add_argument("--context", help="kubeconfig context (default: the current one)")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # `offramp steal ... -- CMD ARGS`: the local process to run for the session.
+    command: list[str] = []
+    if "--" in argv:
+        at = argv.index("--")
+        argv, command = argv[:at], argv[at + 1 :]
     args = parser().parse_args(argv)
     if args.command == "demo":
         from local_proxy.demo import run_demo
 
         return asyncio.run(run_demo(quiet=args.quiet))
-    return _steal(args)
+    if command and args.command != "steal":
+        return _fail("only 'offramp steal' takes a command after --")
+    if args.command in ("status", "uninject"):
+        return _target_command(args)
+    return _steal(args, command)
+
+
+def _target(args: argparse.Namespace) -> Target:
+    from local_proxy.workload import Target, TargetError, parse_target
+
+    try:
+        resource, name = parse_target(args.target)
+    except TargetError as e:
+        raise ConfigError(str(e)) from e
+    return Target(resource, name, args.context, args.namespace)
+
+
+def _target_command(args: argparse.Namespace) -> int:
+    from local_proxy.target import Failed, run_status, run_uninject
+
+    try:
+        target = _target(args)
+        (run_status if args.command == "status" else run_uninject)(target, print)
+    except ConfigError as e:
+        return _fail(str(e))
+    except Failed as e:
+        return _fail(str(e), 1)
+    return 0
 
 
 def _fail(message: str, code: int = 2) -> int:
@@ -140,8 +230,13 @@ def _fail(message: str, code: int = 2) -> int:
     return code
 
 
-def _steal(args: argparse.Namespace) -> int:
+def _steal(args: argparse.Namespace, command: list[str]) -> int:
+    if (args.target is None) == (args.sidecar_url is None):
+        return _fail("give either KIND/NAME (a workload in the cluster) or --sidecar-url")
+    if args.sidecar_url and args.token_file is None:
+        return _fail("--sidecar-url needs --token-file (the file with the sidecar's token)")
     try:
+        target = _target(args) if args.target else None
         incoming = load_incoming(args.config_file) if args.config_file else Incoming()
         for note in incoming.notes:
             print(f"offramp: {note}", file=sys.stderr)
@@ -160,8 +255,8 @@ def _steal(args: argparse.Namespace) -> int:
         )
         spec = build_spec(incoming, flags, f"{getpass.getuser()}@{socket.gethostname()}")
         settings = LocalSettings(
-            sidecar_url=args.sidecar_url,
-            token=read_token(args.token_file),
+            sidecar_url=args.sidecar_url or "ws://pending",
+            token=read_token(args.token_file) if args.token_file else "",
             to_port=args.to,
             spec=spec,
             timeout=args.timeout,
@@ -171,7 +266,77 @@ def _steal(args: argparse.Namespace) -> int:
         return _fail(str(e))
     except ValidationError as e:
         return _fail(describe_validation_error(e).replace("invalid session spec", "invalid option"))
+    if target is not None:
+        from local_proxy.target import StealTarget
+
+        steal = StealTarget(
+            target, settings, image=args.image, no_iptables=args.no_iptables,
+            container=args.container, rollout_timeout=args.rollout_timeout, report=_say,
+        )  # fmt: skip
+        return asyncio.run(_run_target(steal, command, args.to))
+    if command:
+        return _fail("a command after -- needs KIND/NAME")
     return asyncio.run(_run(settings))
+
+
+def _say(line: str) -> None:
+    print(line, flush=True)
+
+
+async def _run_target(steal: StealTarget, command: list[str], port: int) -> int:
+    from local_proxy.target import Failed
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, steal.stop)
+    child = None
+    if command:
+        try:
+            child = await asyncio.create_subprocess_exec(*command)
+        except OSError as e:
+            return _fail(f"cannot start {command[0]!r}: {e}")
+        if not await _listening(child, port):
+            code = child.returncode
+            if code is None:
+                child.terminate()
+                await child.wait()
+                return _fail(f"{command[0]} did not listen on 127.0.0.1:{port} within "
+                             f"{LISTEN_WAIT:.0f} s", 1)  # fmt: skip
+            return _fail(f"{command[0]} exited with {code} before listening on port {port}", 1)
+        _say(f"offramp: {command[0]} listens on 127.0.0.1:{port}")
+        watcher = asyncio.create_task(child.wait())
+        watcher.add_done_callback(lambda _: steal.stop())
+    try:
+        await steal.run()
+    except Failed as e:
+        return _fail(str(e), 1)
+    finally:
+        if child is not None and child.returncode is None:
+            child.terminate()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(child.wait(), 10)
+            if child.returncode is None:
+                child.kill()
+                await child.wait()
+    stolen, mirrored = steal.counters()
+    _say(f"offramp: session ended: {stolen} stolen, {mirrored} mirrored")
+    if child is not None and child.returncode is not None:
+        _say(f"offramp: {command[0]} exited with {child.returncode}")
+        return child.returncode if child.returncode >= 0 else 128 - child.returncode
+    return 0
+
+
+async def _listening(child: asyncio.subprocess.Process, port: int) -> bool:
+    deadline = asyncio.get_running_loop().time() + LISTEN_WAIT
+    while child.returncode is None and asyncio.get_running_loop().time() < deadline:
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.1)
+            continue
+        writer.close()
+        return True
+    return False
 
 
 async def _run(settings: LocalSettings) -> int:

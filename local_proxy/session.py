@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+import socket
+from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit, urlunsplit
 
 from websockets.asyncio.client import ClientConnection, connect
@@ -61,8 +62,16 @@ def tunnel_url(sidecar_url: str) -> str:
 
 
 class LocalSession:
-    def __init__(self, settings: LocalSettings, report: Callable[[str], None] = print):
+    def __init__(
+        self,
+        settings: LocalSettings,
+        report: Callable[[str], None] = print,
+        dial: Callable[[], Awaitable[socket.socket]] | None = None,
+    ):
+        """`dial`, if given, opens the connection the websocket runs over (a
+        Kubernetes port-forward); the URL then only names the sidecar."""
         self.settings = settings
+        self._dial = dial
         self.report = report
         self.forwarder = Forwarder(
             settings.to_host,
@@ -111,7 +120,8 @@ class LocalSession:
     async def _connect(self) -> tuple[ClientConnection, Connection, Welcome]:
         url = tunnel_url(self.settings.sidecar_url)
         try:
-            ws = await connect(url, max_size=None, compression=None, open_timeout=10)
+            sock = await self._dial() if self._dial is not None else None
+            ws = await connect(url, sock=sock, max_size=None, compression=None, open_timeout=10)
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as e:
             raise SessionError(f"cannot reach the sidecar at {url}: {e}") from e
         conn = Connection(Role.CLIENT)

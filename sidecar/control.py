@@ -1,6 +1,8 @@
 """The session server on the control port.
 
-`GET /healthz` answers 200 while the sidecar serves. `/v1/tunnel` is a websocket:
+`GET /healthz` answers 200 while the sidecar serves. `GET /v1/status` gives the
+version and the open sessions to a caller with the token (Authorization:
+Bearer). `/v1/tunnel` is a websocket:
 the client's first message is HELLO; the token is compared in constant time, the
 spec validated and its filters compiled; the answer is WELCOME (and the session
 is live until the websocket closes) or REFUSED with a message a person can act on.
@@ -11,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
+import json
 import logging
 from http import HTTPStatus
 from pathlib import Path
@@ -41,6 +44,7 @@ __all__ = ["HANDSHAKE_TIMEOUT", "TUNNEL_PATH", "ControlServer", "describe_valida
 log = logging.getLogger(__name__)
 
 TUNNEL_PATH = "/v1/tunnel"
+STATUS_PATH = "/v1/status"
 HANDSHAKE_TIMEOUT = 10.0
 
 
@@ -101,11 +105,43 @@ class ControlServer:
             if self.serving:
                 return ws.respond(HTTPStatus.OK, "ok\n")
             return ws.respond(HTTPStatus.SERVICE_UNAVAILABLE, "shutting down\n")
+        if path == STATUS_PATH:
+            return self._status(ws, request)
         if path != TUNNEL_PATH:
             return ws.respond(
                 HTTPStatus.NOT_FOUND, f"offramp sidecar: the tunnel is at {TUNNEL_PATH}\n"
             )
         return None
+
+    def _status(self, ws: ServerConnection, request: Request) -> Response:
+        """The sidecar's version and open sessions, for `offramp status`; token required."""
+        token = self._current_token()
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if token is None or not hmac.compare_digest(given.encode(), token):
+            return ws.respond(HTTPStatus.UNAUTHORIZED, "offramp sidecar: give the session token "
+                              "as 'Authorization: Bearer TOKEN'\n")  # fmt: skip
+        sessions = [
+            {
+                "id": s.id,
+                "client": s.spec.client,
+                "mode": s.mode.value,
+                "filter": s.spec.http_filter.model_dump(mode="json", exclude_none=True),
+                "ports": list(self.registry.covered_ports(s.spec)),
+                "stolen": s.stolen,
+                "mirrored": s.mirrored,
+            }
+            for s in self.registry.sessions
+        ]
+        body = {
+            "version": __version__,
+            "protocol": PROTOCOL_VERSION,
+            "app_ports": list(self.registry.app_ports),
+            "sessions": sessions,
+        }
+        response = ws.respond(HTTPStatus.OK, json.dumps(body) + "\n")
+        del response.headers["Content-Type"]
+        response.headers["Content-Type"] = "application/json"
+        return response
 
     async def _handle(self, ws: ServerConnection) -> None:
         conn = Connection(Role.SIDECAR)

@@ -165,7 +165,17 @@ def uninject(template: Template, prefix: str = "") -> Patch:
     if record is None:
         return []
     remove = {"op": "remove", "path": "/metadata/annotations/" + _escape(ANNOTATION)}
-    return _prefixed([remove, *record["undo"]], prefix)
+    undo = list(record["undo"])
+    # Injection made the annotations map (or metadata) to hold its record; if
+    # something else was put there since (`kubectl rollout restart` adds an
+    # annotation), the map stays.
+    meta = template.get("metadata") or {}
+    others = set(meta.get("annotations") or {}) - {ANNOTATION}
+    if others:
+        undo = [op for op in undo if op != {"op": "remove", "path": "/metadata/annotations"}]
+    if others or set(meta) - {"annotations"}:
+        undo = [op for op in undo if op != {"op": "remove", "path": "/metadata"}]
+    return _prefixed([remove, *undo], prefix)
 
 
 # --- the parts -------------------------------------------------------------------------
@@ -278,6 +288,8 @@ def _sidecar(
         "runAsNonRoot": True,
         "runAsUser": options.run_as_user,
         "readOnlyRootFilesystem": True,
+        # PodSecurity "restricted" asks for it; it is the runtime's default profile.
+        "seccompProfile": {"type": "RuntimeDefault"},
     }
     if options.capture is Capture.IPTABLES:
         # The image gives the iptables and ss binaries this capability as a file

@@ -145,6 +145,25 @@ def test_uninject_restores_a_pod_without_metadata_in_its_template() -> None:
     assert apply(out, uninject(out)) == template
 
 
+@pytest.mark.parametrize(
+    "metadata", [None, {"labels": {"app": "api"}}], ids=["no metadata", "labels"]
+)
+def test_uninject_keeps_annotations_added_since_injection(metadata: dict[str, Any] | None) -> None:
+    """`kubectl rollout restart` annotates the template of an injected workload; the
+    annotations map the injection created must then stay, with that annotation."""
+    template = {"spec": copy.deepcopy(deployment()["spec"]["template"]["spec"])}
+    if metadata is not None:
+        template["metadata"] = metadata
+    out = apply(template, inject(template, InjectOptions(image=IMAGE)))
+    out["metadata"]["annotations"]["kubectl.kubernetes.io/restartedAt"] = "2026-11-23T10:00:00Z"
+    restored = apply(out, uninject(out))
+    expected = copy.deepcopy(template)
+    expected.setdefault("metadata", {})["annotations"] = {
+        "kubectl.kubernetes.io/restartedAt": "2026-11-23T10:00:00Z"
+    }
+    assert restored == expected
+
+
 def test_privilege_free_mode_hands_the_named_port_to_the_sidecar() -> None:
     options = InjectOptions(image=IMAGE, capture=Capture.NONE, named_port="http", ports=(8080,))
     out = injected_deployment(options)

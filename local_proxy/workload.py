@@ -1,0 +1,293 @@
+"""What `offramp steal TARGET` decides about a workload: pure functions on API objects.
+
+Target kinds, the injection patch (re-injecting when the options changed),
+privilege-free mode and its named port, rollout progress, and which pods a
+session can use. No I/O: local_proxy/cluster.py feeds these the objects.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+import jsonpatch
+
+from sidecar.inject import (
+    SIDECAR_NAME,
+    TOKEN_VOLUME,
+    InjectError,
+    InjectOptions,
+    inject,
+    injected,
+    uninject,
+)
+from sidecar.settings import Capture
+
+__all__ = [
+    "KINDS",
+    "Rollout",
+    "Target",
+    "TargetError",
+    "choose_capture",
+    "injection_patch",
+    "named_target_port",
+    "parse_target",
+    "rollout",
+    "session_pods",
+    "uninjection_patch",
+]
+
+Obj = dict[str, Any]
+
+KINDS = {
+    "deploy": "deployments",
+    "deployment": "deployments",
+    "deployments": "deployments",
+    "sts": "statefulsets",
+    "statefulset": "statefulsets",
+    "statefulsets": "statefulsets",
+    "po": "pods",
+    "pod": "pods",
+    "pods": "pods",
+}
+SHORT = {"deployments": "deploy", "statefulsets": "sts", "pods": "pod"}
+FORBIDS_NET_ADMIN = ("baseline", "restricted")
+PSA_LABEL = "pod-security.kubernetes.io/enforce"
+CONTROL_PORT_NAME = "offramp-control"
+
+
+@dataclass(frozen=True)
+class Target:
+    resource: str
+    name: str
+    context: str | None = None
+    namespace: str | None = None
+
+
+class TargetError(ValueError):
+    """The target or the options do not fit the workload; the message says how."""
+
+
+def parse_target(text: str) -> tuple[str, str]:
+    kind, sep, name = text.partition("/")
+    if not sep or not name or kind.lower() not in KINDS:
+        raise TargetError(
+            f"cannot use {text!r} as a target: write KIND/NAME with KIND one of deploy, "
+            "deployment, sts, statefulset, pod (e.g. deploy/api)"
+        )
+    return KINDS[kind.lower()], name
+
+
+def describe(resource: str, name: str) -> str:
+    return f"{SHORT[resource]}/{name}"
+
+
+def selector(workload: Obj) -> str:
+    labels = ((workload.get("spec") or {}).get("selector") or {}).get("matchLabels") or {}
+    return ",".join(f"{k}={v}" for k, v in sorted(labels.items()))
+
+
+def choose_capture(namespace: Obj, no_iptables: bool) -> tuple[Capture, str]:
+    """The capture mode and why it was chosen."""
+    if no_iptables:
+        return Capture.NONE, "--no-iptables"
+    level = (namespace.get("metadata", {}).get("labels") or {}).get(PSA_LABEL)
+    if level in FORBIDS_NET_ADMIN:
+        return Capture.NONE, (
+            f"namespace {namespace['metadata']['name']} enforces PodSecurity {level!r}, "
+            "which forbids NET_ADMIN"
+        )
+    return Capture.IPTABLES, "iptables capture"
+
+
+def _app(template: Obj, container: str | None) -> Obj:
+    containers: list[Obj] = [c for c in template["spec"]["containers"] if c["name"] != SIDECAR_NAME]
+    if container is None:
+        return containers[0]
+    for c in containers:
+        if c["name"] == container:
+            return c
+    names = ", ".join(c["name"] for c in containers)
+    raise TargetError(f"no container named {container!r}; the pod has: {names}")
+
+
+def named_target_port(
+    template: Obj, services: list[Obj], ports: tuple[int, ...], container: str | None
+) -> str:
+    """Privilege-free mode: the port name the workload's Service targets.
+
+    Reads the template as it is without the sidecar (the app's port names)."""
+    app = _app(template, container)
+    labels = (template.get("metadata") or {}).get("labels") or {}
+    by_name = {p["name"]: p["containerPort"] for p in app.get("ports") or [] if p.get("name")}
+    wanted = set(ports) or {p["containerPort"] for p in app.get("ports") or []}
+    routing = [
+        s
+        for s in services
+        if (sel := (s.get("spec") or {}).get("selector"))
+        and all(labels.get(k) == v for k, v in sel.items())
+    ]
+    if not routing:
+        names = ", ".join(s["metadata"]["name"] for s in services) or "none"
+        raise TargetError(
+            "privilege-free mode points a Service at the sidecar, but no Service selects "
+            f"these pods (labels {labels}); Services in the namespace: {names}"
+        )
+    numbered = []
+    for svc in routing:
+        for port in svc["spec"].get("ports") or []:
+            target = port.get("targetPort", port.get("port"))
+            if isinstance(target, str) and by_name.get(target) in wanted:
+                return target
+            if target in wanted:
+                numbered.append((svc["metadata"]["name"], target))
+    if numbered:
+        svc, number = numbered[0]
+        raise TargetError(
+            f"privilege-free mode needs the Service's targetPort to be a port name, but "
+            f"Service {svc!r} targets port {number} by number. Name the port in the container "
+            f"(ports: [{{name: http, containerPort: {number}}}]) and set the Service's "
+            "targetPort to http, or use iptables capture (no --no-iptables) where NET_ADMIN "
+            "is allowed"
+        )
+    raise TargetError(
+        f"no Service selecting these pods targets port {', '.join(map(str, sorted(wanted)))}"
+    )
+
+
+def _prefixed(patch: list[Obj], prefix: str) -> list[Obj]:
+    out = []
+    for op in patch:
+        op = dict(op)
+        op["path"] = prefix + op["path"]
+        if "from" in op:
+            op["from"] = prefix + op["from"]
+        out.append(op)
+    return out
+
+
+def original_template(template: Obj) -> Obj:
+    """The template without offramp's injection."""
+    undo = uninject(template)
+    out: Obj = jsonpatch.apply_patch(template, undo) if undo else copy.deepcopy(template)
+    return out
+
+
+def injection_patch(workload: Obj, options: InjectOptions) -> list[Obj]:
+    """The patch that leaves the workload injected with `options` ([] if it already is).
+
+    Injected with other options (ports, capture mode, image), it is re-injected
+    in one patch, so one rollout. The patch tests the resourceVersion first, so
+    it fails instead of overwriting a change made in the meantime."""
+    template = workload["spec"]["template"]
+    record = injected(template)
+    if record is not None and record.get("options") == options.model_dump(mode="json"):
+        return []
+    base = original_template(template)
+    try:
+        after = jsonpatch.apply_patch(base, inject(base, options))
+    except InjectError as e:
+        raise TargetError(str(e)) from e
+    ops = _prefixed(jsonpatch.make_patch(template, after).patch, "/spec/template")
+    guard = {
+        "op": "test",
+        "path": "/metadata/resourceVersion",
+        "value": workload["metadata"]["resourceVersion"],
+    }
+    return [guard, *ops]
+
+
+def uninjection_patch(workload: Obj) -> list[Obj]:
+    ops = uninject(workload["spec"]["template"], "/spec/template")
+    if not ops:
+        return []
+    guard = {
+        "op": "test",
+        "path": "/metadata/resourceVersion",
+        "value": workload["metadata"]["resourceVersion"],
+    }
+    return [guard, *ops]
+
+
+@dataclass(frozen=True)
+class Rollout:
+    done: bool
+    want: int
+    updated: int
+    ready: int
+    failure: str | None
+
+    observed: bool = True
+
+    def progress(self) -> str:
+        if not self.observed:
+            return "waiting for the controller"
+        return f"{self.updated}/{self.want} updated, {self.ready}/{self.want} ready"
+
+
+def rollout(resource: str, workload: Obj) -> Rollout:
+    """Where a Deployment's or StatefulSet's rollout stands (as `kubectl rollout status`)."""
+    spec, status = workload.get("spec") or {}, workload.get("status") or {}
+    want = int(spec.get("replicas", 1))
+    updated = int(status.get("updatedReplicas", 0))
+    ready = int(status.get("readyReplicas", 0))
+    observed = int(status.get("observedGeneration", 0)) >= int(
+        workload["metadata"].get("generation", 1)
+    )
+    failure = next(
+        (
+            c.get("message")
+            for c in status.get("conditions") or []
+            if c.get("type") == "ReplicaFailure" and c.get("status") == "True"
+        ),
+        None,
+    )
+    if resource == "statefulsets":
+        done = (
+            observed
+            and updated == want
+            and ready == want
+            and (status.get("currentRevision") == status.get("updateRevision"))
+        )
+    else:
+        done = (
+            observed
+            and updated == want
+            and ready == want
+            and int(status.get("replicas", 0)) == want
+            and int(status.get("availableReplicas", 0)) == want
+        )
+    return Rollout(done, want, updated, ready, failure, observed)
+
+
+def session_pods(pods: list[Obj]) -> dict[str, int]:
+    """Pod name -> the sidecar's control port, for every ready, running pod with a sidecar."""
+    out = {}
+    for pod in pods:
+        meta, status = pod["metadata"], pod.get("status") or {}
+        if meta.get("deletionTimestamp") or status.get("phase") != "Running":
+            continue
+        if not any(
+            c.get("type") == "Ready" and c.get("status") == "True"
+            for c in status.get("conditions") or []
+        ):
+            continue
+        for c in pod["spec"]["containers"]:
+            if c["name"] == SIDECAR_NAME:
+                for p in c.get("ports") or []:
+                    if p.get("name") == CONTROL_PORT_NAME:
+                        out[meta["name"]] = int(p["containerPort"])
+    return out
+
+
+def token_secret(template_or_pod: Obj) -> str | None:
+    """The Secret the sidecar reads its token from, per the pod spec."""
+    for vol in (template_or_pod.get("spec") or {}).get("volumes") or []:
+        if vol.get("name") == TOKEN_VOLUME and "secret" in vol:
+            return str(vol["secret"]["secretName"])
+    return None
+
+
+def secret_name(resource: str, name: str) -> str:
+    return f"offramp-token-{SHORT[resource]}-{name}"[:253]

@@ -1,0 +1,184 @@
+"""An emulated cluster (tests/kube) for `offramp steal KIND/NAME` as a user types it."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.kube.cluster import Cluster, Image
+from tests.netns import require_netns
+
+BIN = Path(sys.executable).parent
+APP_IMAGE = "shop/api:1"
+SIDECAR_IMAGE = "offramp/sidecar:test"
+NAMESPACE = "shop"
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    require_netns()
+    images = {
+        APP_IMAGE: Image((sys.executable, "-m", "tests.kube.app")),
+        SIDECAR_IMAGE: Image((str(BIN / "offramp-sidecar"),)),
+    }
+    c = Cluster(tmp_path / "cluster", images, developer_namespaces=[NAMESPACE])
+    c.start()
+    try:
+        c.apply({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": NAMESPACE}})
+        yield c
+        assert not c.kubelet.errors, c.kubelet.errors
+    finally:
+        c.close()
+        for name, text in c.logs().items():
+            if "offramp-sidecar" in name and "Traceback" in text:
+                pytest.fail(f"{name} logged a traceback:\n{text[-3000:]}")
+
+
+def deployment(
+    name: str = "api", replicas: int = 3, port_name: str | None = "http", namespace: str = NAMESPACE
+) -> dict[str, Any]:
+    port: dict[str, Any] = {"containerPort": 8080}
+    probe_port: int | str = 8080
+    if port_name:
+        port["name"] = port_name
+        probe_port = port_name
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "replicas": replicas,
+            "selector": {"matchLabels": {"app": name}},
+            "template": {
+                "metadata": {"labels": {"app": name}},
+                "spec": {
+                    "containers": [
+                        {
+                            "name": name,
+                            "image": APP_IMAGE,
+                            "args": ["--port", "8080"],
+                            "ports": [port],
+                            "readinessProbe": {
+                                "httpGet": {"path": "/ready", "port": probe_port},
+                                "periodSeconds": 10,
+                            },
+                        }
+                    ]
+                },
+            },
+        },
+    }
+
+
+def service(
+    name: str = "api", target: int | str = "http", namespace: str = NAMESPACE
+) -> dict[str, Any]:
+    return {
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"selector": {"app": name}, "ports": [{"port": 80, "targetPort": target}]},
+    }
+
+
+def get(
+    ip: str, port: int, path: str = "/", headers: dict[str, str] | None = None
+) -> dict[str, Any]:
+    req = urllib.request.Request(f"http://{ip}:{port}{path}", headers=headers or {})
+    with urllib.request.urlopen(req, timeout=10) as resp:
+        out: dict[str, Any] = json.loads(resp.read())
+        return out
+
+
+class Cli:
+    """`offramp ...` run as a user runs it, with KUBECONFIG pointing at the emulator."""
+
+    def __init__(self, kubeconfig: Path, *args: str):
+        env = {**os.environ, "KUBECONFIG": str(kubeconfig), "PYTHONUNBUFFERED": "1"}
+        self.args = args
+        self.proc = subprocess.Popen(
+            [str(BIN / "offramp"), *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=env,
+            text=True,
+        )
+        self.lines: list[str] = []
+        self._queue: queue.Queue[str | None] = queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._queue.put(line.rstrip("\n"))
+        self._queue.put(None)
+
+    def wait_for(self, text: str, timeout: float = 90) -> str:
+        deadline = time.monotonic() + timeout
+        for line in self.lines:
+            if text in line:
+                return line
+        while time.monotonic() < deadline:
+            try:
+                line = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise AssertionError(
+                    f"offramp exited ({self.proc.wait()}) before {text!r}:\n"
+                    + "\n".join(self.lines)
+                )
+            self.lines.append(line)
+            if text in line:
+                return line
+        raise AssertionError(f"no {text!r} within {timeout:.0f} s:\n" + "\n".join(self.lines))
+
+    def wait_count(self, text: str, n: int, timeout: float = 90) -> None:
+        """Until `n` lines (so far, in all) contain `text`."""
+        deadline = time.monotonic() + timeout
+        while sum(text in line for line in self.lines) < n:
+            if time.monotonic() > deadline:
+                raise AssertionError(
+                    f"fewer than {n} lines with {text!r} within {timeout:.0f} s:"
+                    "\n" + "\n".join(self.lines)
+                )
+            try:
+                line = self._queue.get(timeout=0.2)
+            except queue.Empty:
+                continue
+            if line is None:
+                raise AssertionError(
+                    f"offramp exited ({self.proc.wait()}):\n" + "\n".join(self.lines)
+                )
+            self.lines.append(line)
+
+    def finish(self, timeout: float = 60) -> int:
+        code = self.proc.wait(timeout)
+        while (line := self._queue.get(timeout=10)) is not None:
+            self.lines.append(line)
+        assert self.proc.stdout is not None
+        self.proc.stdout.close()
+        return code
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(2)
+        return self.finish()
+
+
+def offramp(kubeconfig: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+    return subprocess.run(
+        [str(BIN / "offramp"), *args], capture_output=True, text=True, env=env, timeout=timeout
+    )

@@ -1,0 +1,467 @@
+"""The kubelet: each pod a network namespace on a bridge, each container a process in it.
+
+- Pod network: a bridge in the test's own namespace (the "node") at
+  10.214.N.1/24; each pod gets a veth `eth0` with the next address, which
+  becomes `status.podIP`. Only these addresses are used.
+- Containers: the image is looked up in the registry the test gives (an image
+  is an entrypoint argv); `command` replaces it and `args` are appended, as a
+  container runtime does. Env: `value` and `fieldRef` (metadata.name,
+  metadata.namespace, status.podIP) plus HOSTNAME=<pod name>. Volumes: secret
+  (optional or not; rewritten when the Secret changes) and emptyDir,
+  bind-mounted at their mount paths in a mount namespace of the container's
+  own. A container that exits is restarted after a second.
+- Probes: readiness probes (httpGet with User-Agent kube-probe/1.30, or
+  tcpSocket) run from the node against the pod IP every 0.25 s whatever
+  periodSeconds says; three failures in a row make a container unready.
+  Liveness and startup probes are not run.
+- Port-forward dials 127.0.0.1:<port> inside the pod's network namespace, as
+  the kubelet's streaming server does.
+- Deleting a pod: it turns unready, its processes get SIGTERM, then SIGKILL
+  after 10 s (not terminationGracePeriodSeconds), and the object goes.
+- Not emulated: users and capabilities (every process runs as root; the
+  securityContext is only checked by PodSecurity admission), resource limits,
+  image pulls, init containers, exec probes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from tests.kube.store import Obj, Store, now
+
+REPO = Path(__file__).resolve().parents[2]
+PROBE_PERIOD = 0.25
+STOP_GRACE = 10.0
+
+
+@dataclass(frozen=True)
+class Image:
+    entrypoint: tuple[str, ...]
+    workdir: str = str(REPO)
+
+
+@dataclass
+class Container:
+    name: str
+    spec: Obj
+    process: asyncio.subprocess.Process | None = None
+    restarts: int = 0
+    ready: bool = False
+    failures: int = 0
+    waiting: tuple[str, str] | None = None
+    """(reason, message) when it cannot start."""
+
+
+@dataclass
+class PodRuntime:
+    namespace: str
+    name: str
+    uid: str
+    netns: str
+    ip: str
+    veth: str
+    root: Path
+    containers: list[Container] = field(default_factory=list)
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    stopping: bool = False
+    secret_versions: dict[str, str] = field(default_factory=dict)
+
+
+def _sh(*cmd: str) -> None:
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}: {done.stderr.strip()}")
+
+
+class Kubelet:
+    def __init__(self, store: Store, images: dict[str, Image], state: Path, tag: str, net: int):
+        self.store = store
+        self.images = images
+        self.state = state
+        self.tag = tag
+        self.net = net
+        self.bridge = f"ofrkbr{tag}"
+        self.node_ip = f"10.214.{net}.1"
+        self.pods: dict[str, PodRuntime] = {}
+        self.errors: list[str] = []
+        """Failures of the kubelet itself (not of containers): a test bed defect."""
+        self._next = 2
+
+    # --- the node ------------------------------------------------------------------------
+
+    def setup(self) -> None:
+        _sh("ip", "link", "add", self.bridge, "type", "bridge")
+        _sh("ip", "addr", "add", f"{self.node_ip}/24", "dev", self.bridge)
+        _sh("ip", "link", "set", self.bridge, "up")
+
+    def teardown(self) -> None:
+        for pod in list(self.pods.values()):
+            self._kill_netns(pod)
+        subprocess.run(["ip", "link", "del", self.bridge], capture_output=True)
+
+    def _kill_netns(self, pod: PodRuntime) -> None:
+        pids = subprocess.run(
+            ["ip", "netns", "pids", pod.netns], capture_output=True, text=True
+        ).stdout.split()
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError, ValueError):
+                os.kill(int(pid), signal.SIGKILL)
+        subprocess.run(["ip", "netns", "del", pod.netns], capture_output=True)
+        subprocess.run(["ip", "link", "del", pod.veth], capture_output=True)
+
+    # --- the sync loop -------------------------------------------------------------------
+
+    async def sync(self) -> None:
+        pods = {p["metadata"]["uid"]: p for p in self.store.list("pods", "")}
+        for uid, pod in pods.items():
+            runtime = self.pods.get(uid)
+            if pod["metadata"].get("deletionTimestamp"):
+                if runtime is None:
+                    self.store.remove("pods", pod["metadata"]["namespace"], pod["metadata"]["name"])
+                elif not runtime.stopping:
+                    runtime.stopping = True
+                    self._spawn(runtime, self._stop(runtime))
+                continue
+            if runtime is None:
+                runtime = await self._start(pod)
+            self._sync_secrets(runtime, pod)
+            self._write_status(runtime, pod)
+
+    async def _start(self, pod: Obj) -> PodRuntime:
+        n = self._next
+        self._next += 1
+        meta = pod["metadata"]
+        runtime = PodRuntime(
+            meta["namespace"],
+            meta["name"],
+            meta["uid"],
+            netns=f"ofrk-{self.tag}-{n}",
+            ip=f"10.214.{self.net}.{n}",
+            veth=f"ofk{self.tag}{n}",
+            root=self.state / "pods" / f"{meta['name']}-{meta['uid'][:8]}",
+        )
+        self.pods[meta["uid"]] = runtime
+        runtime.root.mkdir(parents=True)
+        await asyncio.to_thread(self._make_netns, runtime)
+        for vol in pod["spec"].get("volumes") or []:
+            (runtime.root / "volumes" / vol["name"]).mkdir(parents=True, exist_ok=True)
+        self._sync_secrets(runtime, pod)
+        for spec in pod["spec"]["containers"]:
+            container = Container(spec["name"], spec)
+            runtime.containers.append(container)
+            self._spawn(runtime, self._run(runtime, pod, container))
+        self._spawn(runtime, self._probe(runtime))
+        return runtime
+
+    def _spawn(self, runtime: PodRuntime, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.create_task(coro)
+        runtime.tasks.append(task)
+
+        def done(t: asyncio.Task[None]) -> None:
+            if not t.cancelled() and t.exception() is not None:
+                self.errors.append(f"pod {runtime.name}: {t.exception()!r}")
+
+        task.add_done_callback(done)
+
+    def _make_netns(self, pod: PodRuntime) -> None:
+        _sh("ip", "netns", "add", pod.netns)
+        _sh(
+            "ip",
+            "link",
+            "add",
+            pod.veth,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            pod.netns,
+        )
+        _sh("ip", "link", "set", pod.veth, "master", self.bridge, "up")
+        ns = ("ip", "netns", "exec", pod.netns)
+        _sh(*ns, "ip", "link", "set", "lo", "up")
+        _sh(*ns, "ip", "addr", "add", f"{pod.ip}/24", "dev", "eth0")
+        _sh(*ns, "ip", "link", "set", "eth0", "up")
+
+    def _sync_secrets(self, runtime: PodRuntime, pod: Obj) -> None:
+        for vol in pod["spec"].get("volumes") or []:
+            if "secret" not in vol:
+                continue
+            name = vol["secret"]["secretName"]
+            secret = self.store.find("secrets", runtime.namespace, name)
+            version = secret["metadata"]["resourceVersion"] if secret else ""
+            if runtime.secret_versions.get(vol["name"]) == version:
+                continue
+            runtime.secret_versions[vol["name"]] = version
+            target = runtime.root / "volumes" / vol["name"]
+            for old in target.iterdir():
+                old.unlink()
+            for key, value in ((secret or {}).get("data") or {}).items():
+                tmp = target / f".{key}.tmp"
+                tmp.write_bytes(base64.b64decode(value))
+                tmp.rename(target / key)
+
+    # --- containers ----------------------------------------------------------------------
+
+    def _argv_env(
+        self, runtime: PodRuntime, pod: Obj, spec: Obj
+    ) -> tuple[list[str], dict[str, str]]:
+        image = self.images.get(spec["image"])
+        if image is None:
+            raise LookupError(
+                f'image "{spec["image"]}" is not known to this emulator (registered: '
+                f"{', '.join(sorted(self.images))})"
+            )
+        argv = list(spec.get("command") or image.entrypoint) + list(spec.get("args") or [])
+        env = {
+            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+            "HOSTNAME": runtime.name,
+            "PYTHONUNBUFFERED": "1",
+        }
+        fields = {
+            "metadata.name": runtime.name,
+            "metadata.namespace": runtime.namespace,
+            "status.podIP": runtime.ip,
+        }
+        for var in spec.get("env") or []:
+            if "value" in var:
+                env[var["name"]] = var["value"]
+            elif (ref := (var.get("valueFrom") or {}).get("fieldRef")) and ref[
+                "fieldPath"
+            ] in fields:
+                env[var["name"]] = fields[ref["fieldPath"]]
+            else:
+                raise LookupError(
+                    f"env {var['name']}: only value and fieldRef ({', '.join(fields)}) are emulated"
+                )
+        return argv, env
+
+    async def _run(self, runtime: PodRuntime, pod: Obj, container: Container) -> None:
+        spec = container.spec
+        try:
+            argv, env = self._argv_env(runtime, pod, spec)
+        except LookupError as e:
+            container.waiting = (
+                "ErrImagePull" if "image" in str(e) else "CreateContainerConfigError",
+                str(e),
+            )
+            return
+        image = self.images[spec["image"]]
+        mounts = [
+            {
+                "source": str(runtime.root / "volumes" / m["name"]),
+                "target": m["mountPath"],
+                "readOnly": bool(m.get("readOnly")),
+            }
+            for m in spec.get("volumeMounts") or []
+        ]
+        keep = sorted({str(REPO), sys.base_prefix, sys.prefix})
+        config = {
+            "argv": argv,
+            "env": env,
+            "mounts": mounts,
+            "keep": keep,
+            "cwd": spec.get("workingDir") or image.workdir,
+        }
+        log = runtime.root / f"{container.name}.log"
+        while not runtime.stopping:
+            with log.open("ab") as out:
+                container.process = await asyncio.create_subprocess_exec(
+                    "ip",
+                    "netns",
+                    "exec",
+                    runtime.netns,
+                    sys.executable,
+                    "-m",
+                    "tests.kube.container",
+                    json.dumps(config),
+                    stdout=out,
+                    stderr=subprocess.STDOUT,
+                    cwd=str(REPO),
+                    start_new_session=True,
+                )
+            code = await container.process.wait()
+            container.ready = False
+            if runtime.stopping:
+                return
+            container.restarts += 1
+            with log.open("ab") as out:
+                out.write(f"--- kubelet: exited with {code}; restarting\n".encode())
+            await asyncio.sleep(1.0)
+
+    async def _probe(self, runtime: PodRuntime) -> None:
+        while not runtime.stopping:
+            for c in runtime.containers:
+                running = c.process is not None and c.process.returncode is None
+                probe = c.spec.get("readinessProbe")
+                if not running:
+                    c.ready = False
+                elif probe is None:
+                    c.ready = True
+                elif await self._check(runtime, c.spec, probe):
+                    c.ready, c.failures = True, 0
+                else:
+                    c.failures += 1
+                    if c.failures >= 3 or not c.ready:
+                        c.ready = False
+            await asyncio.sleep(PROBE_PERIOD)
+
+    async def _check(self, runtime: PodRuntime, spec: Obj, probe: Obj) -> bool:
+        action = probe.get("httpGet") or probe.get("tcpSocket")
+        if action is None:
+            return False  # exec probes are not emulated
+        port = action["port"]
+        if isinstance(port, str):
+            named = [p["containerPort"] for p in spec.get("ports") or [] if p.get("name") == port]
+            if not named:
+                return False
+            port = named[0]
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(runtime.ip, port), 1)
+        except (OSError, TimeoutError):
+            return False
+        try:
+            if "httpGet" not in probe:
+                return True
+            path = action.get("path", "/")
+            writer.write(
+                f"GET {path} HTTP/1.1\r\nHost: {runtime.ip}:{port}\r\n"
+                "User-Agent: kube-probe/1.30\r\nAccept: */*\r\nConnection: close\r\n\r\n".encode()
+            )
+            line = await asyncio.wait_for(reader.readline(), 1)
+            parts = line.split()
+            return len(parts) >= 2 and parts[1].isdigit() and 200 <= int(parts[1]) < 400
+        except (OSError, TimeoutError):
+            return False
+        finally:
+            writer.close()
+
+    # --- status and stop -----------------------------------------------------------------
+
+    def _write_status(self, runtime: PodRuntime, pod: Obj) -> None:
+        statuses = []
+        for c in runtime.containers:
+            running = c.process is not None and c.process.returncode is None
+            state: Obj
+            if c.waiting:
+                state = {"waiting": {"reason": c.waiting[0], "message": c.waiting[1]}}
+            elif running:
+                state = {"running": {}}
+            else:
+                state = {"waiting": {"reason": "ContainerCreating"}}
+            statuses.append(
+                {
+                    "name": c.name,
+                    "image": c.spec["image"],
+                    "imageID": "",
+                    "ready": c.ready,
+                    "restartCount": c.restarts,
+                    "started": running,
+                    "state": state,
+                }
+            )
+        all_ready = bool(statuses) and all(s["ready"] for s in statuses)
+        any_running = any(s["started"] for s in statuses)
+        old = pod.get("status") or {}
+        conditions = []
+        for kind, ok in (
+            ("PodScheduled", True),
+            ("Initialized", True),
+            ("ContainersReady", all_ready),
+            ("Ready", all_ready),
+        ):
+            previous = next((c for c in old.get("conditions") or [] if c["type"] == kind), None)
+            value = "True" if ok else "False"
+            since = (
+                previous["lastTransitionTime"]
+                if previous and previous["status"] == value
+                else now()
+            )
+            conditions.append({"type": kind, "status": value, "lastTransitionTime": since})
+        status = {
+            "phase": "Running" if any_running else "Pending",
+            "conditions": conditions,
+            "hostIP": self.node_ip,
+            "podIP": runtime.ip,
+            "podIPs": [{"ip": runtime.ip}],
+            "startTime": old.get("startTime") or now(),
+            "containerStatuses": statuses,
+        }
+        if status != old:
+            pod["status"] = status
+            self.store.replace("pods", runtime.namespace, runtime.name, pod)
+
+    async def _stop(self, runtime: PodRuntime) -> None:
+        pod = self.store.find("pods", runtime.namespace, runtime.name)
+        for c in runtime.containers:
+            c.ready = False
+        if pod is not None:
+            self._write_status(runtime, pod)
+        procs = [
+            c.process for c in runtime.containers if c.process and c.process.returncode is None
+        ]
+        for proc in procs:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(asyncio.gather(*(p.wait() for p in procs)), STOP_GRACE)
+        await asyncio.to_thread(self._kill_netns, runtime)
+        del self.pods[runtime.uid]
+        self.store.remove("pods", runtime.namespace, runtime.name)
+
+    # --- port-forward --------------------------------------------------------------------
+
+    def dial(self, namespace: str, name: str, port: int) -> socket.socket:
+        """A socket connected to 127.0.0.1:port inside the pod (blocking)."""
+        runtime = next(
+            (r for r in self.pods.values() if (r.namespace, r.name) == (namespace, name)), None
+        )
+        if runtime is None or runtime.stopping:
+            raise ConnectionRefusedError(f"pod {name} has no running sandbox")
+        result: list[socket.socket | BaseException] = []
+
+        def joined() -> None:
+            # A thread of its own: setns moves only this thread, which then ends.
+            try:
+                fd = os.open(f"/run/netns/{runtime.netns}", os.O_RDONLY)
+                try:
+                    os.setns(fd, os.CLONE_NEWNET)
+                finally:
+                    os.close(fd)
+                result.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+            except BaseException as e:
+                result.append(e)
+
+        thread = threading.Thread(target=joined, daemon=True)
+        thread.start()
+        thread.join()
+        got = result[0]
+        if isinstance(got, BaseException):
+            raise got
+        got.settimeout(None)
+        return got
+
+    def logs(self) -> dict[str, str]:
+        out = {}
+        for path in sorted((self.state / "pods").glob("*/*.log")):
+            out[f"{path.parent.name}/{path.stem}"] = path.read_text(errors="replace")
+        return out
+
+
+def require_tools() -> list[str]:
+    return [t for t in ("ip", "iptables-nft", "ss") if shutil.which(t) is None]
