@@ -20,6 +20,7 @@ from sidecar.inject import (
     InjectOptions,
     inject,
     injected,
+    prefixed,
     uninject,
 )
 from sidecar.settings import Capture
@@ -156,17 +157,6 @@ def named_target_port(
     )
 
 
-def _prefixed(patch: list[Obj], prefix: str) -> list[Obj]:
-    out = []
-    for op in patch:
-        op = dict(op)
-        op["path"] = prefix + op["path"]
-        if "from" in op:
-            op["from"] = prefix + op["from"]
-        out.append(op)
-    return out
-
-
 def original_template(template: Obj) -> Obj:
     """The template without offramp's injection."""
     undo = uninject(template)
@@ -189,7 +179,7 @@ def injection_patch(workload: Obj, options: InjectOptions) -> list[Obj]:
         after = jsonpatch.apply_patch(base, inject(base, options))
     except InjectError as e:
         raise TargetError(str(e)) from e
-    ops = _prefixed(jsonpatch.make_patch(template, after).patch, "/spec/template")
+    ops = prefixed(jsonpatch.make_patch(template, after).patch, "/spec/template")
     guard = {
         "op": "test",
         "path": "/metadata/resourceVersion",

@@ -46,6 +46,7 @@ __all__ = [
     "InjectOptions",
     "inject",
     "injected",
+    "prefixed",
     "uninject",
 ]
 
@@ -156,7 +157,7 @@ def inject(template: Template, options: InjectOptions, prefix: str = "") -> Patc
     record = {"version": RECORD_VERSION, "options": options.model_dump(mode="json"), "undo": undo}
     annotations = after.setdefault("metadata", {}).setdefault("annotations", {})
     annotations[ANNOTATION] = json.dumps(record, separators=(",", ":"), sort_keys=True)
-    return _prefixed(jsonpatch.make_patch(before, after).patch, prefix)
+    return prefixed(jsonpatch.make_patch(before, after).patch, prefix)
 
 
 def uninject(template: Template, prefix: str = "") -> Patch:
@@ -175,7 +176,7 @@ def uninject(template: Template, prefix: str = "") -> Patch:
         undo = [op for op in undo if op != {"op": "remove", "path": "/metadata/annotations"}]
     if others or set(meta) - {"annotations"}:
         undo = [op for op in undo if op != {"op": "remove", "path": "/metadata"}]
-    return _prefixed([remove, *undo], prefix)
+    return prefixed([remove, *undo], prefix)
 
 
 # --- the parts -------------------------------------------------------------------------
@@ -320,7 +321,8 @@ def _escape(key: str) -> str:
     return key.replace("~", "~0").replace("/", "~1")
 
 
-def _prefixed(patch: Patch, prefix: str) -> Patch:
+def prefixed(patch: Patch, prefix: str) -> Patch:
+    """The patch with `prefix` before every path (a template inside a bigger object)."""
     out = []
     for op in patch:
         op = dict(op)

@@ -4,6 +4,7 @@ sidecars capturing with iptables inside the pods' network namespaces."""
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import pytest
 
 from tests.e2e.conftest import NAMESPACE, SIDECAR_IMAGE, Cli, deployment, get, offramp, service
 from tests.kube.cluster import Cluster
-from tests.support import HttpApp, start_app
+from tests.support import HttpApp, free_port, start_app
 
 pytestmark = pytest.mark.timeout(240)
 ALICE = {"x-preview": "alice"}
@@ -122,3 +123,136 @@ def test_steal_follows_every_replica_through_scale_and_rollout(
         {**original, "metadata": {**original["metadata"], "annotations": {"restartedAt": "now"}}},
         sort_keys=True,
     )
+
+
+def test_privilege_free_mode_is_chosen_where_podsecurity_forbids_net_admin(
+    cluster: Cluster, local: HttpApp, tmp_path: Path
+) -> None:
+    """In a namespace that enforces PodSecurity baseline the sidecar gets no NET_ADMIN:
+    it takes over the Service's named targetPort, and kubelet probes still reach the
+    app directly on the renamed port."""
+    cluster.patch(
+        f"/api/v1/namespaces/{NAMESPACE}",
+        [
+            {
+                "op": "add",
+                "path": "/metadata/labels",
+                "value": {"pod-security.kubernetes.io/enforce": "baseline"},
+            }
+        ],
+    )
+    cluster.apply(deployment(replicas=2))
+    cluster.apply(service(target="http"))
+    cluster.wait("2 app pods", lambda: len(cluster.ready_pods(NAMESPACE, app="api")) == 2)
+    kubeconfig = cluster.kubeconfig(tmp_path / "kubeconfig", namespace=NAMESPACE)
+    cli = Cli(kubeconfig, "steal", "deploy/api", "--to", str(local.port), "--image", SIDECAR_IMAGE)
+    try:
+        line = cli.wait_for("injecting the sidecar")
+        assert "enforces PodSecurity 'baseline', which forbids NET_ADMIN, port http" in line
+        cli.wait_count(OPEN, 2)
+        pods = cluster.ready_pods(NAMESPACE, app="api")
+        for pod in pods:
+            app, sidecar = pod["spec"]["containers"]
+            assert app["ports"] == [{"name": "app-8080", "containerPort": 8080}]
+            assert app["readinessProbe"]["httpGet"]["port"] == "app-8080"
+            assert "NET_ADMIN" not in str(sidecar["securityContext"])
+            assert sidecar["ports"][0]["name"] == "http"
+        endpoints = cluster.endpoints(NAMESPACE, "api")
+        assert sorted(port for _, port in endpoints) == [15080, 15080]
+        for ip, port in endpoints:
+            # No filter: every request is stolen, except a kubelet probe.
+            assert get(ip, port, "/x")["served_by"] == "local"
+            probe = get(ip, port, "/ready", {"User-Agent": "kube-probe/1.30"})
+            assert probe["served_by"] == "app"
+            # The kubelet's own probes go to the app's renamed port, past the sidecar.
+            direct = get(ip, 8080, "/ready", {"User-Agent": "kube-probe/1.30"})
+            assert direct["served_by"] == "app" and direct["peer"] == cluster.kubelet.node_ip
+    finally:
+        assert cli.stop() == 0, "\n".join(cli.lines)
+
+
+def test_a_command_after_the_double_dash_runs_for_the_session(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """`offramp steal ... -- CMD`: the session starts once CMD listens on --to and
+    ends when CMD exits, with CMD's exit code."""
+    cluster.apply(deployment(replicas=1))
+    cluster.wait("the app pod", lambda: len(cluster.ready_pods(NAMESPACE, app="api")) == 1)
+    kubeconfig = cluster.kubeconfig(tmp_path / "kubeconfig", namespace=NAMESPACE)
+    port = free_port()
+    cli = Cli(
+        kubeconfig,
+        "steal",
+        "deploy/api",
+        "--to",
+        str(port),
+        "--path",
+        "^/(mine|exit)",
+        "--image",
+        SIDECAR_IMAGE,
+        "--",
+        sys.executable,
+        "-m",
+        "tests.kube.app",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--exit-on-request",
+    )
+    cli.wait_for(f"listens on 127.0.0.1:{port}")
+    cli.wait_count(OPEN, 1)
+    pod = cluster.ready_pods(NAMESPACE, app="api")[0]
+    ip = pod["status"]["podIP"]
+    mine = get(ip, 8080, "/mine")
+    assert mine["pod"] != pod["metadata"]["name"] and mine["peer"] == "127.0.0.1"
+    assert get(ip, 8080, "/other")["pod"] == pod["metadata"]["name"]
+    with pytest.raises(Exception):
+        get(ip, 8080, "/exit")  # the local process answers 204 and exits
+    assert cli.finish() == 3
+    assert "offramp: session ended: 2 stolen, 0 mirrored" in cli.lines
+    assert get(ip, 8080, "/mine")["pod"] == pod["metadata"]["name"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["rs/api"], "cannot use 'rs/api' as a target: write KIND/NAME with KIND one of deploy"),
+        (["deploy/nope"], "no deployment 'nope' in namespace 'shop'; deployments there: api"),
+        (["sts/api"], "no statefulset 'api' in namespace 'shop'; statefulsets there: none"),
+        (
+            ["deploy/api", "--port", "9090"],
+            "container 'api' declares no port 9090; it declares: 8080",
+        ),
+        (
+            ["deploy/api", "--no-iptables"],
+            "Service 'api' targets port 8080 by number. Name the port in the container",
+        ),
+        (
+            ["deploy/api", "-n", "other"],
+            'deployments "api" is forbidden: User "developer" cannot get resource "deployments" '
+            'in API group "apps" in the namespace "other" (ask a cluster admin to bind the '
+            "offramp-user ClusterRole",
+        ),
+    ],
+    ids=[
+        "unknown kind",
+        "missing object",
+        "missing kind",
+        "no such port",
+        "numbered targetPort",
+        "forbidden",
+    ],
+)
+def test_what_cannot_work_is_refused_with_what_exists(
+    cluster: Cluster, tmp_path: Path, args: list[str], message: str
+) -> None:
+    cluster.apply(deployment(replicas=1, port_name=None))
+    cluster.apply(service(target=8080))
+    kubeconfig = cluster.kubeconfig(tmp_path / "kubeconfig", namespace=NAMESPACE)
+    done = offramp(kubeconfig, "steal", *args, "--to", "9", "--image", SIDECAR_IMAGE)
+    assert done.returncode != 0
+    assert message in done.stderr, done.stderr
+    # Nothing was changed on the way to the refusal.
+    template = cluster.request("GET", DEPLOY)["spec"]["template"]
+    assert "annotations" not in template["metadata"]
