@@ -92,6 +92,25 @@ def _translate(e: Exception, doing: str) -> KubeError:
     return Unreachable(f"{doing}: cannot reach the API server: {e}")
 
 
+def _translate_handshake(e: Exception, doing: str) -> KubeError:
+    """A refused websocket handshake arrives wrapped (and, in the client's own error
+    handling, sometimes as an AttributeError); the answer's status is in the chain."""
+    cause: BaseException | None = e
+    while cause is not None:
+        status = getattr(cause, "status_code", None)
+        if isinstance(status, int):
+            body = getattr(cause, "resp_body", None) or b"{}"
+            return _translate(_status_error(status, body), doing)
+        cause = cause.__cause__ or cause.__context__
+    return _translate(e, doing) if isinstance(e, _ERRORS) else Unreachable(f"{doing}: {e}")
+
+
+def _status_error(status: int, body: bytes) -> ApiException:
+    error = ApiException(status=status, reason=f"status {status}")
+    error.body = body.decode(errors="replace")
+    return error
+
+
 _ERRORS = (ApiException, urllib3.exceptions.HTTPError, OSError)
 
 # (group API, read, list, patch) method names of the generated client, per resource.
@@ -223,10 +242,8 @@ class Kube:
                     self.namespace,
                     ports=str(port),
                 )
-        except _ERRORS as e:
-            raise _translate(e, f"port-forward to {pod}:{port}") from e
-        except Exception as e:  # websocket-client's own errors (handshake refused, ...)
-            raise Unreachable(f"port-forward to {pod}:{port}: {e}") from e
+        except Exception as e:
+            raise _translate_handshake(e, f"port-forward to {pod}:{port}") from e
         wrapper = pf.socket(port)
         # A plain socket object for asyncio (the client hands out a wrapper).
         sock = socket.socket(fileno=os.dup(wrapper.fileno()))

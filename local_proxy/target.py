@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from local_proxy.config import LocalSettings
-from local_proxy.kube import Kube, KubeError, NotFound
+from local_proxy.kube import Forbidden, Kube, KubeError, NotFound
 from local_proxy.session import LocalSession, SessionError
 from local_proxy.workload import (
     Target,
@@ -39,7 +39,7 @@ from local_proxy.workload import (
     token_secret,
     uninjection_patch,
 )
-from sidecar.inject import InjectOptions, injected
+from sidecar.inject import SIDECAR_NAME, InjectOptions, injected
 from sidecar.settings import Capture
 
 __all__ = ["StealTarget", "Target", "run_status", "run_uninject"]
@@ -85,6 +85,7 @@ class StealTarget:
     sessions: dict[str, tuple[LocalSession, asyncio.Task[None]]] = field(default_factory=dict)
     ended: list[LocalSession] = field(default_factory=list)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _fatal: Failed | None = None
 
     def stop(self) -> None:
         self._stop.set()
@@ -106,6 +107,12 @@ class StealTarget:
         try:
             workload = await self._k(resolve, kube, t)
             if t.resource == "pods":
+                if not any(c["name"] == SIDECAR_NAME for c in workload["spec"]["containers"]):
+                    raise Failed(
+                        f"pod {t.name} has no offramp sidecar, and a pod's containers cannot "
+                        "be changed: steal from its workload (deploy/NAME or sts/NAME), or "
+                        "let the injector webhook add the sidecar (see charts/offramp)"
+                    )
                 return workload, await self._token(token_secret(workload) or "offramp-token")
             namespace = await self._k(kube.get_namespace)
             capture, why = choose_capture(namespace, self.no_iptables)
@@ -217,6 +224,8 @@ class StealTarget:
         finally:
             watcher.stop()
             await self._end_all()
+        if self._fatal is not None:
+            raise self._fatal
 
     def _reconcile(self, pods: dict[str, int], token: str) -> None:
         for name in [n for n in self.sessions if n not in pods]:
@@ -245,6 +254,11 @@ class StealTarget:
             assert self.kube is not None
             try:
                 return await asyncio.to_thread(self.kube.port_forward, pod, port)
+            except Forbidden as e:
+                # Retrying cannot help: end the command and say what is missing.
+                self._fatal = Failed(str(e))
+                self.stop()
+                raise OSError(str(e)) from e
             except KubeError as e:
                 raise OSError(str(e)) from e
 

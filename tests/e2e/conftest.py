@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import queue
+import signal
 import subprocess
 import sys
 import threading
@@ -23,6 +25,7 @@ BIN = Path(sys.executable).parent
 APP_IMAGE = "shop/api:1"
 SIDECAR_IMAGE = "offramp/sidecar:test"
 NAMESPACE = "shop"
+STARTED: list[Cli] = []
 
 
 @pytest.fixture
@@ -39,6 +42,14 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
         yield c
         assert not c.kubelet.errors, c.kubelet.errors
     finally:
+        # A test that failed half-way may leave its CLI running: end it first.
+        # Its whole process group goes (a command after -- included), so its
+        # output pipe reaches EOF and the reader thread ends on its own.
+        while STARTED:
+            cli = STARTED.pop()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(cli.proc.pid, signal.SIGKILL)
+            cli.proc.wait(10)
         c.close()
         for name, text in c.logs().items():
             if "offramp-sidecar" in name and "Traceback" in text:
@@ -113,7 +124,9 @@ class Cli:
             stderr=subprocess.STDOUT,
             env=env,
             text=True,
+            start_new_session=True,
         )
+        STARTED.append(self)
         self.lines: list[str] = []
         self._queue: queue.Queue[str | None] = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -162,6 +175,18 @@ class Cli:
                     f"offramp exited ({self.proc.wait()}):\n" + "\n".join(self.lines)
                 )
             self.lines.append(line)
+
+    def count_now(self, text: str) -> int:
+        while True:
+            try:
+                line = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if line is None:
+                self._queue.put(None)  # for finish()
+                break
+            self.lines.append(line)
+        return sum(text in line for line in self.lines)
 
     def finish(self, timeout: float = 60) -> int:
         code = self.proc.wait(timeout)

@@ -4,6 +4,9 @@ sidecars capturing with iptables inside the pods' network namespaces."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -187,7 +190,7 @@ def test_a_command_after_the_double_dash_runs_for_the_session(
         "--to",
         str(port),
         "--path",
-        "^/(mine|exit)",
+        "^/mine",
         "--image",
         SIDECAR_IMAGE,
         "--",
@@ -198,7 +201,6 @@ def test_a_command_after_the_double_dash_runs_for_the_session(
         "127.0.0.1",
         "--port",
         str(port),
-        "--exit-on-request",
     )
     cli.wait_for(f"listens on 127.0.0.1:{port}")
     cli.wait_count(OPEN, 1)
@@ -207,10 +209,12 @@ def test_a_command_after_the_double_dash_runs_for_the_session(
     mine = get(ip, 8080, "/mine")
     assert mine["pod"] != pod["metadata"]["name"] and mine["peer"] == "127.0.0.1"
     assert get(ip, 8080, "/other")["pod"] == pod["metadata"]["name"]
-    with pytest.raises(Exception):
-        get(ip, 8080, "/exit")  # the local process answers 204 and exits
-    assert cli.finish() == 3
-    assert "offramp: session ended: 2 stolen, 0 mirrored" in cli.lines
+    # The local process ends (as a developer's Ctrl-C in its own terminal would end it).
+    found = subprocess.run(["pgrep", "-P", str(cli.proc.pid)], capture_output=True, text=True)
+    (pid,) = found.stdout.split()
+    os.kill(int(pid), signal.SIGTERM)
+    assert cli.finish() == 128 + signal.SIGTERM
+    assert "offramp: session ended: 1 stolen, 0 mirrored" in cli.lines
     assert get(ip, 8080, "/mine")["pod"] == pod["metadata"]["name"]
 
 
@@ -256,3 +260,49 @@ def test_what_cannot_work_is_refused_with_what_exists(
     # Nothing was changed on the way to the refusal.
     template = cluster.request("GET", DEPLOY)["spec"]["template"]
     assert "annotations" not in template["metadata"]
+
+
+def test_a_developer_who_may_not_port_forward_is_told_so(
+    cluster: Cluster, local: HttpApp, tmp_path: Path
+) -> None:
+    """Without `create` on pods/portforward (what the API server asks for a websocket
+    port-forward since 1.30) the command ends with the API server's reason."""
+    rules = cluster.users[cluster.developer_token].bindings[NAMESPACE]
+    rules[:] = [
+        {**r, "verbs": ["get"]} if r["resources"] == ["pods/portforward"] else r for r in rules
+    ]
+    cluster.apply(deployment(replicas=1))
+    kubeconfig = cluster.kubeconfig(tmp_path / "kubeconfig", namespace=NAMESPACE)
+    done = offramp(kubeconfig, "steal", "deploy/api", "--to", str(local.port),
+                   "--image", SIDECAR_IMAGE, timeout=90)  # fmt: skip
+    assert done.returncode == 1
+    assert 'cannot create resource "pods/portforward" in API group ""' in done.stderr
+    assert "bind the offramp-user ClusterRole" in done.stderr
+
+
+def test_a_pod_joins_alone_and_a_pod_without_sidecar_is_refused(
+    cluster: Cluster, local: HttpApp, tmp_path: Path
+) -> None:
+    """pod/NAME: a pod of an injected workload is stolen from alone; a pod without
+    the sidecar cannot get one (its containers are immutable) and the CLI says so."""
+    cluster.apply(deployment(replicas=2))
+    cluster.wait("2 app pods", lambda: len(cluster.ready_pods(NAMESPACE, app="api")) == 2)
+    kubeconfig = cluster.kubeconfig(tmp_path / "kubeconfig", namespace=NAMESPACE)
+    bare = cluster.pods(NAMESPACE, app="api")[0]["metadata"]["name"]
+    done = offramp(kubeconfig, "steal", f"pod/{bare}", "--to", str(local.port))
+    assert done.returncode == 1
+    assert f"pod {bare} has no offramp sidecar" in done.stderr
+
+    whole = Cli(
+        kubeconfig, "steal", "deploy/api", "--to", str(local.port), "--image", SIDECAR_IMAGE
+    )
+    whole.wait_count(OPEN, 2)
+    whole.stop()
+    pod = cluster.ready_pods(NAMESPACE, app="api")[0]
+    one = Cli(kubeconfig, "steal", f"pod/{pod['metadata']['name']}", "--to", str(local.port))
+    try:
+        one.wait_count(OPEN, 1)
+        assert one.count_now("joined") == 1
+        assert get(pod["status"]["podIP"], 8080, "/x")["served_by"] == "local"
+    finally:
+        assert one.stop() == 0

@@ -13,18 +13,11 @@ import os
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-EXIT_ON_REQUEST = False
-
 
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:
-        if self.path == "/exit" and EXIT_ON_REQUEST:
-            self.send_response(204)
-            self.end_headers()
-            self.wfile.flush()
-            os._exit(3)
         body = json.dumps(
             {
                 "served_by": "app",
@@ -50,10 +43,7 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--port", type=int, action="append", required=True)
     p.add_argument("--host", default="0.0.0.0")
-    p.add_argument("--exit-on-request", action="store_true", help="GET /exit ends it with code 3")
     args = p.parse_args()
-    global EXIT_ON_REQUEST
-    EXIT_ON_REQUEST = args.exit_on_request
     servers = [ThreadingHTTPServer((args.host, port), Handler) for port in args.port]
     for server in servers[1:]:
         threading.Thread(target=server.serve_forever, daemon=True).start()
