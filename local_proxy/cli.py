@@ -85,6 +85,14 @@ def parser() -> argparse.ArgumentParser:
     )
     steal.add_argument("--container", help="the app container (default: the first)")
     steal.add_argument(
+        "--sidecar-workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="proxy processes in each injected sidecar, sharing its port; about one per "
+        "core the pod gives it (default %(default)s)",
+    )
+    steal.add_argument(
         "--rollout-timeout",
         type=float,
         default=300.0,
@@ -235,6 +243,8 @@ def _steal(args: argparse.Namespace, command: list[str]) -> int:
         return _fail("give either KIND/NAME (a workload in the cluster) or --sidecar-url")
     if args.sidecar_url and args.token_file is None:
         return _fail("--sidecar-url needs --token-file (the file with the sidecar's token)")
+    if not 1 <= args.sidecar_workers <= 64:
+        return _fail(f"--sidecar-workers {args.sidecar_workers}: give 1 to 64 (about one per core)")
     try:
         target = _target(args) if args.target else None
         incoming = load_incoming(args.config_file) if args.config_file else Incoming()
@@ -265,13 +275,14 @@ def _steal(args: argparse.Namespace, command: list[str]) -> int:
     except (ConfigError, TokenError) as e:
         return _fail(str(e))
     except ValidationError as e:
-        return _fail(describe_validation_error(e).replace("invalid session spec", "invalid option"))
+        return _fail(describe_validation_error(e, "option"))
     if target is not None:
         from local_proxy.target import StealTarget
 
         steal = StealTarget(
             target, settings, image=args.image, no_iptables=args.no_iptables,
             container=args.container, rollout_timeout=args.rollout_timeout, report=_say,
+            sidecar_workers=args.sidecar_workers,
         )  # fmt: skip
         return asyncio.run(_run_target(steal, command, args.to))
     if command:

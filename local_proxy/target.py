@@ -79,6 +79,7 @@ class StealTarget:
     image: str
     no_iptables: bool = False
     container: str | None = None
+    sidecar_workers: int = 1
     rollout_timeout: float = 300.0
     report: Report = print
     kube: Kube | None = None
@@ -133,6 +134,7 @@ class StealTarget:
                 capture=capture,
                 named_port=named,
                 token_secret=secret_name(t.resource, t.name),
+                workers=self.sidecar_workers,
             )
             token = await self._token(options.token_secret)
             ops = injection_patch(workload, options)

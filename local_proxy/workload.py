@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import jsonpatch
+from pydantic import ValidationError
 
 from sidecar.inject import (
     SIDECAR_NAME,
@@ -164,6 +165,15 @@ def original_template(template: Obj) -> Obj:
     return out
 
 
+def _same_options(recorded: object, options: InjectOptions) -> bool:
+    """Recorded options (by any earlier version, whose defaults fill what it did
+    not know) equal to `options`."""
+    try:
+        return InjectOptions.model_validate(recorded) == options
+    except ValidationError:
+        return False
+
+
 def injection_patch(workload: Obj, options: InjectOptions) -> list[Obj]:
     """The patch that leaves the workload injected with `options` ([] if it already is).
 
@@ -172,7 +182,7 @@ def injection_patch(workload: Obj, options: InjectOptions) -> list[Obj]:
     it fails instead of overwriting a change made in the meantime."""
     template = workload["spec"]["template"]
     record = injected(template)
-    if record is not None and record.get("options") == options.model_dump(mode="json"):
+    if record is not None and _same_options(record.get("options"), options):
         return []
     base = original_template(template)
     try:

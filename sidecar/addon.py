@@ -18,12 +18,13 @@ from collections.abc import Callable
 
 from mitmproxy import http
 
-from sidecar.filters import RequestView
+from sidecar.flows import add_forwarded_for, peer_of, request_view
 from sidecar.gateway import ROUTE_HEADER, Gateway
 from sidecar.protocol import HOP_BY_HOP, MAX_DATA, Data, End, RequestHead, ResetCode, Stats
 from sidecar.router import decide, is_probe
 from sidecar.sessions import MAX_MIRRORS_IN_FLIGHT, MIRROR_BACKLOG, Session, SessionRegistry
 from sidecar.tunnel import StreamHandle
+from sidecar.workers import Handoff
 
 __all__ = ["OfframpAddon"]
 
@@ -121,8 +122,15 @@ class _Tee:
 
 
 class OfframpAddon:
-    def __init__(self, registry: SessionRegistry, gateway: Gateway, probe_paths: frozenset[str]):
+    def __init__(
+        self,
+        registry: SessionRegistry,
+        gateway: Gateway,
+        probe_paths: frozenset[str],
+        handoff: Handoff | None = None,
+    ):
         self.registry = registry
+        self.handoff = handoff
         self.gateway = gateway
         self.probe_paths = probe_paths
         self.in_flight: set[str] = set()
@@ -136,22 +144,18 @@ class OfframpAddon:
         request.stream = True
         self.in_flight.add(flow.id)
         self.idle.clear()
-        client_ip = flow.client_conn.peername[0] if flow.client_conn.peername else ""
-        if client_ip:
-            previous = request.headers.get("x-forwarded-for")
-            request.headers["x-forwarded-for"] = (
-                f"{previous}, {client_ip}" if previous else client_ip
-            )
+        peer = peer_of(flow)
+        handed = self.handoff.take(request) if self.handoff is not None else None
+        if handed is not None:
+            peer = handed  # a worker's: it added X-Forwarded-For
+        else:
+            add_forwarded_for(request, peer)
 
         sessions = self.registry.for_port(request.port)
         if not sessions:
             return
         fields = request.headers.fields
-        view = RequestView(
-            request.method,
-            request.path,
-            [f"{n.decode('latin-1')}: {v.decode('latin-1')}" for n, v in fields],
-        )
+        view = request_view(request)
         probe = is_probe(request.headers.get("user-agent"), view.path, self.probe_paths)
         decision = decide(sessions, view, probe)
         if decision.steal is None and not decision.mirrors:
@@ -164,7 +168,6 @@ class OfframpAddon:
             if n.lower() not in _NOT_HANDED_OVER or (http2 and _is_te_trailers(n, v))
         )
         no_body = _has_no_body(request) and not upgrade
-        peer = f"{client_ip}:{flow.client_conn.peername[1]}" if client_ip else ""
         authority = request.authority if http2 else ""
 
         def head(mirror: bool) -> Callable[[int], RequestHead]:

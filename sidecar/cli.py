@@ -94,6 +94,14 @@ def parser() -> argparse.ArgumentParser:
         default=10.0,
         help="seconds to let in-flight requests finish on SIGTERM (default %(default)s)",
     )
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="proxy processes that share each listen port (SO_REUSEPORT), so throughput "
+        "grows with the pod's cores; give about one per core (default %(default)s)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--version", action="version", version=f"offramp-sidecar {__version__}")
     return p
@@ -138,6 +146,13 @@ def webhook_parser() -> argparse.ArgumentParser:
         '{"cpu": "50m", "memory": "64Mi"}, "limits": {"memory": "256Mi"}}\' (that is the default)',
     )
     p.add_argument(
+        "--workers",
+        type=int,
+        default=1,
+        metavar="N",
+        help="the injected sidecar's proxy processes (its --workers; default %(default)s)",
+    )
+    p.add_argument(
         "--namespace",
         required=True,
         help="the webhook's own namespace: its pods are never injected",
@@ -175,11 +190,12 @@ def webhook_main(argv: Sequence[str]) -> int:
             capture=Capture(args.capture),
             token_secret=args.token_secret,
             protect_probes=not args.no_probe_protection,
+            workers=args.workers,
             **({"resources": args.resources} if args.resources is not None else {}),
         )
         policy = WebhookPolicy(options=options, own_namespace=args.namespace)
     except ValidationError as e:
-        print(f"offramp-sidecar webhook: {describe_validation_error(e)}", file=sys.stderr)
+        print(f"offramp-sidecar webhook: {describe_validation_error(e, 'option')}", file=sys.stderr)
         return 2
     try:
         return asyncio.run(serve(policy, args.host, args.port, args.cert, args.key))
@@ -221,12 +237,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             close_existing=not args.keep_existing_connections,
             probe_paths=frozenset(args.probe_path),
             drain_timeout=args.drain_timeout,
+            workers=args.workers,
         )
     except TokenError as e:
         print(f"offramp-sidecar: {e}", file=sys.stderr)
         return 2
     except ValidationError as e:
-        print(f"offramp-sidecar: {describe_validation_error(e)}", file=sys.stderr)
+        print(f"offramp-sidecar: {describe_validation_error(e, 'option')}", file=sys.stderr)
         return 2
     except ValueError as e:
         print(f"offramp-sidecar: {e}", file=sys.stderr)

@@ -15,6 +15,7 @@ import contextlib
 import hmac
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from http import HTTPStatus
 from pathlib import Path
 
@@ -45,6 +46,7 @@ log = logging.getLogger(__name__)
 
 TUNNEL_PATH = "/v1/tunnel"
 STATUS_PATH = "/v1/status"
+WORKER_SYNC_TIMEOUT = 5.0
 HANDSHAKE_TIMEOUT = 10.0
 
 
@@ -64,6 +66,10 @@ class ControlServer:
         self.port = port
         self._server: Server | None = None
         self.serving = True
+        self.announce: Callable[[list[SessionSpec]], Awaitable[None]] | None = None
+        """Given the open sessions and the one about to open, before it opens:
+        proxy workers learn its filter before it is welcomed."""
+        self._opening: list[SessionSpec] = []
 
     def _current_token(self) -> bytes | None:
         """The token; if the sidecar started without one, read it once the file exists."""
@@ -163,6 +169,8 @@ class ControlServer:
             return
 
         refusal, session = self._admit(hello, conn, ws)
+        if session is not None and self.announce is not None:
+            await self._announce(session)
         if session is not None:
             try:
                 self.registry.add(session)  # starts capture for its ports
@@ -211,6 +219,22 @@ class ControlServer:
             session.mirror_dropped,
         )
 
+    async def _announce(self, session: Session) -> None:
+        self._opening.append(session.spec)
+        try:
+            specs = [s.spec for s in self.registry.sessions] + self._opening
+            assert self.announce is not None
+            await asyncio.wait_for(self.announce(specs), WORKER_SYNC_TIMEOUT)
+        except TimeoutError:
+            log.warning(
+                "%s: not every proxy worker confirmed it within %.0f s; until they do, "
+                "requests they serve go to the app",
+                session.describe(),
+                WORKER_SYNC_TIMEOUT,
+            )
+        finally:
+            self._opening.remove(session.spec)
+
     def _admit(
         self, hello: Hello, conn: Connection, ws: ServerConnection
     ) -> tuple[Refused | None, Session | None]:
@@ -255,10 +279,10 @@ class ControlServer:
         return None, Session(spec, predicate, Tunnel(conn, ws), timeouts)
 
 
-def describe_validation_error(error: ValidationError) -> str:
+def describe_validation_error(error: ValidationError, what: str = "session spec") -> str:
     """One line per problem: where it is, what is wrong."""
     lines = []
     for problem in error.errors():
         where = ".".join(str(p) for p in problem["loc"]) or "(top level)"
         lines.append(f"{where}: {problem['msg']}")
-    return "invalid session spec: " + "; ".join(lines)
+    return f"invalid {what}: " + "; ".join(lines)

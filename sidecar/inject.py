@@ -90,6 +90,8 @@ class InjectOptions(BaseModel):
         }
     )
     run_as_user: int = Field(default=10001, ge=1)
+    workers: int = Field(default=1, ge=1, le=64)
+    """The sidecar's proxy processes (`offramp-sidecar --workers`)."""
 
 
 def injected(template: Template) -> dict[str, Any] | None:
@@ -278,6 +280,8 @@ def _sidecar(
     ]
     if options.protect_probes:
         args += [f"--probe-path={path}" for path in probe_paths]
+    if options.workers > 1:
+        args.append(f"--workers={options.workers}")
     ports: list[dict[str, Any]] = []
     for app, port in zip(app_ports, listen, strict=True):
         entry: dict[str, Any] = {"containerPort": port, "protocol": "TCP"}

@@ -27,12 +27,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import signal
 import time
 
 from mitmproxy import options
 from mitmproxy.addons import core, proxyserver
 from mitmproxy.master import Master
+from mitmproxy.proxy.mode_specs import ProxyMode
 
 from sidecar.addon import OfframpAddon
 from sidecar.capture import IptablesCapture, NoCapture
@@ -41,6 +43,14 @@ from sidecar.gateway import Gateway
 from sidecar.h2c import ProtocolDetect
 from sidecar.sessions import SessionRegistry
 from sidecar.settings import Capture, SidecarSettings
+from sidecar.spec import SessionSpec
+from sidecar.workers import (
+    Handoff,
+    WorkerConfig,
+    WorkerPool,
+    close_client_connections,
+    reuse_port_listeners,
+)
 
 __all__ = ["Sidecar", "run"]
 
@@ -61,7 +71,10 @@ class Sidecar:
             settings.control_host,
             settings.control_port,
         )
-        self.addon = OfframpAddon(self.registry, self.gateway, settings.probe_paths)
+        # With workers, requests they hand over carry this secret (sidecar.workers).
+        self.handoff = Handoff(secrets.token_hex(16)) if settings.workers > 1 else None
+        self.addon = OfframpAddon(self.registry, self.gateway, settings.probe_paths, self.handoff)
+        self.workers: WorkerPool | None = None
         self._proxyserver = proxyserver.Proxyserver()
         self.master: Master | None = None
         self._master_task: asyncio.Task[None] | None = None
@@ -73,11 +86,10 @@ class Sidecar:
         self.master = Master(options.Options())
         # ProtocolDetect stands in for mitmproxy's NextLayer: raw TCP, HTTP/1.1 or h2c.
         self.master.addons.add(core.Core(), self._proxyserver, self.addon, ProtocolDetect())
+        if self.handoff is not None:
+            reuse_port_listeners()
         self.master.options.update(
-            mode=[
-                f"reverse:http://{s.app_host}:{p.app}@{s.listen_host}:{p.listen}"
-                for p in s.app_ports
-            ],
+            mode=self._modes(),
             keep_host_header=True,
             # Connect to the app as soon as a caller connects, so that a protocol in
             # which the server speaks first is seen at once and passed as raw TCP.
@@ -92,7 +104,51 @@ class Sidecar:
                 log.warning("removed iptables chains left by an earlier run: %s", ", ".join(stale))
             self.capture = capture
         self.registry.add_listener(self._on_port_change)
+        if self.handoff is not None:
+            await self._start_workers()
         await self.control.start()
+
+    def _modes(self, shared: bool = True) -> list[str]:
+        """The listeners: each app port's proxy port (`shared` with the workers), and
+        with workers, a handoff listener on 127.0.0.1 per app port."""
+        s = self.settings
+        modes = []
+        if shared:
+            modes += [
+                f"reverse:http://{s.app_host}:{p.app}@{s.listen_host}:{p.listen}"
+                for p in s.app_ports
+            ]
+        if self.handoff is not None:
+            # The trailing "/" (which mitmproxy allows) tells them apart from a
+            # proxy port that also listens on 127.0.0.1 at a free port.
+            modes += [f"reverse:http://{s.app_host}:{p.app}/@127.0.0.1:0" for p in s.app_ports]
+        return modes
+
+    async def _start_workers(self) -> None:
+        s = self.settings
+        assert self.handoff is not None
+        shared = self.listen_ports()
+        handoff = self.listen_ports(handoff=True)
+        config = WorkerConfig(
+            index=0,
+            app_host=s.app_host,
+            listen_host=s.listen_host,
+            ports=tuple((app, shared[app], handoff[app]) for app in shared),
+            secret=self.handoff.secret,
+            probe_paths=s.probe_paths,
+            drain_timeout=s.drain_timeout,
+            log_level=logging.getLevelName(logging.getLogger().level).lower(),
+        )
+        workers = WorkerPool(s.workers, config)
+        await workers.start()
+        self.workers = workers
+        self.registry.watch(lambda sessions: workers.update([x.spec for x in sessions]))
+
+        async def announce(specs: list[SessionSpec]) -> None:
+            workers.update(specs)
+            await workers.synced()
+
+        self.control.announce = announce
 
     def _on_port_change(self, port: int, sessions: int) -> None:
         if sessions:
@@ -115,11 +171,14 @@ class Sidecar:
             "(is a port in use?)"
         )
 
-    def listen_ports(self) -> dict[int, int]:
-        """app port -> the port its listener actually got."""
+    def listen_ports(self, handoff: bool = False) -> dict[int, int]:
+        """app port -> the port its listener (or its handoff listener) actually got."""
         found = {}
         for srv in self._proxyserver.servers:
-            target = int(str(srv.mode.data).rsplit(":", 1)[1])
+            data = str(srv.mode.data)
+            if data.endswith("/") != handoff:
+                continue
+            target = int(data.rstrip("/").rsplit(":", 1)[1])
             for addr in srv.listen_addrs:
                 found[target] = int(addr[1])
         return found
@@ -128,6 +187,12 @@ class Sidecar:
         """Stop capturing and listening, drain in-flight requests, end sessions."""
         self.control.stop_accepting()
         self.capture.stop_all()
+        if self.workers is not None:
+            # The workers drain first: their stolen requests need the handoff listeners.
+            await self._proxyserver.servers.update(
+                [ProxyMode.parse(m) for m in self._modes(shared=False)]
+            )
+            await self.workers.stop(self.settings.drain_timeout)
         await self._proxyserver.servers.update([])
         try:
             await asyncio.wait_for(self.addon.idle.wait(), self.settings.drain_timeout)
@@ -135,23 +200,11 @@ class Sidecar:
             log.warning("%d requests still open after the drain timeout", len(self.addon.in_flight))
         await self.control.end_sessions("the sidecar is shutting down")
         await self.gateway.stop()
-        await self._close_client_connections()
+        await close_client_connections(self._proxyserver)
         if self.master is not None:
             self.master.shutdown()
         if self._master_task is not None:
             await self._master_task
-
-    async def _close_client_connections(self) -> None:
-        """End the connections still open after the drain (idle keep-alives,
-        or requests past the drain timeout), as a disconnect would."""
-        for handler in list(self._proxyserver.connections.values()):
-            io = handler.transports.get(handler.client)
-            if io is not None and io.handler is not None:
-                io.handler.cancel("the sidecar is shutting down")
-        deadline = time.monotonic() + 2
-        # mitmproxy signals no "last connection gone"; its table is what there is.
-        while self._proxyserver.connections and time.monotonic() < deadline:  # noqa: ASYNC110
-            await asyncio.sleep(0.01)
 
 
 async def run(settings: SidecarSettings) -> int:

@@ -3,7 +3,7 @@
 The registry is read on every request (`for_port`), so it keeps an immutable
 tuple per port, rebuilt only when a session opens or closes. Listeners hear when
 a port gets its first session or loses its last (that is when capture starts and
-stops).
+stops); watchers hear every change (proxy workers learn the sessions so).
 """
 
 from __future__ import annotations
@@ -72,12 +72,17 @@ class SessionRegistry:
     _sessions: list[Session] = field(default_factory=list)
     _by_port: dict[int, tuple[Session, ...]] = field(default_factory=dict)
     _listeners: list[PortListener] = field(default_factory=list)
+    _watchers: list[Callable[[tuple[Session, ...]], None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self._by_port = {port: () for port in self.app_ports}
 
     def add_listener(self, listener: PortListener) -> None:
         self._listeners.append(listener)
+
+    def watch(self, watcher: Callable[[tuple[Session, ...]], None]) -> None:
+        """`watcher` hears every change: the sessions now open, oldest first."""
+        self._watchers.append(watcher)
 
     def covered_ports(self, spec: SessionSpec) -> tuple[int, ...]:
         return tuple(p for p in self.app_ports if spec.covers_port(p))
@@ -98,12 +103,19 @@ class SessionRegistry:
         except Exception:
             self._sessions.remove(session)
             self._rebuild()
+            self._tell_watchers()  # they may have been told it was coming
             raise
+        self._tell_watchers()
 
     def remove(self, session: Session) -> None:
         if session in self._sessions:
             self._sessions.remove(session)
             self._rebuild()
+            self._tell_watchers()
+
+    def _tell_watchers(self) -> None:
+        for watcher in self._watchers:
+            watcher(self.sessions)
 
     def _rebuild(self) -> None:
         before = {port: len(s) for port, s in self._by_port.items()}

@@ -70,6 +70,8 @@ class SidecarSettings(BaseModel):
     close_existing: bool = True
     probe_paths: frozenset[str] = frozenset()
     drain_timeout: float = Field(default=10.0, ge=0)
+    workers: int = Field(default=1, ge=1, le=64)
+    """Proxy processes sharing each listen port (sidecar.workers)."""
 
     @model_validator(mode="after")
     def _ports_differ(self) -> Self:

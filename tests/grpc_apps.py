@@ -126,8 +126,11 @@ async def start_grpc_app(name: str, host: str = "127.0.0.1", port: int = 0) -> G
 class EchoClient:
     """The four calls of `offramp.test.Echo` on one real grpcio channel."""
 
-    def __init__(self, port: int, host: str = "127.0.0.1"):
-        self.channel = aio.insecure_channel(f"{host}:{port}")
+    def __init__(self, port: int, host: str = "127.0.0.1", *, own_connection: bool = False):
+        # grpcio shares one connection among channels to the same target unless
+        # a channel asks for its own subchannel pool.
+        options = [("grpc.use_local_subchannel_pool", 1)] if own_connection else []
+        self.channel = aio.insecure_channel(f"{host}:{port}", options=options)
         self.unary = self.channel.unary_unary(method("Unary"))
         self.server_stream = self.channel.unary_stream(method("ServerStream"))
         self.client_stream = self.channel.stream_unary(method("ClientStream"))

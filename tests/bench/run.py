@@ -25,6 +25,10 @@ Rows:
                   unary calls to a grpcio server (h2c) with h2load: straight to it,
                   through the sidecar with one session that matches nothing, and
                   stolen to a second grpcio server; compared with gRPC direct
+  1 session, W workers
+                  the 1-session row with `--workers W` (W proxy processes share
+                  the listen port): how throughput scales with processes. CPU
+                  and RSS are those of all W processes together
 
 Reported: requests/s, p50 and p99 latency, the proxy's CPU seconds per 1,000
 requests and its peak RSS, with ratios to direct and to bare mitmproxy; then
@@ -75,7 +79,7 @@ PREVIEW = "x-preview: bench"
 BENCH_SESSION = SessionSpec(http_filter=HttpFilterSpec(header_filter=f"^{PREVIEW}$"))
 PARTS = (
     "direct", "bare", "idle", "no_session", "one_session", "many_sessions",
-    "stolen", "mirror", "c_proxies", "grpc", "rss",
+    "stolen", "mirror", "c_proxies", "grpc", "workers", "rss",
 )  # fmt: skip
 GRPC_UNARY = "/offramp.test.Echo/Unary"
 GRPC_MESSAGE = b"bench"
@@ -510,7 +514,7 @@ class Bench:
                 f"  p99 {r.p99_ms:7.3f} ms  errors {r.errors}"
             )
 
-    def sidecar(self, app_port: int | None = None) -> tuple[Proc, int, str]:
+    def sidecar(self, app_port: int | None = None, workers: int = 1) -> tuple[Proc, int, str]:
         listen, control = free_ports(2, avoid=(self.app_port, self.local_port))
         proc = self.bed.start(
             f"sidecar-{listen}",
@@ -526,16 +530,22 @@ class Bench:
                 f"--token-file={self.token_file}",
                 "--capture=none",
                 "--log-level=warning",
+                f"--workers={workers}",
             ],
+            with_children=workers > 1,
         )
         # The session server starts last: once /healthz answers, all of it is up.
         _wait_http(control, proc, path="/healthz")
         return proc, listen, f"ws://127.0.0.1:{control}"
 
     def with_sessions(
-        self, specs: list[SessionSpec], app_port: int | None = None, to_port: int | None = None
+        self,
+        specs: list[SessionSpec],
+        app_port: int | None = None,
+        to_port: int | None = None,
+        workers: int = 1,
     ) -> tuple[Proc, int]:
-        proc, listen, control_url = self.sidecar(app_port)
+        proc, listen, control_url = self.sidecar(app_port, workers)
         if specs:
             token = self.token_file.read_text().strip()
             self.host.open(control_url, token, to_port or self.local_port, specs)
@@ -587,6 +597,12 @@ class Bench:
         proc, listen = self.with_sessions(self._nothing(self.args.sessions))
         self.measure("many_sessions", f"{self.args.sessions} sessions", listen, proc)
         self.end_sidecar(proc)
+
+    def _run_workers(self) -> None:
+        for n in self.args.workers:
+            proc, listen = self.with_sessions(self._nothing(1), workers=n)
+            self.measure(f"workers_{n}", f"1 session, {n} workers", listen, proc)
+            self.end_sidecar(proc)
 
     def _run_stolen(self) -> None:
         proc, listen = self.with_sessions([BENCH_SESSION])
@@ -737,6 +753,13 @@ def targets(rows: list[Row], rss: dict[str, Any]) -> list[dict[str, Any]]:
     return out
 
 
+def scaling_rows(rows: list[Row]) -> list[tuple[int, Row]]:
+    """(workers, row) of the scaling rows at 16 connections, fewest workers first."""
+    found = [(int(r.key.removeprefix("workers_")), r) for r in rows
+             if r.key.startswith("workers_") and r.connections == 16]  # fmt: skip
+    return sorted(found, key=lambda item: item[0])
+
+
 def table(results: Results) -> str:
     rows = results.rows
     lines = [
@@ -759,6 +782,10 @@ def table(results: Results) -> str:
             f"{r.label:<22} {r.connections:>5} {r.rps:>9.0f} {vs_direct:>9} {r.p50_ms:>8.3f}"
             f" {r.p99_ms:>8.3f} {cpu:>9} {vs_bare:>8} {rss:>9} {r.errors:>6}"
         )
+    if scaling := scaling_rows(rows):
+        base = scaling[0][1].rps
+        steps = ", ".join(f"{n}: {r.rps:.0f} req/s ({r.rps / base:.2f}x)" for n, r in scaling)
+        lines.append(f"workers, 16 connections: {steps}")
     for item in results.not_measured:
         lines.append(f"{item['label']:<22} not measured: {item['why']}")
     if results.targets:
@@ -780,7 +807,10 @@ def chart(results: Results, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     labels = list(dict.fromkeys(r.label for r in results.rows))
-    fig, (ax_rps, ax_cpu) = plt.subplots(1, 2, figsize=(13, 5))
+    scaling = scaling_rows(results.rows)
+    panels = 3 if scaling else 2
+    fig, axes = plt.subplots(1, panels, figsize=(6.5 * panels, 5))
+    ax_rps, ax_cpu = axes[0], axes[1]
     width = 0.4
     for i, conns in enumerate((1, 16)):
         values = [next((r.rps for r in results.rows if r.label == label and
@@ -796,6 +826,21 @@ def chart(results: Results, path: Path) -> None:
     ax_cpu.barh([r.label for r in cpu_rows], [r.cpu_s_per_1k or 0.0 for r in cpu_rows])
     ax_cpu.invert_yaxis()
     ax_cpu.set_xlabel("proxy CPU s per 1,000 requests at 16 connections\n(lower is better)")
+    if scaling:
+        ax = axes[2]
+        counts = [n for n, _ in scaling]
+        ax.plot(counts, [r.rps for _, r in scaling], "o-", label="1 session, W workers")
+        first = scaling[0][1].rps / scaling[0][0]
+        ax.plot(counts, [first * n for n in counts], ":", color="gray", label="linear")
+        for key, style in (("bare", "--"), ("direct", "-.")):
+            ref = _row(results.rows, key, 16)
+            if ref:
+                ax.axhline(ref.rps, linestyle=style, color="gray", linewidth=0.8)
+                ax.annotate(ref.label, (counts[0], ref.rps), fontsize=8)
+        ax.set_xticks(counts)
+        ax.set_xlabel(f"sidecar processes (--workers); the machine has {os.cpu_count()} cores")
+        ax.set_ylabel("requests/s at 16 connections")
+        ax.legend()
     fig.suptitle(f"offramp sidecar cost, {results.machine['cpu']} ({results.machine['cores']})")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
@@ -853,12 +898,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=list(PARTS),
         help=f"comma-separated parts to run, of: {', '.join(PARTS)} (default: all)",
     )
+    p.add_argument(
+        "--workers",
+        type=lambda text: [int(part) for part in text.split(",")],
+        default=[1, 2, 4],
+        help="sidecar process counts for the scaling rows, comma-separated (default 1,2,4)",
+    )
     args = p.parse_args(argv)
     if unknown := set(args.only) - set(PARTS):
         p.error(f"unknown part(s) {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
     if args.tiny:
         args.duration, args.warmup, args.sessions = 1, 0, 5
         args.rss_requests, args.rss_max_seconds = 1000, 20.0
+        args.workers = [1, 2]
     return args
 
 

@@ -21,7 +21,7 @@ from tests.bench.run import APT_PACKAGES, REPO, missing_tools
 EXPECTED = {
     "direct", "bare", "idle", "no_session", "one_session",
     "many_sessions", "stolen", "mirror", "nginx", "haproxy",
-    "grpc_direct", "grpc_passed", "grpc_stolen",
+    "grpc_direct", "grpc_passed", "grpc_stolen", "workers_1", "workers_2",
 }  # fmt: skip
 
 
@@ -52,4 +52,5 @@ def test_benchmark_runs_in_its_tiny_configuration(tmp_path: Path) -> None:
     assert results["rss"]["requests"] >= 1000
     assert {t["target"].split(":")[0] for t in results["targets"]} >= {"1 session", "stolen"}
     assert "gRPC stolen" in done.stdout and "req/s" in done.stdout
+    assert "workers, 16 connections: 1:" in done.stdout
     assert (tmp_path / "results.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")

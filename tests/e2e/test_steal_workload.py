@@ -306,3 +306,34 @@ def test_a_pod_joins_alone_and_a_pod_without_sidecar_is_refused(
         assert get(pod["status"]["podIP"], 8080, "/x")["served_by"] == "local"
     finally:
         assert one.stop() == 0
+
+
+def test_a_statefulset_is_stolen_from_and_uninjected(
+    cluster: Cluster, local: HttpApp, tmp_path: Path
+) -> None:
+    """sts/NAME: the controller replaces its pods one at a time, highest ordinal
+    first; the session covers both once they are back, and uninject restores it."""
+    sts = deployment(replicas=2)
+    sts["kind"] = "StatefulSet"
+    sts["spec"]["serviceName"] = "api"
+    cluster.apply(sts)
+    cluster.apply(service())
+    cluster.wait("2 app pods", lambda: len(cluster.ready_pods(NAMESPACE, app="api")) == 2)
+    path = f"/apis/apps/v1/namespaces/{NAMESPACE}/statefulsets/api"
+    original = cluster.request("GET", path)["spec"]["template"]
+    kubeconfig = cluster.kubeconfig(tmp_path / "kubeconfig", namespace=NAMESPACE)
+    cli = Cli(kubeconfig, "steal", "statefulset/api", "--to", str(local.port),
+              "--header", "^x-preview: alice$", "--image", SIDECAR_IMAGE)  # fmt: skip
+    try:
+        cli.wait_for("rolling out sts/api: 2/2 updated, 2/2 ready")
+        cli.wait_count(OPEN, 2)
+        assert sorted(p["metadata"]["name"] for p in cluster.pods(NAMESPACE, app="api")) == [
+            "api-0",
+            "api-1",
+        ]
+        check_every_endpoint(cluster, 2)
+    finally:
+        assert cli.stop() == 0
+    done = offramp(kubeconfig, "uninject", "sts/api")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert cluster.request("GET", path)["spec"]["template"] == original

@@ -228,3 +228,36 @@ def test_a_container_without_ports_needs_one_named() -> None:
     del template["spec"]["containers"][0]["ports"]
     with pytest.raises(InjectError, match="declares no TCP port"):
         inject(template, InjectOptions(image=IMAGE))
+
+
+def test_workers_are_passed_to_the_sidecar_only_when_more_than_one() -> None:
+    assert not any(
+        a.startswith("--workers")
+        for a in sidecar_of(injected_deployment(InjectOptions(image=IMAGE)))["args"]
+    )
+    sidecar = sidecar_of(injected_deployment(InjectOptions(image=IMAGE, workers=3)))
+    assert sidecar["args"][-1] == "--workers=3"
+
+
+def test_the_cli_reinjects_only_when_the_options_differ() -> None:
+    """`offramp steal` leaves an injected workload alone when its options are the
+    same, also those recorded by a version that knew fewer of them."""
+    from local_proxy.workload import injection_patch
+
+    options = InjectOptions(image=IMAGE)
+    obj = {**injected_deployment(options), "metadata": {"name": "api", "resourceVersion": "7"}}
+    assert injection_patch(obj, options) == []
+
+    older = copy.deepcopy(obj)
+    annotations = older["spec"]["template"]["metadata"]["annotations"]
+    record = json.loads(annotations[ANNOTATION])
+    del record["options"]["workers"]  # as recorded before there were workers
+    annotations[ANNOTATION] = json.dumps(record)
+    assert injection_patch(older, options) == []
+
+    more = InjectOptions(image=IMAGE, workers=2)
+    patch = injection_patch(obj, more)
+    assert patch[0] == {"op": "test", "path": "/metadata/resourceVersion", "value": "7"}
+    after = apply(obj, patch)
+    assert sidecar_of(after)["args"][-1] == "--workers=2"
+    assert injected(after["spec"]["template"])["options"]["workers"] == 2  # type: ignore[index]
