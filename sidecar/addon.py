@@ -157,7 +157,7 @@ class OfframpAddon:
         fields = request.headers.fields
         view = request_view(request)
         probe = is_probe(request.headers.get("user-agent"), view.path, self.probe_paths)
-        decision = decide(sessions, view, probe)
+        decision = decide(sessions.candidates(view), view, probe)
         if decision.steal is None and not decision.mirrors:
             return
         http2 = request.is_http2

@@ -34,6 +34,7 @@ __all__ = [
     "RequestView",
     "TimeoutCounter",
     "compile_filter",
+    "literal_header",
 ]
 
 MATCH_TIMEOUT = 0.05
@@ -239,4 +240,12 @@ def compile_filter(
         return _AllOf(_compile_list("http_filter.all_of", spec.all_of, t))
     if spec.any_of is not None:
         return _AnyOf(_compile_list("http_filter.any_of", spec.any_of, t))
+    return None
+
+
+def literal_header(predicate: Predicate | None) -> tuple[str, str] | None:
+    """(lower-case name, lower-case `name: value` line) when `predicate` is a
+    header filter that matches exactly the requests carrying that line."""
+    if isinstance(predicate, _Header) and predicate.name and predicate.exact is not None:
+        return predicate.name, predicate.exact
     return None

@@ -1,7 +1,8 @@
 """Open sessions: who listens on which app port, and what they have taken.
 
-The registry is read on every request (`for_port`), so it keeps an immutable
-tuple per port, rebuilt only when a session opens or closes. Listeners hear when
+The registry is read on every request (`for_port`), so it keeps an index of
+each port's sessions (`sidecar.router.SessionIndex`), rebuilt only when a
+session opens or closes. Listeners hear when
 a port gets its first session or loses its last (that is when capture starts and
 stops); watchers hear every change (proxy workers learn the sessions so).
 """
@@ -15,6 +16,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from sidecar.filters import Predicate, TimeoutCounter
+from sidecar.router import SessionIndex
 from sidecar.spec import Mode, SessionSpec
 from sidecar.tunnel import StreamHandle, Tunnel
 
@@ -61,6 +63,8 @@ class Session:
         return f"session {self.id}{who}"
 
 
+_NONE: SessionIndex[Session] = SessionIndex(())
+
 PortListener = Callable[[int, int], None]
 """Called with (app port, number of sessions now covering it) when that number
 goes from 0 to 1 or from 1 to 0."""
@@ -70,12 +74,12 @@ goes from 0 to 1 or from 1 to 0."""
 class SessionRegistry:
     app_ports: tuple[int, ...]
     _sessions: list[Session] = field(default_factory=list)
-    _by_port: dict[int, tuple[Session, ...]] = field(default_factory=dict)
+    _by_port: dict[int, SessionIndex[Session]] = field(default_factory=dict)
     _listeners: list[PortListener] = field(default_factory=list)
     _watchers: list[Callable[[tuple[Session, ...]], None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self._by_port = {port: () for port in self.app_ports}
+        self._by_port = {port: SessionIndex(()) for port in self.app_ports}
 
     def add_listener(self, listener: PortListener) -> None:
         self._listeners.append(listener)
@@ -87,8 +91,8 @@ class SessionRegistry:
     def covered_ports(self, spec: SessionSpec) -> tuple[int, ...]:
         return tuple(p for p in self.app_ports if spec.covers_port(p))
 
-    def for_port(self, port: int) -> tuple[Session, ...]:
-        return self._by_port.get(port, ())
+    def for_port(self, port: int) -> SessionIndex[Session]:
+        return self._by_port.get(port, _NONE)
 
     @property
     def sessions(self) -> tuple[Session, ...]:
@@ -120,7 +124,7 @@ class SessionRegistry:
     def _rebuild(self) -> None:
         before = {port: len(s) for port, s in self._by_port.items()}
         self._by_port = {
-            port: tuple(s for s in self._sessions if s.spec.covers_port(port))
+            port: SessionIndex([s for s in self._sessions if s.spec.covers_port(port)])
             for port in self.app_ports
         }
         for port, sessions in self._by_port.items():

@@ -51,7 +51,7 @@ from pydantic import BaseModel, ConfigDict
 from sidecar.filters import FilterError, Predicate, TimeoutCounter, compile_filter
 from sidecar.flows import add_forwarded_for, peer_of, request_view
 from sidecar.h2c import ProtocolDetect
-from sidecar.router import decide, is_probe
+from sidecar.router import SessionIndex, decide, is_probe
 from sidecar.spec import Mode, SessionSpec
 
 __all__ = [
@@ -268,7 +268,7 @@ class HandoffAddon:
     def __init__(self, config: WorkerConfig):
         self.config = config
         self.handoff = {app: handoff for app, _, handoff in config.ports}
-        self.by_port: dict[int, tuple[_Known, ...]] = {}
+        self.by_port: dict[int, SessionIndex[_Known]] = {}
         self.in_flight = 0
         self.idle = asyncio.Event()
         self.idle.set()
@@ -289,7 +289,8 @@ class HandoffAddon:
                 continue
             known.append((spec, _Known(spec.mode, predicate, spec.take_probes)))
         self.by_port = {
-            app: tuple(k for spec, k in known if spec.covers_port(app)) for app in self.handoff
+            app: SessionIndex([k for spec, k in known if spec.covers_port(app)])
+            for app in self.handoff
         }
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
@@ -304,7 +305,7 @@ class HandoffAddon:
             return
         view = request_view(request)
         probe = is_probe(request.headers.get("user-agent"), view.path, self.config.probe_paths)
-        decision = decide(sessions, view, probe)
+        decision = decide(sessions.candidates(view), view, probe)
         if decision.steal is None and not decision.mirrors:
             return
         request.headers[HANDOFF_HEADER] = f"{self.config.secret} {peer}"

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import pytest
 
 from sidecar.filters import Predicate, RequestView, compile_filter
-from sidecar.router import decide, is_probe
+from sidecar.router import SessionIndex, decide, is_probe
 from sidecar.spec import HttpFilterSpec, Mode
 
 pytestmark = pytest.mark.timeout(10)
@@ -69,3 +70,36 @@ def test_nothing_matches() -> None:
 )
 def test_is_probe(agent: str | None, path: str, expected: bool) -> None:
     assert is_probe(agent, path, frozenset({"/healthz"})) is expected
+
+
+def test_the_index_gives_the_same_decisions_as_checking_every_session() -> None:
+    """`SessionIndex.candidates` skips only sessions that cannot match: literal
+    header filters the request's lines do not equal. Checked over many mixes of
+    literal and other filters, steal and mirror, and requests."""
+    rng = random.Random(7)
+    patterns = [
+        "^x-preview: alice$", "^X-Preview: Bob$", "^x-preview: carol$", "^x-team: a$",
+        "^x-preview: (alice|dave)$", "alice", "^x-preview:", "^x-team: (?!a$)",
+    ]  # fmt: skip
+    values = ["alice", "ALICE", "bob", "carol", "dave", "a", "b", "é"]
+    for _ in range(400):
+        sessions = [
+            S(f"s{i}", rng.choice(list(Mode)), header(rng.choice(patterns)), rng.random() < 0.2)
+            for i in range(rng.randint(1, 8))
+        ]
+        index = SessionIndex(sessions)
+        lines = [f"{rng.choice(['x-preview', 'X-Preview', 'x-team'])}: {rng.choice(values)}"
+                 for _ in range(rng.randint(0, 3))]  # fmt: skip
+        request = RequestView("GET", "/", [*lines, "accept: */*"])
+        probe = rng.random() < 0.2
+        assert decide(index.candidates(request), request, probe) == decide(
+            sessions, request, probe
+        ), (sessions, lines)
+
+
+def test_the_index_leaves_out_team_preview_sessions_a_request_does_not_name() -> None:
+    sessions = [S(f"dev{i}", Mode.STEAL, header(f"^x-preview: dev{i}$")) for i in range(100)]
+    index = SessionIndex(sessions)
+    assert list(index.candidates(RequestView("GET", "/", ["accept: */*"]))) == []
+    (only,) = index.candidates(RequestView("GET", "/", ["X-Preview: DEV42"]))
+    assert only.name == "dev42"
