@@ -151,12 +151,12 @@ class OfframpAddon:
         else:
             add_forwarded_for(request, peer)
 
-        sessions = self.registry.for_port(request.port)
+        sessions = self.registry.for_port(request.data.port)
         if not sessions:
             return
         fields = request.headers.fields
         view = request_view(request)
-        probe = is_probe(request.headers.get("user-agent"), view.path, self.probe_paths)
+        probe = is_probe(view.first("user-agent"), view.path, self.probe_paths)
         decision = decide(sessions.candidates(view), view, probe)
         if decision.steal is None and not decision.mirrors:
             return

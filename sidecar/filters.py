@@ -82,6 +82,14 @@ class RequestView:
     def path(self) -> str:
         return self.target.partition("?")[0]
 
+    def first(self, name: str) -> str | None:
+        """The value of the first header called `name` (lower case), or None."""
+        if self.by_name is not None:
+            lines: Sequence[str] = self.by_name.get(name, ())
+        else:
+            lines = [line for line in self.header_lines if line.partition(":")[0].lower() == name]
+        return lines[0].partition(":")[2].strip() if lines else None
+
 
 @dataclass(slots=True)
 class TimeoutCounter:

@@ -16,17 +16,24 @@ def peer_of(flow: http.HTTPFlow) -> str:
 
 
 def add_forwarded_for(request: http.Request, peer: str) -> None:
-    """Append the caller's address (`peer` as from `peer_of`) to X-Forwarded-For."""
+    """Append the caller's address (`peer` as from `peer_of`) to X-Forwarded-For.
+    (Runs on every request: one pass over the raw fields, and appending the
+    header where there was none, cost fewer calls than the mapping methods.)"""
     client_ip = peer.rpartition(":")[0]
-    if client_ip:
-        previous = request.headers.get("x-forwarded-for")
-        request.headers["x-forwarded-for"] = f"{previous}, {client_ip}" if previous else client_ip
+    if not client_ip:
+        return
+    headers = request.headers
+    if any(name.lower() == b"x-forwarded-for" for name, _ in headers.fields):
+        headers["x-forwarded-for"] = f"{headers['x-forwarded-for']}, {client_ip}"
+    else:
+        headers.add("x-forwarded-for", client_ip)
 
 
 def request_view(request: http.Request) -> RequestView:
     """The request head as the filters see it: each header as `Name: value`."""
+    data = request.data
     return RequestView(
-        request.method,
-        request.path,
-        [f"{n.decode('latin-1')}: {v.decode('latin-1')}" for n, v in request.headers.fields],
+        data.method.decode("latin-1"),
+        data.path.decode("latin-1"),
+        [f"{n.decode('latin-1')}: {v.decode('latin-1')}" for n, v in data.headers.fields],
     )

@@ -300,11 +300,11 @@ class HandoffAddon:
         self.idle.clear()
         peer = peer_of(flow)
         add_forwarded_for(request, peer)
-        sessions = self.by_port.get(request.port)
+        sessions = self.by_port.get(request.data.port)
         if not sessions:
             return
         view = request_view(request)
-        probe = is_probe(request.headers.get("user-agent"), view.path, self.config.probe_paths)
+        probe = is_probe(view.first("user-agent"), view.path, self.config.probe_paths)
         decision = decide(sessions.candidates(view), view, probe)
         if decision.steal is None and not decision.mirrors:
             return

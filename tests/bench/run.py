@@ -30,6 +30,13 @@ Rows:
                   the listen port): how throughput scales with processes. CPU
                   and RSS are those of all W processes together
 
+Python calls per request
+                  bare mitmproxy, 1 session and N sessions again, each run under
+                  cProfile with two loads of different length; the difference in
+                  Python function calls over the difference in requests. Unlike
+                  CPU time on a shared machine this count does not drift between
+                  runs, so the CPU targets are also checked on it
+
 Reported: requests/s, p50 and p99 latency, the proxy's CPU seconds per 1,000
 requests and its peak RSS, with ratios to direct and to bare mitmproxy; then
 the RSS of one sidecar across many requests, and the targets of the benchmark
@@ -47,6 +54,7 @@ import contextlib
 import json
 import os
 import platform
+import pstats
 import re
 import secrets
 import shutil
@@ -79,7 +87,7 @@ PREVIEW = "x-preview: bench"
 BENCH_SESSION = SessionSpec(http_filter=HttpFilterSpec(header_filter=f"^{PREVIEW}$"))
 PARTS = (
     "direct", "bare", "idle", "no_session", "one_session", "many_sessions",
-    "stolen", "mirror", "c_proxies", "grpc", "workers", "rss",
+    "stolen", "mirror", "c_proxies", "grpc", "workers", "calls", "rss",
 )  # fmt: skip
 GRPC_UNARY = "/offramp.test.Echo/Unary"
 GRPC_MESSAGE = b"bench"
@@ -139,6 +147,13 @@ class Proc:
             except subprocess.TimeoutExpired:
                 self.popen.kill()
                 self.popen.wait()
+
+
+def _python(profile: Path | None) -> list[str]:
+    """The start of `python -m MODULE`, under cProfile writing to `profile` if given."""
+    if profile is None:
+        return [sys.executable, "-m"]
+    return [sys.executable, "-m", "cProfile", "-o", str(profile), "-m"]
 
 
 def _wait_http(port: int, proc: Proc, timeout: float = 20, path: str = "/") -> None:
@@ -414,6 +429,8 @@ class Results:
     settings: dict[str, Any]
     rows: list[Row] = field(default_factory=list)
     rss: dict[str, Any] = field(default_factory=dict)
+    calls: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """key -> label and Python function calls per request (cProfile)."""
     targets: list[dict[str, Any]] = field(default_factory=list)
     not_measured: list[dict[str, str]] = field(default_factory=list)
 
@@ -457,6 +474,7 @@ class Bench:
         self.host = SessionHost()
         self.rows: list[Row] = []
         self.rss: dict[str, Any] = {}
+        self.calls: dict[str, dict[str, Any]] = {}
 
     def start_apps(self) -> None:
         servers = "\n".join(
@@ -514,13 +532,14 @@ class Bench:
                 f"  p99 {r.p99_ms:7.3f} ms  errors {r.errors}"
             )
 
-    def sidecar(self, app_port: int | None = None, workers: int = 1) -> tuple[Proc, int, str]:
+    def sidecar(
+        self, app_port: int | None = None, workers: int = 1, profile: Path | None = None
+    ) -> tuple[Proc, int, str]:
         listen, control = free_ports(2, avoid=(self.app_port, self.local_port))
         proc = self.bed.start(
             f"sidecar-{listen}",
             [
-                sys.executable,
-                "-m",
+                *_python(profile),
                 "sidecar",
                 f"--app-port={app_port or self.app_port}",
                 f"--listen-port={listen}",
@@ -544,8 +563,9 @@ class Bench:
         app_port: int | None = None,
         to_port: int | None = None,
         workers: int = 1,
+        profile: Path | None = None,
     ) -> tuple[Proc, int]:
-        proc, listen, control_url = self.sidecar(app_port, workers)
+        proc, listen, control_url = self.sidecar(app_port, workers, profile)
         if specs:
             token = self.token_file.read_text().strip()
             self.host.open(control_url, token, to_port or self.local_port, specs)
@@ -570,11 +590,43 @@ class Bench:
     def _run_direct(self) -> None:
         self.measure("direct", "direct", self.app_port, None)
 
-    def _run_bare(self) -> None:
+    def _bare(self, profile: Path | None = None) -> tuple[Proc, int]:
         port = free_port()
-        argv = [sys.executable, "-m", "tests.bench.bare_mitmproxy", str(self.app_port), str(port)]
-        bare = self.bed.start("bare-mitmproxy", argv)
+        argv = [*_python(profile), "tests.bench.bare_mitmproxy", str(self.app_port), str(port)]
+        bare = self.bed.start(f"bare-mitmproxy-{port}", argv)
         _wait_http(port, bare)
+        return bare, port
+
+    def _run_calls(self) -> None:
+        n = self.args.sessions
+        variants: list[tuple[str, str, list[SessionSpec] | None]] = [
+            ("bare", "bare mitmproxy", None),
+            ("one_session", "1 session", self._nothing(1)),
+            ("many_sessions", f"{n} sessions", self._nothing(n)),
+        ]
+        for key, label, specs in variants:
+            counted = []
+            for seconds in (1, 1 + self.args.duration):
+                profile = self.bed.work / f"calls-{key}-{seconds}.prof"
+                if specs is None:
+                    proc, port = self._bare(profile)
+                else:
+                    proc, port = self.with_sessions(specs, profile=profile)
+                requests = wrk(port, 16, seconds, COMMON_HEADERS).requests
+                if specs is None:
+                    self.bed.stop(proc)
+                else:
+                    self.end_sidecar(proc)
+                counted.append((requests, pstats.Stats(str(profile)).total_calls))
+            (r1, c1), (r2, c2) = counted
+            if r2 <= r1:
+                raise RuntimeError(f"calls: {label}: the longer load made no more requests")
+            per_request = (c2 - c1) / (r2 - r1)
+            self.calls[key] = {"label": label, "per_request": per_request}
+            self.log(f"  {label:<22} {per_request:9.0f} Python calls per request")
+
+    def _run_bare(self) -> None:
+        bare, port = self._bare()
         self.measure("bare", "bare mitmproxy", port, bare)
         self.bed.stop(bare)
 
@@ -724,7 +776,9 @@ def _row(rows: list[Row], key: str, connections: int) -> Row | None:
     return next((r for r in rows if r.key == key and r.connections == connections), None)
 
 
-def targets(rows: list[Row], rss: dict[str, Any]) -> list[dict[str, Any]]:
+def targets(
+    rows: list[Row], rss: dict[str, Any], calls: dict[str, dict[str, Any]] | None = None
+) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
 
     def add(name: str, value: float | None, limit: float, unit: str) -> None:
@@ -745,6 +799,14 @@ def targets(rows: list[Row], rss: dict[str, Any]) -> list[dict[str, Any]]:
     if one and many:
         add(f"{many.label}: CPU per request above 1 session",
             ratio_pct(many.cpu_s_per_1k, one.cpu_s_per_1k), 10, "%")  # fmt: skip
+    calls = calls or {}
+    per = {key: c["per_request"] for key, c in calls.items()}
+    if "one_session" in per and "bare" in per:
+        add("1 session: Python calls per request above bare mitmproxy",
+            ratio_pct(per["one_session"], per["bare"]), 10, "%")  # fmt: skip
+    if "many_sessions" in per and "one_session" in per:
+        add(f"{calls['many_sessions']['label']}: Python calls per request above 1 session",
+            ratio_pct(per["many_sessions"], per["one_session"]), 10, "%")  # fmt: skip
     one1, stolen1 = _row(rows, "one_session", 1), _row(rows, "stolen", 1)
     if one1 and stolen1:
         add("stolen: p50 above passed, 1 connection", stolen1.p50_ms - one1.p50_ms, 1, "ms")
@@ -786,6 +848,9 @@ def table(results: Results) -> str:
         base = scaling[0][1].rps
         steps = ", ".join(f"{n}: {r.rps:.0f} req/s ({r.rps / base:.2f}x)" for n, r in scaling)
         lines.append(f"workers, 16 connections: {steps}")
+    if results.calls:
+        counts = ", ".join(f"{c['label']} {c['per_request']:.0f}" for c in results.calls.values())
+        lines.append(f"Python calls per request (cProfile): {counts}")
     for item in results.not_measured:
         lines.append(f"{item['label']:<22} not measured: {item['why']}")
     if results.targets:
@@ -819,7 +884,8 @@ def chart(results: Results, path: Path) -> None:
                     label=f"{conns} connection{'s' if conns > 1 else ''}")  # fmt: skip
     ax_rps.set_yticks([y + width / 2 for y in range(len(labels))], labels)
     ax_rps.invert_yaxis()
-    ax_rps.set_xscale("log")
+    if labels:
+        ax_rps.set_xscale("log")
     ax_rps.set_xlabel("requests/s, log scale (higher is better)")
     ax_rps.legend()
     cpu_rows = [r for r in results.rows if r.connections == 16 and r.cpu_s_per_1k is not None]
@@ -832,11 +898,11 @@ def chart(results: Results, path: Path) -> None:
         ax.plot(counts, [r.rps for _, r in scaling], "o-", label="1 session, W workers")
         first = scaling[0][1].rps / scaling[0][0]
         ax.plot(counts, [first * n for n in counts], ":", color="gray", label="linear")
-        for key, style in (("bare", "--"), ("direct", "-.")):
-            ref = _row(results.rows, key, 16)
-            if ref:
-                ax.axhline(ref.rps, linestyle=style, color="gray", linewidth=0.8)
-                ax.annotate(ref.label, (counts[0], ref.rps), fontsize=8)
+        bare = _row(results.rows, "bare", 16)
+        if bare:
+            ax.axhline(bare.rps, linestyle="--", color="gray", linewidth=0.8)
+            ax.annotate("bare mitmproxy (1 process)", (counts[0], bare.rps * 1.03), fontsize=8)
+        ax.set_ylim(0, max(first * counts[-1], *(r.rps for _, r in scaling)) * 1.1)
         ax.set_xticks(counts)
         ax.set_xlabel(f"sidecar processes (--workers); the machine has {os.cpu_count()} cores")
         ax.set_ylabel("requests/s at 16 connections")
@@ -939,7 +1005,8 @@ def main(argv: list[str] | None = None) -> int:
             bed.close()
     results.rows = bench.rows
     results.rss = bench.rss
-    results.targets = targets(results.rows, results.rss)
+    results.calls = bench.calls
+    results.targets = targets(results.rows, results.rss, results.calls)
     text = table(results)
     print()
     print(text)

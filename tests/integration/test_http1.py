@@ -36,6 +36,19 @@ async def test_passthrough_keeps_host_and_adds_forwarded_for(
     assert headers["x-forwarded-for"] == "127.0.0.1"
 
 
+async def test_forwarded_for_is_appended_to_what_the_caller_sent(
+    sidecar: SidecarProcess, app: HttpApp
+) -> None:
+    request = (
+        b"GET /xff HTTP/1.1\r\nHost: shop\r\nX-Forwarded-For: 10.0.0.1\r\n"
+        b"x-forwarded-for: 10.0.0.2\r\nConnection: close\r\n\r\n"
+    )
+    answer = await asyncio.to_thread(raw_exchange, sidecar.listen_port, request)
+    assert answer.startswith(b"HTTP/1.1 200"), answer
+    forwarded = [v for k, v in app.seen[0].headers if k.lower() == "x-forwarded-for"]
+    assert forwarded == ["10.0.0.1, 10.0.0.2, 127.0.0.1"]
+
+
 async def test_stolen_request_reaches_the_local_app_as_the_caller_wrote_it(
     sidecar: SidecarProcess, local: HttpApp
 ) -> None:

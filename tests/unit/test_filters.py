@@ -199,3 +199,12 @@ def test_header_shortcuts_are_taken_where_the_pattern_allows() -> None:
     )
     assert (getattr(named, "name", None), getattr(named, "exact", None)) == ("x-preview", None)
     assert getattr(either, "name", "") is None
+
+
+def test_first_gives_a_headers_first_value_with_or_without_the_index() -> None:
+    view = RequestView("GET", "/", ["User-Agent: kube-probe/1.30", "user-agent: other", "a: b"])
+    assert view.first("user-agent") == "kube-probe/1.30"
+    assert view.first("x-missing") is None
+    odd = RequestView("GET", "/", ["User-Agent: kube-probe/1.30", "x-name: café"])
+    assert odd.by_name is None  # a non-ASCII line: no index
+    assert odd.first("user-agent") == "kube-probe/1.30"
