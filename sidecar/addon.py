@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 from mitmproxy import http
 
-from sidecar.flows import add_forwarded_for, peer_of, request_view
+from sidecar.flows import InFlight, add_forwarded_for, peer_of, request_view
 from sidecar.gateway import ROUTE_HEADER, Gateway
 from sidecar.protocol import HOP_BY_HOP, MAX_DATA, Data, End, RequestHead, ResetCode, Stats
 from sidecar.router import decide, is_probe
@@ -133,17 +133,14 @@ class OfframpAddon:
         self.handoff = handoff
         self.gateway = gateway
         self.probe_paths = probe_paths
-        self.in_flight: set[str] = set()
-        self.idle = asyncio.Event()
-        self.idle.set()
+        self.in_flight = InFlight()
 
     # -- hooks ------------------------------------------------------------------
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         request = flow.request
         request.stream = True
-        self.in_flight.add(flow.id)
-        self.idle.clear()
+        self.in_flight.add(flow)
         peer = peer_of(flow)
         handed = self.handoff.take(request) if self.handoff is not None else None
         if handed is not None:
@@ -225,22 +222,13 @@ class OfframpAddon:
         assert flow.response is not None
         flow.response.stream = True
 
-    def response(self, flow: http.HTTPFlow) -> None:
-        self._done(flow)
-
     def error(self, flow: http.HTTPFlow) -> None:
-        self._done(flow)
         key = flow.metadata.pop(_META + ".route", None)
         if key is not None:
             self.gateway.abandon(key)
         for copy in flow.metadata.pop(_META + ".mirrors", ()):
             if not copy.dropped:
                 copy.handle.reset(ResetCode.CANCEL, "the caller went away")
-
-    def _done(self, flow: http.HTTPFlow) -> None:
-        self.in_flight.discard(flow.id)
-        if not self.in_flight:
-            self.idle.set()
 
 
 def _upgrade_of(request: http.Request) -> str:

@@ -194,10 +194,8 @@ class Sidecar:
             )
             await self.workers.stop(self.settings.drain_timeout)
         await self._proxyserver.servers.update([])
-        try:
-            await asyncio.wait_for(self.addon.idle.wait(), self.settings.drain_timeout)
-        except TimeoutError:
-            log.warning("%d requests still open after the drain timeout", len(self.addon.in_flight))
+        if still_open := await self.addon.in_flight.drain(self.settings.drain_timeout):
+            log.warning("%d requests still open after the drain timeout", still_open)
         await self.control.end_sessions("the sidecar is shutting down")
         await self.gateway.stop()
         await close_client_connections(self._proxyserver)
@@ -229,7 +227,7 @@ async def run(settings: SidecarSettings) -> int:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info(
-        "shutting down: no new connections; finishing %d requests", len(sidecar.addon.in_flight)
+        "shutting down: no new connections; finishing %d requests", sidecar.addon.in_flight.count()
     )
     await sidecar.stop()
     log.info("stopped")

@@ -10,8 +10,10 @@ so the kernel spreads new connections over them:
   its share of connections like any worker.
 - N-1 workers (`python -m sidecar.workers`, children of the primary) run a bare
   mitmproxy with `ProtocolDetect` and `HandoffAddon`. The primary sends each
-  worker the open sessions' specs on every change (JSON lines on its stdin);
-  the worker compiles their filters and decides every request itself. What no
+  worker the open sessions' specs on every change (JSON lines on its stdin,
+  numbered; the worker answers `applied N` on its stdout), and welcomes a new
+  session only once every worker has applied it. A worker compiles the
+  filters and decides every request itself. What no
   session wants goes straight to the app. A request that a session may want is
   sent, with its caller's address, to the primary's handoff listener for that
   port on 127.0.0.1, where the primary decides again and steals or mirrors it.
@@ -20,7 +22,10 @@ so the kernel spreads new connections over them:
 
 A worker ends when its stdin closes (the primary exited, however it died) or on
 SIGTERM: it stops listening, lets its requests finish for up to the drain
-timeout, and exits. A worker that dies while the primary runs is started again.
+timeout, and exits. On SIGTERM the primary stops its own proxy listeners,
+waits for the workers (their handed-over requests still reach it), then
+drains. A worker that dies while the primary runs is started again; one that
+does not come up at start fails the sidecar's start.
 
 mitmproxy has no option for SO_REUSEPORT; `reuse_port_listeners` replaces
 `ReverseInstance.listen` (mitmproxy 12.2.3, `proxy/mode_servers.py`), which
@@ -30,7 +35,6 @@ binds one TCP socket per reverse-mode listener, in the processes that use it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import os
@@ -49,7 +53,7 @@ from mitmproxy.proxy import mode_servers
 from pydantic import BaseModel, ConfigDict
 
 from sidecar.filters import FilterError, Predicate, TimeoutCounter, compile_filter
-from sidecar.flows import add_forwarded_for, peer_of, request_view
+from sidecar.flows import InFlight, add_forwarded_for, peer_of, request_view
 from sidecar.h2c import ProtocolDetect
 from sidecar.router import SessionIndex, decide, is_probe
 from sidecar.spec import Mode, SessionSpec
@@ -269,9 +273,7 @@ class HandoffAddon:
         self.config = config
         self.handoff = {app: handoff for app, _, handoff in config.ports}
         self.by_port: dict[int, SessionIndex[_Known]] = {}
-        self.in_flight = 0
-        self.idle = asyncio.Event()
-        self.idle.set()
+        self.in_flight = InFlight()
 
     def apply(self, line: bytes) -> int:
         """A sessions line from the primary; returns its generation."""
@@ -296,8 +298,7 @@ class HandoffAddon:
     def requestheaders(self, flow: http.HTTPFlow) -> None:
         request = flow.request
         request.stream = True
-        self.in_flight += 1
-        self.idle.clear()
+        self.in_flight.add(flow)
         peer = peer_of(flow)
         add_forwarded_for(request, peer)
         sessions = self.by_port.get(request.data.port)
@@ -315,17 +316,6 @@ class HandoffAddon:
     def responseheaders(self, flow: http.HTTPFlow) -> None:
         assert flow.response is not None
         flow.response.stream = True
-
-    def response(self, flow: http.HTTPFlow) -> None:
-        self._done()
-
-    def error(self, flow: http.HTTPFlow) -> None:
-        self._done()
-
-    def _done(self) -> None:
-        self.in_flight = max(0, self.in_flight - 1)
-        if not self.in_flight:
-            self.idle.set()
 
 
 async def _read_sessions(addon: HandoffAddon, stdin: asyncio.StreamReader, out: int) -> None:
@@ -376,8 +366,7 @@ async def _serve(stdin: asyncio.StreamReader, out: int) -> int:
     await stop.wait()
     reading.cancel()
     await server.servers.update([])
-    with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(addon.idle.wait(), config.drain_timeout)
+    await addon.in_flight.drain(config.drain_timeout)
     await close_client_connections(server)
     master.shutdown()
     await running
