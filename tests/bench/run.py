@@ -12,7 +12,9 @@ Rows:
   direct          wrk -> app
   bare mitmproxy  mitmproxy reverse mode, no addons of ours: the engine's floor
   idle sidecar    a sidecar runs with no session; wrk goes to the app's port, as
-                  callers do under iptables capture with no session (its CPU is shown)
+                  callers do under iptables capture with no session (its CPU is shown).
+                  Its target is checked on alternating runs with and without the
+                  sidecar (--idle-rounds), since rows minutes apart drift by more
   no session      through the sidecar's listener with no session (the path of
                   privilege-free mode, where a Service points at the sidecar)
   1 session       one session whose filter matches nothing: pass-through cost
@@ -60,6 +62,7 @@ import secrets
 import shutil
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -431,6 +434,8 @@ class Results:
     rss: dict[str, Any] = field(default_factory=dict)
     calls: dict[str, dict[str, Any]] = field(default_factory=dict)
     """key -> label and Python function calls per request (cProfile)."""
+    idle_ab: dict[str, list[float]] = field(default_factory=dict)
+    """req/s at 16 connections to the app, runs "without" and "with" an idle sidecar."""
     targets: list[dict[str, Any]] = field(default_factory=list)
     not_measured: list[dict[str, str]] = field(default_factory=list)
 
@@ -475,6 +480,7 @@ class Bench:
         self.rows: list[Row] = []
         self.rss: dict[str, Any] = {}
         self.calls: dict[str, dict[str, Any]] = {}
+        self.idle_ab: dict[str, list[float]] = {}
 
     def start_apps(self) -> None:
         servers = "\n".join(
@@ -634,6 +640,27 @@ class Bench:
         proc, _ = self.with_sessions([])
         self.measure("idle", "idle sidecar", self.app_port, proc, note="not on the path")
         self.end_sidecar(proc)
+        # The rows above are measured minutes apart, and on a shared machine that alone
+        # moves req/s by several percent. The only difference an idle sidecar makes is
+        # that its process exists, so compare that directly: runs with and without it,
+        # alternating (ABBA) so that neither side is always the later one.
+        without: list[float] = []
+        beside: list[float] = []
+        for i in range(self.args.idle_rounds):
+            for running in (False, True) if i % 2 == 0 else (True, False):
+                proc = self.with_sessions([])[0] if running else None
+                if self.args.warmup:
+                    wrk(self.app_port, 16, self.args.warmup, COMMON_HEADERS)
+                rps = wrk(self.app_port, 16, self.args.duration, COMMON_HEADERS).rps
+                (beside if running else without).append(rps)
+                if proc:
+                    self.end_sidecar(proc)
+        self.idle_ab = {"without": without, "with": beside}
+        self.log(
+            f"  idle A/B, c=16: without the sidecar {statistics.median(without):.0f} req/s,"
+            f" with it idle {statistics.median(beside):.0f} req/s"
+            f" (medians of {len(without)} alternating runs each)"
+        )
 
     def _run_no_session(self) -> None:
         proc, listen = self.with_sessions([])
@@ -777,7 +804,10 @@ def _row(rows: list[Row], key: str, connections: int) -> Row | None:
 
 
 def targets(
-    rows: list[Row], rss: dict[str, Any], calls: dict[str, dict[str, Any]] | None = None
+    rows: list[Row],
+    rss: dict[str, Any],
+    calls: dict[str, dict[str, Any]] | None = None,
+    idle_ab: dict[str, list[float]] | None = None,
 ) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
 
@@ -790,7 +820,11 @@ def targets(
         return None if a is None or not b else (a / b - 1) * 100
 
     direct, idle = _row(rows, "direct", 16), _row(rows, "idle", 16)
-    if direct and idle:
+    if idle_ab and idle_ab.get("without") and idle_ab.get("with"):
+        without, beside = (statistics.median(idle_ab[k]) for k in ("without", "with"))
+        add(f"idle sidecar: req/s below no sidecar (medians of {len(idle_ab['with'])}"
+            " alternating runs)", (1 - beside / without) * 100, 2, "%")  # fmt: skip
+    elif direct and idle:
         add("idle sidecar: req/s below direct", (1 - idle.rps / direct.rps) * 100, 2, "%")
     one, bare, many = (_row(rows, k, 16) for k in ("one_session", "bare", "many_sessions"))
     if one and bare:
@@ -848,6 +882,12 @@ def table(results: Results) -> str:
         base = scaling[0][1].rps
         steps = ", ".join(f"{n}: {r.rps:.0f} req/s ({r.rps / base:.2f}x)" for n, r in scaling)
         lines.append(f"workers, 16 connections: {steps}")
+    if ab := results.idle_ab:
+        without, beside = (statistics.median(ab[k]) for k in ("without", "with"))
+        lines.append(
+            f"idle sidecar A/B, 16 connections to the app: without it {without:.0f} req/s,"
+            f" with it running {beside:.0f} req/s (medians of {len(ab['with'])} alternating runs)"
+        )
     if results.calls:
         counts = ", ".join(f"{c['label']} {c['per_request']:.0f}" for c in results.calls.values())
         lines.append(f"Python calls per request (cProfile): {counts}")
@@ -965,6 +1005,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"comma-separated parts to run, of: {', '.join(PARTS)} (default: all)",
     )
     p.add_argument(
+        "--idle-rounds",
+        type=int,
+        default=3,
+        help="alternating runs with and without an idle sidecar, each (default 3)",
+    )
+    p.add_argument(
         "--workers",
         type=lambda text: [int(part) for part in text.split(",")],
         default=[1, 2, 4],
@@ -977,6 +1023,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.duration, args.warmup, args.sessions = 1, 0, 5
         args.rss_requests, args.rss_max_seconds = 1000, 20.0
         args.workers = [1, 2]
+        args.idle_rounds = 1
     return args
 
 
@@ -1006,7 +1053,8 @@ def main(argv: list[str] | None = None) -> int:
     results.rows = bench.rows
     results.rss = bench.rss
     results.calls = bench.calls
-    results.targets = targets(results.rows, results.rss, results.calls)
+    results.idle_ab = bench.idle_ab
+    results.targets = targets(results.rows, results.rss, results.calls, results.idle_ab)
     text = table(results)
     print()
     print(text)

@@ -53,6 +53,10 @@ def test_benchmark_runs_in_its_tiny_configuration(tmp_path: Path) -> None:
     assert {t["target"].split(":")[0] for t in results["targets"]} >= {"1 session", "stolen"}
     assert "gRPC stolen" in done.stdout and "req/s" in done.stdout
     assert "workers, 16 connections: 1:" in done.stdout
+    assert len(results["idle_ab"]["with"]) == len(results["idle_ab"]["without"]) == 1
+    assert any(
+        t["target"].startswith("idle sidecar: req/s below no sidecar") for t in results["targets"]
+    )
     assert set(results["calls"]) == {"bare", "one_session", "many_sessions"}
     assert all(c["per_request"] > 100 for c in results["calls"].values()), results["calls"]
     assert (tmp_path / "results.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
