@@ -24,7 +24,9 @@ each before moving the pin):
 - `HttpLayer.get_connection` does not reuse a server connection for an h2
   client unless that connection's `alpn` is also h2; with both set, the
   streams of one client connection share one connection per destination;
-- `Proxyserver` finds this addon by the name "nextlayer".
+- `Proxyserver` finds this addon by the name "nextlayer";
+- the addon manager finds a hook with `getattr(addon, hook_name)`, so a bound
+  method stored on the instance serves as well as one defined on the class.
 
 Anything that is not HTTP goes to the app as raw TCP, untouched: a server that
 speaks first, or first bytes that are no HTTP request line. An h2c server's
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import re
 
+from mitmproxy import hooks
 from mitmproxy.addons.next_layer import NeedsMoreData, NextLayer
 from mitmproxy.proxy import layer, layers, server_hooks
 from mitmproxy.proxy.context import Context
@@ -54,6 +57,23 @@ class ProtocolDetect(NextLayer):
     """mitmproxy's NextLayer addon, plus raw TCP for non-HTTP and h2c by preface."""
 
     name = "nextlayer"  # mitmproxy's proxyserver looks for the addon by this name
+
+    def __init__(self, rides_along: object | None = None) -> None:
+        """`rides_along`: an addon whose hooks this one carries, instead of it
+        taking a place of its own in mitmproxy's addon chain. For every event
+        (about eight a request) mitmproxy walks each addon in the chain, about 14
+        Python calls an addon whether it has the hook or not; carried here, the
+        sidecar's chain is as short as bare mitmproxy's."""
+        super().__init__()
+        if rides_along is None:
+            return
+        for hook in hooks.all_hooks:
+            method = getattr(rides_along, hook, None)
+            if method is None:
+                continue
+            if hasattr(self, hook):
+                raise TypeError(f"both ProtocolDetect and {rides_along!r} have the {hook} hook")
+            setattr(self, hook, method)
 
     def _next_layer(
         self, context: Context, data_client: bytes, data_server: bytes

@@ -1,7 +1,8 @@
 """Run the sidecar: an embedded mitmproxy Master, the gateway and the session server.
 
-The Master is bare: only the `core` and `proxyserver` addons, `ProtocolDetect` and
-ours. mitmproxy's `DumpMaster` loads some thirty addons and costs about twice
+The Master is bare: only the `core` and `proxyserver` addons and `ProtocolDetect`,
+which carries our addon's hooks (each addon in the chain costs calls on every
+event). mitmproxy's `DumpMaster` loads some thirty addons and costs about twice
 the CPU per request.
 
 mitmproxy internals this relies on (pinned in pyproject.toml; check them
@@ -84,8 +85,9 @@ class Sidecar:
         s = self.settings
         await self.gateway.start()
         self.master = Master(options.Options())
-        # ProtocolDetect stands in for mitmproxy's NextLayer: raw TCP, HTTP/1.1 or h2c.
-        self.master.addons.add(core.Core(), self._proxyserver, self.addon, ProtocolDetect())
+        # ProtocolDetect stands in for mitmproxy's NextLayer (raw TCP, HTTP/1.1 or
+        # h2c) and carries our addon's hooks: as many addons as bare mitmproxy.
+        self.master.addons.add(core.Core(), self._proxyserver, ProtocolDetect(self.addon))
         if self.handoff is not None:
             reuse_port_listeners()
         self.master.options.update(

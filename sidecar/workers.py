@@ -339,7 +339,7 @@ async def _serve(stdin: asyncio.StreamReader, out: int) -> int:
     generation = addon.apply(first)
     server = proxyserver.Proxyserver()
     master = Master(options.Options())
-    master.addons.add(core.Core(), server, addon, ProtocolDetect())
+    master.addons.add(core.Core(), server, ProtocolDetect(addon))  # carries addon's hooks
     master.options.update(
         mode=[
             f"reverse:http://{config.app_host}:{app}@{config.listen_host}:{listen}"

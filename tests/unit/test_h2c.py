@@ -45,3 +45,42 @@ def test_grpc_message_percent_encodes_as_the_grpc_spec_says() -> None:
     assert _grpc_message("plain text: ok") == b"plain text: ok"
     assert _grpc_message("100% down") == b"100%25 down"
     assert _grpc_message("caf\u00e9\nnext") == b"caf%C3%A9%0Anext"
+
+
+class _Recorder:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, object]] = []
+
+    def requestheaders(self, flow: object) -> None:
+        self.seen.append(("requestheaders", flow))
+
+    def error(self, flow: object) -> None:
+        self.seen.append(("error", flow))
+
+
+async def test_protocol_detect_carries_another_addons_hooks_through_mitmproxys_dispatch() -> None:
+    from mitmproxy import options
+    from mitmproxy.master import Master
+    from mitmproxy.proxy.layers.http import HttpErrorHook, HttpRequestHeadersHook
+    from mitmproxy.test import tflow
+
+    from sidecar.h2c import ProtocolDetect
+
+    recorder = _Recorder()
+    master = Master(options.Options())
+    master.addons.add(ProtocolDetect(recorder))
+    assert len(master.addons.chain) == 1
+    flow = tflow.tflow()
+    await master.addons.trigger_event(HttpRequestHeadersHook(flow))
+    await master.addons.trigger_event(HttpErrorHook(flow))
+    assert recorder.seen == [("requestheaders", flow), ("error", flow)]
+
+
+def test_protocol_detect_refuses_to_carry_a_hook_it_has_itself() -> None:
+    from sidecar.h2c import ProtocolDetect
+
+    class Clashing:
+        def server_connect(self, data: object) -> None: ...
+
+    with pytest.raises(TypeError, match="server_connect"):
+        ProtocolDetect(Clashing())
