@@ -14,11 +14,15 @@ Rows:
   idle sidecar    a sidecar runs with no session; wrk goes to the app's port, as
                   callers do under iptables capture with no session (its CPU is shown).
                   Its target is checked on alternating runs with and without the
-                  sidecar (--idle-rounds), since rows minutes apart drift by more
+                  sidecar (--rounds), since rows minutes apart drift by more
   no session      through the sidecar's listener with no session (the path of
                   privilege-free mode, where a Service points at the sidecar)
   1 session       one session whose filter matches nothing: pass-through cost
   N sessions      N such sessions: the filter cost
+  (CPU rounds)    bare mitmproxy, 1 session and N sessions again, taking turns for
+                  --rounds rounds; the CPU targets are read from their medians.
+                  Bare mitmproxy runs twice a round: the gap between its two
+                  medians shows how much of a difference is the machine's noise
   stolen          every request matches and is answered by the local process
                   through the tunnel (the local proxy runs in this process)
   mirror          every request matches; the app answers, the local side gets a copy
@@ -89,7 +93,7 @@ COMMON_HEADERS = ("User-Agent: offramp-bench", "Accept: */*", "Accept-Encoding: 
 PREVIEW = "x-preview: bench"
 BENCH_SESSION = SessionSpec(http_filter=HttpFilterSpec(header_filter=f"^{PREVIEW}$"))
 PARTS = (
-    "direct", "bare", "idle", "no_session", "one_session", "many_sessions",
+    "direct", "bare", "idle", "no_session", "one_session", "many_sessions", "cpu_rounds",
     "stolen", "mirror", "c_proxies", "grpc", "workers", "calls", "rss",
 )  # fmt: skip
 GRPC_UNARY = "/offramp.test.Echo/Unary"
@@ -436,6 +440,8 @@ class Results:
     """key -> label and Python function calls per request (cProfile)."""
     idle_ab: dict[str, list[float]] = field(default_factory=dict)
     """req/s at 16 connections to the app, runs "without" and "with" an idle sidecar."""
+    cpu_rounds: dict[str, dict[str, Any]] = field(default_factory=dict)
+    """key -> label and CPU s/1k at 16 connections of each round (bare, 1 and N sessions)."""
     targets: list[dict[str, Any]] = field(default_factory=list)
     not_measured: list[dict[str, str]] = field(default_factory=list)
 
@@ -481,6 +487,7 @@ class Bench:
         self.rss: dict[str, Any] = {}
         self.calls: dict[str, dict[str, Any]] = {}
         self.idle_ab: dict[str, list[float]] = {}
+        self.cpu_rounds: dict[str, dict[str, Any]] = {}
 
     def start_apps(self) -> None:
         servers = "\n".join(
@@ -646,7 +653,7 @@ class Bench:
         # alternating (ABBA) so that neither side is always the later one.
         without: list[float] = []
         beside: list[float] = []
-        for i in range(self.args.idle_rounds):
+        for i in range(self.args.rounds):
             for running in (False, True) if i % 2 == 0 else (True, False):
                 proc = self.with_sessions([])[0] if running else None
                 if self.args.warmup:
@@ -676,6 +683,43 @@ class Bench:
         proc, listen = self.with_sessions(self._nothing(self.args.sessions))
         self.measure("many_sessions", f"{self.args.sessions} sessions", listen, proc)
         self.end_sidecar(proc)
+
+    def _run_cpu_rounds(self) -> None:
+        """The CPU targets compare bare mitmproxy, 1 session and N sessions. Their rows
+        are minutes apart, and on a shared machine CPU time per request drifts by
+        10-20% in that time; here the three take turns, rotating their order each
+        round, and the targets read the medians. Bare mitmproxy runs twice a round,
+        as two variants: how far apart those come out is the noise floor."""
+        n = self.args.sessions
+        variants: list[tuple[str, str, list[SessionSpec] | None]] = [
+            ("bare", "bare mitmproxy", None),
+            ("one_session", "1 session", self._nothing(1)),
+            ("many_sessions", f"{n} sessions", self._nothing(n)),
+            ("bare_again", "bare mitmproxy again", None),
+        ]
+        samples: dict[str, list[float]] = {key: [] for key, _, _ in variants}
+        for i in range(self.args.rounds):
+            shift = i % len(variants)
+            for key, label, specs in variants[shift:] + variants[:shift]:
+                proc, port = self._bare() if specs is None else self.with_sessions(specs)
+                if (got := _answer(port, COMMON_HEADERS)) != "app":
+                    raise RuntimeError(f"CPU rounds: {label}: expected the app, got {got!r}")
+                if self.args.warmup:
+                    wrk(port, 16, self.args.warmup, COMMON_HEADERS)
+                before = proc.cpu_seconds()
+                r = wrk(port, 16, self.args.duration, COMMON_HEADERS)
+                samples[key].append((proc.cpu_seconds() - before) / r.requests * 1000)
+                if specs is None:
+                    self.bed.stop(proc)
+                else:
+                    self.end_sidecar(proc)
+        self.cpu_rounds = {
+            key: {"label": label, "cpu_s_per_1k": samples[key]} for key, label, _ in variants
+        }
+        medians = ", ".join(
+            f"{label} {statistics.median(samples[key]):.3f}" for key, label, _ in variants
+        )
+        self.log(f"  CPU s/1k at c=16, medians of {self.args.rounds} rounds: {medians}")
 
     def _run_workers(self) -> None:
         for n in self.args.workers:
@@ -808,6 +852,7 @@ def targets(
     rss: dict[str, Any],
     calls: dict[str, dict[str, Any]] | None = None,
     idle_ab: dict[str, list[float]] | None = None,
+    cpu_rounds: dict[str, dict[str, Any]] | None = None,
 ) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
 
@@ -826,13 +871,26 @@ def targets(
             " alternating runs)", (1 - beside / without) * 100, 2, "%")  # fmt: skip
     elif direct and idle:
         add("idle sidecar: req/s below direct", (1 - idle.rps / direct.rps) * 100, 2, "%")
-    one, bare, many = (_row(rows, k, 16) for k in ("one_session", "bare", "many_sessions"))
-    if one and bare:
-        add("1 session: CPU per request above bare mitmproxy",
-            ratio_pct(one.cpu_s_per_1k, bare.cpu_s_per_1k), 10, "%")  # fmt: skip
-    if one and many:
-        add(f"{many.label}: CPU per request above 1 session",
-            ratio_pct(many.cpu_s_per_1k, one.cpu_s_per_1k), 10, "%")  # fmt: skip
+    # CPU per request at 16 connections: from the interleaved rounds where they ran,
+    # else from the rows.
+    cpu: dict[str, float | None] = {}
+    labels: dict[str, str] = {}
+    how = ""
+    if cpu_rounds:
+        rounds = len(next(iter(cpu_rounds.values()))["cpu_s_per_1k"])
+        how = f" (medians of {rounds} rounds)"
+        for key, c in cpu_rounds.items():
+            cpu[key], labels[key] = statistics.median(c["cpu_s_per_1k"]), c["label"]
+    else:
+        for key in ("bare", "one_session", "many_sessions"):
+            if row := _row(rows, key, 16):
+                cpu[key], labels[key] = row.cpu_s_per_1k, row.label
+    if "one_session" in cpu and "bare" in cpu:
+        add(f"1 session: CPU per request above bare mitmproxy{how}",
+            ratio_pct(cpu["one_session"], cpu["bare"]), 10, "%")  # fmt: skip
+    if "many_sessions" in cpu and "one_session" in cpu:
+        add(f"{labels['many_sessions']}: CPU per request above 1 session{how}",
+            ratio_pct(cpu["many_sessions"], cpu["one_session"]), 10, "%")  # fmt: skip
     calls = calls or {}
     per = {key: c["per_request"] for key, c in calls.items()}
     if "one_session" in per and "bare" in per:
@@ -888,6 +946,17 @@ def table(results: Results) -> str:
             f"idle sidecar A/B, 16 connections to the app: without it {without:.0f} req/s,"
             f" with it running {beside:.0f} req/s (medians of {len(ab['with'])} alternating runs)"
         )
+    if rounds := results.cpu_rounds:
+        n = len(next(iter(rounds.values()))["cpu_s_per_1k"])
+        medians = ", ".join(
+            f"{c['label']} {statistics.median(c['cpu_s_per_1k']):.3f}" for c in rounds.values()
+        )
+        lines.append(f"CPU s/1k at 16 connections, medians of {n} interleaved rounds: {medians}")
+        if "bare" in rounds and "bare_again" in rounds:
+            a, b = (statistics.median(rounds[k]["cpu_s_per_1k"]) for k in ("bare", "bare_again"))
+            lines.append(
+                f"noise floor: the same bare mitmproxy, measured twice a round, {b / a - 1:+.1%}"
+            )
     if results.calls:
         counts = ", ".join(f"{c['label']} {c['per_request']:.0f}" for c in results.calls.values())
         lines.append(f"Python calls per request (cProfile): {counts}")
@@ -1005,10 +1074,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help=f"comma-separated parts to run, of: {', '.join(PARTS)} (default: all)",
     )
     p.add_argument(
-        "--idle-rounds",
+        "--rounds",
         type=int,
-        default=3,
-        help="alternating runs with and without an idle sidecar, each (default 3)",
+        default=5,
+        help="rounds of the interleaved runs the idle and CPU targets are read from (default 5)",
     )
     p.add_argument(
         "--workers",
@@ -1023,7 +1092,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.duration, args.warmup, args.sessions = 1, 0, 5
         args.rss_requests, args.rss_max_seconds = 1000, 20.0
         args.workers = [1, 2]
-        args.idle_rounds = 1
+        args.rounds = 1
     return args
 
 
@@ -1054,7 +1123,10 @@ def main(argv: list[str] | None = None) -> int:
     results.rss = bench.rss
     results.calls = bench.calls
     results.idle_ab = bench.idle_ab
-    results.targets = targets(results.rows, results.rss, results.calls, results.idle_ab)
+    results.cpu_rounds = bench.cpu_rounds
+    results.targets = targets(
+        results.rows, results.rss, results.calls, results.idle_ab, results.cpu_rounds
+    )
     text = table(results)
     print()
     print(text)

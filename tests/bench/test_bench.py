@@ -57,6 +57,11 @@ def test_benchmark_runs_in_its_tiny_configuration(tmp_path: Path) -> None:
     assert any(
         t["target"].startswith("idle sidecar: req/s below no sidecar") for t in results["targets"]
     )
+    assert {k: len(c["cpu_s_per_1k"]) for k, c in results["cpu_rounds"].items()} == {
+        "bare": 1, "one_session": 1, "many_sessions": 1, "bare_again": 1,
+    }  # fmt: skip
+    assert any("medians of 1 rounds" in t["target"] for t in results["targets"])
+    assert "noise floor: the same bare mitmproxy" in done.stdout
     assert set(results["calls"]) == {"bare", "one_session", "many_sessions"}
     assert all(c["per_request"] > 100 for c in results["calls"].values()), results["calls"]
     assert (tmp_path / "results.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
