@@ -14,7 +14,8 @@ Rows:
   idle sidecar    a sidecar runs with no session; wrk goes to the app's port, as
                   callers do under iptables capture with no session (its CPU is shown).
                   Its target is checked on alternating runs with and without the
-                  sidecar (--rounds), since rows minutes apart drift by more
+                  sidecar (--rounds): rows measured minutes apart drift by more
+                  than the 2% it asks for
   no session      through the sidecar's listener with no session (the path of
                   privilege-free mode, where a Service points at the sidecar)
   1 session       one session whose filter matches nothing: pass-through cost
