@@ -79,7 +79,7 @@ class SessionRegistry:
     _watchers: list[Callable[[tuple[Session, ...]], None]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
-        self._by_port = {port: SessionIndex(()) for port in self.app_ports}
+        self._by_port = {port: _NONE for port in self.app_ports}
 
     def add_listener(self, listener: PortListener) -> None:
         self._listeners.append(listener)
