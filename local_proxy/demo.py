@@ -75,10 +75,12 @@ SAMPLES = (
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _two_free_ports() -> tuple[int, int]:
+    """Two distinct free ports (both held while chosen, so they differ)."""
+    with socket.socket() as a, socket.socket() as b:
+        a.bind(("127.0.0.1", 0))
+        b.bind(("127.0.0.1", 0))
+        return int(a.getsockname()[1]), int(b.getsockname()[1])
 
 
 def _server(name: str) -> ThreadingHTTPServer:
@@ -136,7 +138,7 @@ async def run_demo(quiet: bool = False) -> int:
         if not quiet:
             print(line, flush=True)
 
-    listen_port, control_port = _free_port(), _free_port()
+    listen_port, control_port = _two_free_ports()
     with tempfile.TemporaryDirectory() as tmp, _servers() as (app, local):
         token_file = Path(tmp) / "token"
         token_file.write_text(secrets.token_hex(32))

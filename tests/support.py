@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import json
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -184,15 +185,42 @@ def free_port() -> int:
     return free_ports(1)[0]
 
 
+def _ports_outside_ephemeral_range() -> range:
+    """Ports the kernel never hands out as a connection's local port.
+
+    A port taken from bind(0) lies in the ephemeral range: once released,
+    any outgoing connection (the test's own clients, wrk, the sidecar's
+    upstream connections) may get it as its local port before the process
+    that was told to listen there binds it (CI saw exactly that: EADDRINUSE).
+    Ports below the range are only ever taken by an explicit bind.
+    """
+    try:
+        low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 32768
+    if low > 12000:
+        return range(10000, low)
+    return range(low - 1, low - 1)  # no room below: fall back to bind(0)
+
+
 def free_ports(n: int, avoid: tuple[int, ...] = ()) -> list[int]:
-    """n distinct ports free right now (all bound at once, so none repeats)."""
+    """n distinct ports free right now, outside the ephemeral range when it
+    leaves room (see _ports_outside_ephemeral_range), held all at once while
+    they are chosen so none repeats."""
+    candidates = _ports_outside_ephemeral_range()
     with contextlib.ExitStack() as stack:
         ports: list[int] = []
+        attempts = 0
         while len(ports) < n:
+            attempts += 1
             s = stack.enter_context(socket.socket())
-            s.bind(("127.0.0.1", 0))
+            wanted = random.choice(candidates) if candidates and attempts < 200 else 0
+            try:
+                s.bind(("127.0.0.1", wanted))
+            except OSError:
+                continue
             port = int(s.getsockname()[1])
-            if port not in avoid:
+            if port not in avoid and port not in ports:
                 ports.append(port)
         return ports
 
