@@ -12,8 +12,16 @@ absent and the pod's traffic does not touch the sidecar at all.
   (NAT is decided on a connection's first packet). So that keep-alive clients
   come back through the sidecar, their *idle* connections are closed (`ss -K`);
   a connection with a request in progress is left until its answer is sent.
+- Connection tracking stays on in the pod's network namespace for as long as
+  the sidecar runs, held by one more chain, `OFFRAMP-CONNTRACK`, that nothing
+  jumps to: it holds a conntrack match, and the kernel keeps tracking connections
+  in a namespace only while some rule needs it. Without it, removing the last
+  REDIRECT rule turned tracking off, and the replies of connections redirected
+  before that went out from the listener's port, untranslated: the caller never
+  got the rest of its answer. Held from start to exit, tracking also never turns
+  on midway through a connection, which it would then mistake for a new one.
 - Chains left behind by an earlier run that was killed are found by their name
-  prefix and removed at start.
+  prefix and removed at start (the conntrack chain is kept: it is the same).
 
 Works with iptables-nft and iptables-legacy: name the binary (`--iptables`).
 Only IPv4 is captured.
@@ -28,11 +36,13 @@ import subprocess
 import time
 from dataclasses import dataclass, field
 
-__all__ = ["CHAIN_PREFIX", "CaptureError", "IptablesCapture", "NoCapture"]
+__all__ = ["CHAIN_PREFIX", "CONNTRACK_CHAIN", "CaptureError", "IptablesCapture", "NoCapture"]
 
 log = logging.getLogger(__name__)
 
 CHAIN_PREFIX = "OFFRAMP-"
+CONNTRACK_CHAIN = f"{CHAIN_PREFIX}CONNTRACK"
+_CONNTRACK_RULE = ("-m", "conntrack", "--ctstate", "NEW", "-j", "RETURN")
 IDLE_SWEEP_SECONDS = 5.0
 IDLE_SWEEP_INTERVAL = 0.1
 IDLE_AFTER_MS = 500
@@ -55,6 +65,12 @@ class NoCapture:
         pass
 
     def stop_all(self) -> None:
+        pass
+
+    def hold_conntrack(self) -> None:
+        pass
+
+    def release_conntrack(self) -> None:
         pass
 
 
@@ -91,7 +107,11 @@ class IptablesCapture:
     def clean_stale(self) -> list[str]:
         """Remove chains (and their jumps) that an earlier run left behind."""
         rules = self._run("-S").splitlines()
-        stale = [line.split()[1] for line in rules if line.startswith(f"-N {CHAIN_PREFIX}")]
+        stale = [
+            line.split()[1]
+            for line in rules
+            if line.startswith(f"-N {CHAIN_PREFIX}") and line.split()[1] != CONNTRACK_CHAIN
+        ]
         for line in rules:
             if line.startswith("-A PREROUTING") and f"-j {CHAIN_PREFIX}" in line:
                 self._run("-D", *line.split()[1:])
@@ -99,6 +119,20 @@ class IptablesCapture:
             self._run("-F", chain)
             self._run("-X", chain)
         return stale
+
+    def hold_conntrack(self) -> None:
+        """Keep connection tracking on in this network namespace until
+        release_conntrack() (see the module docstring)."""
+        rules = self._run("-S").splitlines()
+        if f"-N {CONNTRACK_CHAIN}" not in rules:
+            self._run("-N", CONNTRACK_CHAIN)
+        if not any(r.startswith(f"-A {CONNTRACK_CHAIN} ") for r in rules):
+            self._run("-A", CONNTRACK_CHAIN, *_CONNTRACK_RULE)
+
+    def release_conntrack(self) -> None:
+        """Undo hold_conntrack(): only once no redirected connection is left."""
+        self._run("-F", CONNTRACK_CHAIN, check=False)
+        self._run("-X", CONNTRACK_CHAIN, check=False)
 
     def start(self, port: int) -> None:
         if port in self.active:
