@@ -8,20 +8,25 @@ absent and the pod's traffic does not touch the sidecar at all.
 - PREROUTING only sees packets that arrive from outside the pod, so the
   sidecar's own connections to the app (over loopback, through OUTPUT) are never
   redirected back to it.
-- Connections already established when capture starts keep going to the app
-  (NAT is decided on a connection's first packet). So that keep-alive clients
-  come back through the sidecar, their *idle* connections are closed (`ss -K`);
-  a connection with a request in progress is left until its answer is sent.
-- Connection tracking stays on in the pod's network namespace for as long as
-  the sidecar runs, held by one more chain, `OFFRAMP-CONNTRACK`, that nothing
-  jumps to: it holds a conntrack match, and the kernel keeps tracking connections
-  in a namespace only while some rule needs it. Without it, removing the last
-  REDIRECT rule turned tracking off, and the replies of connections redirected
-  before that went out from the listener's port, untranslated: the caller never
-  got the rest of its answer. Held from start to exit, tracking also never turns
-  on midway through a connection, which it would then mistake for a new one.
+- Connections already established when capture starts keep going to the app:
+  only a connection's first packet (a SYN) is redirected. So that keep-alive
+  clients come back through the sidecar, their *idle* connections are closed
+  (`ss -K`); a connection with a request in progress is left until its answer
+  is sent.
+- The kernel tracks connections in a network namespace only while some rule
+  needs it, and NAT lives in that tracking: a connection redirected to the
+  listener keeps being translated only while tracking is on. Once the last
+  REDIRECT rule is gone the replies of connections still open would go out
+  from the listener's port, untranslated, and their callers would never get
+  the rest of their answers. So one more chain, `OFFRAMP-CONNTRACK`, that
+  nothing jumps to, holds a conntrack match from when capture starts until no
+  connection to a listener is left (`ss`), and on exit until the drain ends.
+  Then no rule of ours is left. The kernel keeps the entries of connections
+  that were open (straight to the app) at that moment until they time out; a
+  new connection that reuses exactly the addresses and ports of one of them
+  while capture is on again goes to the app, as that entry says, not to us.
 - Chains left behind by an earlier run that was killed are found by their name
-  prefix and removed at start (the conntrack chain is kept: it is the same).
+  prefix and removed at start.
 
 Works with iptables-nft and iptables-legacy: name the binary (`--iptables`).
 Only IPv4 is captured.
@@ -43,6 +48,7 @@ log = logging.getLogger(__name__)
 CHAIN_PREFIX = "OFFRAMP-"
 CONNTRACK_CHAIN = f"{CHAIN_PREFIX}CONNTRACK"
 _CONNTRACK_RULE = ("-m", "conntrack", "--ctstate", "NEW", "-j", "RETURN")
+RELEASE_POLL_SECONDS = 0.5
 IDLE_SWEEP_SECONDS = 5.0
 IDLE_SWEEP_INTERVAL = 0.1
 IDLE_AFTER_MS = 500
@@ -67,9 +73,6 @@ class NoCapture:
     def stop_all(self) -> None:
         pass
 
-    def hold_conntrack(self) -> None:
-        pass
-
     def release_conntrack(self) -> None:
         pass
 
@@ -82,6 +85,7 @@ class IptablesCapture:
     close_existing: bool = True
     active: set[int] = field(default_factory=set)
     _sweeps: set[asyncio.Task[int]] = field(default_factory=set)
+    _release: asyncio.Task[None] | None = None
 
     def _run(self, *args: str, check: bool = True) -> str:
         cmd = [self.binary, "-w", "5", "-t", "nat", *args]
@@ -102,16 +106,12 @@ class IptablesCapture:
         return f"{CHAIN_PREFIX}{port}"
 
     def _jump(self, port: int) -> list[str]:
-        return ["-p", "tcp", "--dport", str(port), "-j", self.chain(port)]
+        return ["-p", "tcp", "--dport", str(port), "--syn", "-j", self.chain(port)]
 
     def clean_stale(self) -> list[str]:
         """Remove chains (and their jumps) that an earlier run left behind."""
         rules = self._run("-S").splitlines()
-        stale = [
-            line.split()[1]
-            for line in rules
-            if line.startswith(f"-N {CHAIN_PREFIX}") and line.split()[1] != CONNTRACK_CHAIN
-        ]
+        stale = sorted(line.split()[1] for line in rules if line.startswith(f"-N {CHAIN_PREFIX}"))
         for line in rules:
             if line.startswith("-A PREROUTING") and f"-j {CHAIN_PREFIX}" in line:
                 self._run("-D", *line.split()[1:])
@@ -120,9 +120,10 @@ class IptablesCapture:
             self._run("-X", chain)
         return stale
 
-    def hold_conntrack(self) -> None:
-        """Keep connection tracking on in this network namespace until
-        release_conntrack() (see the module docstring)."""
+    def _hold_conntrack(self) -> None:
+        if self._release is not None:
+            self._release.cancel()
+            self._release = None
         rules = self._run("-S").splitlines()
         if f"-N {CONNTRACK_CHAIN}" not in rules:
             self._run("-N", CONNTRACK_CHAIN)
@@ -130,13 +131,32 @@ class IptablesCapture:
             self._run("-A", CONNTRACK_CHAIN, *_CONNTRACK_RULE)
 
     def release_conntrack(self) -> None:
-        """Undo hold_conntrack(): only once no redirected connection is left."""
+        """Let connection tracking go now (on exit, once the drain is over)."""
+        if self._release is not None:
+            self._release.cancel()
+            self._release = None
         self._run("-F", CONNTRACK_CHAIN, check=False)
         self._run("-X", CONNTRACK_CHAIN, check=False)
+
+    async def _release_when_drained(self) -> None:
+        """Release tracking once no connection to a listener is open any more."""
+        listeners = " or ".join(f"sport = :{p}" for p in sorted(self.listen_ports.values()))
+        while True:
+            still_open = await _ss(
+                "-H", "-t", "-n", "state", "connected", "exclude", "time-wait", f"( {listeners} )"
+            )  # fmt: skip
+            if not still_open.strip():
+                break
+            await asyncio.sleep(RELEASE_POLL_SECONDS)
+        self._release = None
+        self._run("-F", CONNTRACK_CHAIN, check=False)
+        self._run("-X", CONNTRACK_CHAIN, check=False)
+        log.info("no redirected connection left: connection tracking released")
 
     def start(self, port: int) -> None:
         if port in self.active:
             return
+        self._hold_conntrack()
         chain = self.chain(port)
         self._run("-N", chain)
         try:
@@ -148,6 +168,8 @@ class IptablesCapture:
         except CaptureError:
             self._run("-F", chain, check=False)
             self._run("-X", chain, check=False)
+            if not self.active:
+                self.release_conntrack()
             raise
         self.active.add(port)
         log.info("capturing inbound TCP to port %d (chain %s)", port, chain)
@@ -164,12 +186,18 @@ class IptablesCapture:
         self._run("-F", self.chain(port), check=False)
         self._run("-X", self.chain(port), check=False)
         log.info("stopped capturing port %d", port)
+        if not self.active and self._release is None:
+            self._release = asyncio.get_running_loop().create_task(self._release_when_drained())
 
     def stop_all(self) -> None:
+        """Stop redirecting; tracking stays until release_conntrack()."""
         for task in self._sweeps:
             task.cancel()
         for port in sorted(self.active):
             self.stop(port)
+        if self._release is not None:
+            self._release.cancel()
+            self._release = None
 
 
 @dataclass(frozen=True)

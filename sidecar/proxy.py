@@ -104,7 +104,6 @@ class Sidecar:
             stale = await asyncio.to_thread(capture.clean_stale)
             if stale:
                 log.warning("removed iptables chains left by an earlier run: %s", ", ".join(stale))
-            await asyncio.to_thread(capture.hold_conntrack)
             self.capture = capture
         self.registry.add_listener(self._on_port_change)
         if self.handoff is not None:
@@ -206,7 +205,7 @@ class Sidecar:
             self.master.shutdown()
         if self._master_task is not None:
             await self._master_task
-        # Last: until now connections redirected earlier may still have been open.
+        # Last: until now, connections redirected earlier may still have been open.
         self.capture.release_conntrack()
 
 
