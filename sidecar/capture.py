@@ -135,8 +135,15 @@ class IptablesCapture:
         if self._release is not None:
             self._release.cancel()
             self._release = None
+        self._drop_conntrack_chain()
+
+    def _drop_conntrack_chain(self) -> None:
         self._run("-F", CONNTRACK_CHAIN, check=False)
         self._run("-X", CONNTRACK_CHAIN, check=False)
+
+    def _release_once_drained(self) -> None:
+        if self._release is None:
+            self._release = asyncio.get_running_loop().create_task(self._release_when_drained())
 
     async def _release_when_drained(self) -> None:
         """Release tracking once no connection to a listener is open any more."""
@@ -149,8 +156,7 @@ class IptablesCapture:
                 break
             await asyncio.sleep(RELEASE_POLL_SECONDS)
         self._release = None
-        self._run("-F", CONNTRACK_CHAIN, check=False)
-        self._run("-X", CONNTRACK_CHAIN, check=False)
+        self._drop_conntrack_chain()
         log.info("no redirected connection left: connection tracking released")
 
     def start(self, port: int) -> None:
@@ -169,7 +175,7 @@ class IptablesCapture:
             self._run("-F", chain, check=False)
             self._run("-X", chain, check=False)
             if not self.active:
-                self.release_conntrack()
+                self._release_once_drained()
             raise
         self.active.add(port)
         log.info("capturing inbound TCP to port %d (chain %s)", port, chain)
@@ -186,8 +192,8 @@ class IptablesCapture:
         self._run("-F", self.chain(port), check=False)
         self._run("-X", self.chain(port), check=False)
         log.info("stopped capturing port %d", port)
-        if not self.active and self._release is None:
-            self._release = asyncio.get_running_loop().create_task(self._release_when_drained())
+        if not self.active:
+            self._release_once_drained()
 
     def stop_all(self) -> None:
         """Stop redirecting; tracking stays until release_conntrack()."""

@@ -479,8 +479,7 @@ class Bench:
         self.bed = bed
         self.args = args
         self.log = log
-        self.app_port = free_port()
-        self.local_port = free_port()
+        self.app_port, self.local_port = free_ports(2)
         self.token_file = bed.work / "token"
         self.token_file.write_text(secrets.token_hex(32) + "\n")
         self.host = SessionHost()
