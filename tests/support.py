@@ -200,7 +200,7 @@ def _ports_outside_ephemeral_range() -> range:
         low = 32768
     if low > 12000:
         return range(10000, low)
-    return range(low - 1, low - 1)  # no room below: fall back to bind(0)
+    return range(0)  # no room below it: free_ports falls back to bind(0)
 
 
 def free_ports(n: int, avoid: tuple[int, ...] = ()) -> list[int]:
