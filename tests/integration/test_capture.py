@@ -262,6 +262,31 @@ def test_keepalive_connection_from_before_the_session_is_stolen_after(
         assert pod.bed.caller.call(after) == "local"
 
 
+def test_with_keep_existing_connections_an_open_connection_stays_with_the_app(
+    pod: Pod, laptop: HttpApp
+) -> None:
+    """Only a connection's first packet is redirected: a connection that was open
+    (and untracked) before capture keeps reaching the app, undisturbed, while
+    new connections are captured."""
+    pod.app(8080)
+    pod.sidecar("8080", extra=("--keep-existing-connections",))
+
+    def ask(s: socket.socket, path: str) -> tuple[str, str]:
+        s.sendall(_request(path, b"x-preview: alice\r\n"))
+        answer = _response(s)
+        return answer["served_by"], answer["peer"]
+
+    conn = pod.bed.caller.call(socket.create_connection, (pod.bed.pod_ip, 8080), 10)
+    try:
+        assert pod.bed.caller.call(ask, conn, "/first") == ("app8080", pod.bed.caller_ip)
+        with pod.session(laptop.port, "--header", "^x-preview: alice$"):
+            time.sleep(1)  # longer than it takes to find an idle connection
+            assert pod.bed.caller.call(ask, conn, "/second") == ("app8080", pod.bed.caller_ip)
+            assert pod.get(8080, headers=ALICE)["served_by"] == "local"
+    finally:
+        conn.close()
+
+
 def test_two_ports_are_captured_independently(pod: Pod, laptop: HttpApp) -> None:
     pod.app(8080)
     pod.app(8081)
