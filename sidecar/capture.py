@@ -121,9 +121,7 @@ class IptablesCapture:
         return stale
 
     def _hold_conntrack(self) -> None:
-        if self._release is not None:
-            self._release.cancel()
-            self._release = None
+        self._cancel_release()
         rules = self._run("-S").splitlines()
         if f"-N {CONNTRACK_CHAIN}" not in rules:
             self._run("-N", CONNTRACK_CHAIN)
@@ -132,10 +130,13 @@ class IptablesCapture:
 
     def release_conntrack(self) -> None:
         """Let connection tracking go now (on exit, once the drain is over)."""
+        self._cancel_release()
+        self._drop_conntrack_chain()
+
+    def _cancel_release(self) -> None:
         if self._release is not None:
             self._release.cancel()
             self._release = None
-        self._drop_conntrack_chain()
 
     def _drop_conntrack_chain(self) -> None:
         self._run("-F", CONNTRACK_CHAIN, check=False)
@@ -201,9 +202,7 @@ class IptablesCapture:
             task.cancel()
         for port in sorted(self.active):
             self.stop(port)
-        if self._release is not None:
-            self._release.cancel()
-            self._release = None
+        self._cancel_release()
 
 
 @dataclass(frozen=True)

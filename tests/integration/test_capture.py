@@ -154,16 +154,16 @@ def test_capture_only_while_a_session_is_open(pod: Pod, laptop: HttpApp) -> None
         headers = {k.lower(): v for k, v in passed["headers"]}
         assert headers["x-forwarded-for"] == caller
         assert pod.get(8080, headers=ALICE)["served_by"] == "local"
-    _wait_uncaptured(pod, 8080)
+    _wait_chain_gone(pod, 8080)
     assert pod.get(8080)["peer"] == caller
     # No connection through the sidecar is left: connection tracking is let go too.
-    _wait_uncaptured(pod, "CONNTRACK")
+    _wait_chain_gone(pod, "CONNTRACK")
     sidecar.send_signal(signal.SIGTERM)
     assert sidecar.wait(20) == 0
     assert "OFFRAMP" not in pod.bed.pod.nat_rules(pod.iptables)
 
 
-def _wait_uncaptured(pod: Pod, chain: int | str) -> None:
+def _wait_chain_gone(pod: Pod, chain: int | str) -> None:
     """Wait (up to 5 s) until the chain OFFRAMP-<chain> is gone."""
     for _ in range(50):
         if f"OFFRAMP-{chain}" not in pod.bed.pod.nat_rules(pod.iptables):
@@ -196,8 +196,8 @@ def test_answer_in_flight_when_capture_stops_reaches_the_caller(
             assert app.arrived.wait_for(lambda: any(s.path == "/sleep/2" for s in app.seen), 10)
         if ending == "sidecar gets SIGTERM":
             sidecar.send_signal(signal.SIGTERM)
-            _wait_uncaptured(pod, 8080)
-    _wait_uncaptured(pod, 8080)
+            _wait_chain_gone(pod, 8080)
+    _wait_chain_gone(pod, 8080)
     assert slow.is_alive(), "the answer came before capture stopped: the test proves nothing"
     # Connection tracking, which carries the redirected connection's address
     # translation, stays while that connection is open...
@@ -205,7 +205,7 @@ def test_answer_in_flight_when_capture_stops_reaches_the_caller(
     slow.join(15)
     assert answers == [(200, "127.0.0.1")]  # it went through the sidecar, and came back
     # ...and goes once it has closed (or the sidecar has exited).
-    _wait_uncaptured(pod, "CONNTRACK")
+    _wait_chain_gone(pod, "CONNTRACK")
     if ending == "sidecar gets SIGTERM":
         assert sidecar.wait(20) == 0
 
