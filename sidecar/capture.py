@@ -91,6 +91,8 @@ class IptablesCapture:
         cmd = [self.binary, "-w", "5", "-t", "nat", *args]
         try:
             done = subprocess.run(cmd, capture_output=True, text=True, timeout=10)
+        except PermissionError as e:
+            raise CaptureError(f"cannot run {' '.join(cmd)}: {e}; {_NOT_PERMITTED}") from e
         except (OSError, subprocess.TimeoutExpired) as e:
             raise CaptureError(f"cannot run {' '.join(cmd)}: {e}") from e
         if check and done.returncode != 0:
@@ -109,8 +111,13 @@ class IptablesCapture:
         return ["-p", "tcp", "--dport", str(port), "--syn", "-j", self.chain(port)]
 
     def clean_stale(self) -> list[str]:
-        """Remove chains (and their jumps) that an earlier run left behind."""
+        """Remove chains (and their jumps) that an earlier run left behind.
+
+        Run at start, it is also the check that capture can work here: iptables
+        runs and `ss` (which releases tracking and closes idle connections) too.
+        """
         rules = self._run("-S").splitlines()
+        _check_ss()
         stale = sorted(line.split()[1] for line in rules if line.startswith(f"-N {CHAIN_PREFIX}"))
         for line in rules:
             if line.startswith("-A PREROUTING") and f"-j {CHAIN_PREFIX}" in line:
@@ -248,6 +255,33 @@ def _is_loopback(address: str) -> bool:
     match = _ADDR.match(address)
     host = (match.group("v4") or match.group("v6")) if match else address
     return host.startswith("127.") or host in ("::1", "::ffff:127.0.0.1")
+
+
+_NOT_PERMITTED = (
+    "the kernel refuses to run a binary whose file capabilities are not all in the "
+    "container's bounding set: the sidecar image gives iptables-nft and ss NET_ADMIN "
+    "(iptables-legacy also NET_RAW), so the container's securityContext must add them "
+    "(capabilities.add) and allow privilege escalation; or use --capture none"
+)
+
+
+def _check_ss() -> None:
+    try:
+        done = subprocess.run(
+            ["ss", "-H", "-t", "-n", "state", "listening"],
+            capture_output=True, text=True, timeout=10,
+        )  # fmt: skip
+    except PermissionError as e:
+        raise CaptureError(f"cannot run ss: {e}; {_NOT_PERMITTED}") from e
+    except FileNotFoundError as e:
+        raise CaptureError(
+            "ss (from iproute2) is not installed, and --capture iptables needs it; "
+            "install iproute2 in the image, or use --capture none"
+        ) from e
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise CaptureError(f"cannot run ss: {e}") from e
+    if done.returncode != 0:
+        raise CaptureError(f"ss failed ({done.returncode}): {done.stderr.strip()}")
 
 
 async def _ss(*args: str) -> str:

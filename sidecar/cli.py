@@ -249,10 +249,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"offramp-sidecar: {e}", file=sys.stderr)
         return 2
 
+    from sidecar.capture import CaptureError
     from sidecar.proxy import run  # mitmproxy loads only once the flags are good
 
     try:
         return asyncio.run(run(settings))
+    except CaptureError as e:
+        print(f"offramp-sidecar: cannot capture the pod's traffic: {e}", file=sys.stderr)
+        return 1
     except OSError as e:
         print(f"offramp-sidecar: {e}", file=sys.stderr)
         return 1

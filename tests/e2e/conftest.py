@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import queue
+import re
 import signal
 import subprocess
 import sys
@@ -22,10 +23,39 @@ from tests.kube.cluster import Cluster, Image
 from tests.netns import require_netns
 
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[2]
 APP_IMAGE = "shop/api:1"
 SIDECAR_IMAGE = "offramp/sidecar:test"
 NAMESPACE = "shop"
 STARTED: list[Cli] = []
+
+
+def sidecar_image() -> Image:
+    """The sidecar image as the Dockerfile makes it, as far as a process sees it: its
+    user, its environment (less PATH: the emulator's runs this checkout's venv)
+    and the file capabilities of its binaries."""
+    text = re.sub(r"\\\n", " ", (REPO / "Dockerfile").read_text())
+    run_stage = text.rsplit("\nFROM ", 1)[1]
+    (user,) = re.findall(r"^USER (\S+)$", run_stage, re.M)
+    env = [
+        tuple(pair.split("=", 1))
+        for line in re.findall(r"^ENV (.+)$", run_stage, re.M)
+        for pair in line.split()
+        if not pair.startswith("PATH=")
+    ]
+    caps = re.findall(r"setcap (\S+) (\S+)", run_stage)
+    return Image(
+        (str(BIN / "offramp-sidecar"),),
+        user=int(user),
+        env=tuple((k, v) for k, v in env),
+        file_caps=tuple((path, cap) for cap, path in caps),
+        # Debian's iptables is iptables-nft, and the image's too.
+        links=(
+            ("iptables", "xtables-nft-multi"),
+            ("iptables-nft", "xtables-nft-multi"),
+            ("iptables-legacy", "xtables-legacy-multi"),
+        ),
+    )
 
 
 @pytest.fixture
@@ -33,7 +63,7 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
     require_netns()
     images = {
         APP_IMAGE: Image((sys.executable, "-m", "tests.kube.app")),
-        SIDECAR_IMAGE: Image((str(BIN / "offramp-sidecar"),)),
+        SIDECAR_IMAGE: sidecar_image(),
     }
     c = Cluster(tmp_path / "cluster", images, developer_namespaces=[NAMESPACE])
     c.start()

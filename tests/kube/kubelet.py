@@ -4,12 +4,25 @@
   10.214.N.1/24; each pod gets a veth `eth0` with the next address, which
   becomes `status.podIP`. Only these addresses are used.
 - Containers: the image is looked up in the registry the test gives (an image
-  is an entrypoint argv); `command` replaces it and `args` are appended, as a
-  container runtime does. Env: `value` and `fieldRef` (metadata.name,
-  metadata.namespace, status.podIP) plus HOSTNAME=<pod name>. Volumes: secret
-  (optional or not; rewritten when the Secret changes) and emptyDir,
-  bind-mounted at their mount paths in a mount namespace of the container's
-  own. A container that exits is restarted after a second.
+  is an entrypoint argv, a user, an environment, and binaries that carry file
+  capabilities); `command` replaces the entrypoint and `args` are appended, as
+  a container runtime does. Env: the image's, then `value` and `fieldRef`
+  (metadata.name, metadata.namespace, status.podIP) plus HOSTNAME=<pod name>.
+  Volumes: secret (optional or not; files 0644, rewritten when the Secret
+  changes) and emptyDir (0777), bind-mounted at their mount paths in a mount
+  namespace of the container's own. A container that exits is restarted after
+  a second.
+- Users and capabilities, as containerd applies them: the process runs as
+  `runAsUser` (else the image's user) and `runAsGroup` (else the same number);
+  `runAsNonRoot` with uid 0 is refused (CreateContainerConfigError). Its
+  bounding set is containerd's default set, less `capabilities.drop`, plus
+  `capabilities.add` (all with `privileged`); no capability is ambient or
+  inheritable, so a non-root process holds none unless an executable's file
+  capabilities grant it, and only those within the bounding set (the kernel
+  refuses to run one that asks for more). `allowPrivilegeEscalation: false`
+  sets no_new_privs, which voids file capabilities. An image's binaries with
+  file capabilities are copies of this machine's, mounted at
+  /opt/offramp-image/bin, which comes first on its PATH.
 - Probes: readiness probes (httpGet with User-Agent kube-probe/1.30, or
   tcpSocket) run from the node against the pod IP every 0.25 s whatever
   periodSeconds says; three failures in a row make a container unready.
@@ -18,9 +31,9 @@
   the kubelet's streaming server does.
 - Deleting a pod: it turns unready, its processes get SIGTERM, then SIGKILL
   after 10 s (not terminationGracePeriodSeconds), and the object goes.
-- Not emulated: users and capabilities (every process runs as root; the
-  securityContext is only checked by PodSecurity admission), resource limits,
-  image pulls, init containers, exec probes.
+- Not emulated: a read-only root filesystem (the container sees this
+  machine's), resource limits, seccomp, image pulls, init containers, exec
+  probes.
 """
 
 from __future__ import annotations
@@ -48,10 +61,31 @@ PROBE_PERIOD = 0.25
 STOP_GRACE = 10.0
 
 
+IMAGE_BIN = "/opt/offramp-image/bin"
+DEFAULT_CAPABILITIES = frozenset(
+    {
+        "CHOWN", "DAC_OVERRIDE", "FSETID", "FOWNER", "MKNOD", "NET_RAW", "SETGID", "SETUID",
+        "SETFCAP", "SETPCAP", "NET_BIND_SERVICE", "SYS_CHROOT", "KILL", "AUDIT_WRITE",
+    }
+)  # fmt: skip
+"""What containerd gives a container that asks for nothing."""
+
+
 @dataclass(frozen=True)
 class Image:
     entrypoint: tuple[str, ...]
     workdir: str = str(REPO)
+    user: int = 0
+    env: tuple[tuple[str, str], ...] = ()
+    file_caps: tuple[tuple[str, str], ...] = ()
+    """(binary, capabilities as setcap writes them): a copy of this machine's
+    binary carries them in the image's bin directory."""
+    links: tuple[tuple[str, str], ...] = ()
+    """(name, binary): names in the image's bin directory for a multi-call binary."""
+
+
+class ContainerConfigError(LookupError):
+    """The container cannot be created as its spec says (kubelet's CreateContainerConfigError)."""
 
 
 @dataclass
@@ -158,7 +192,10 @@ class Kubelet:
         runtime.root.mkdir(parents=True)
         await asyncio.to_thread(self._make_netns, runtime)
         for vol in pod["spec"].get("volumes") or []:
-            (runtime.root / "volumes" / vol["name"]).mkdir(parents=True, exist_ok=True)
+            path = runtime.root / "volumes" / vol["name"]
+            path.mkdir(parents=True, exist_ok=True)
+            if "emptyDir" in vol:
+                path.chmod(0o777)
         self._sync_secrets(runtime, pod)
         for spec in pod["spec"]["containers"]:
             container = Container(spec["name"], spec)
@@ -214,6 +251,7 @@ class Kubelet:
             for key, value in ((secret or {}).get("data") or {}).items():
                 tmp = target / f".{key}.tmp"
                 tmp.write_bytes(base64.b64decode(value))
+                tmp.chmod(0o644)  # a secret volume's defaultMode
                 tmp.rename(target / key)
 
     # --- containers ----------------------------------------------------------------------
@@ -228,10 +266,12 @@ class Kubelet:
                 f"{', '.join(sorted(self.images))})"
             )
         argv = list(spec.get("command") or image.entrypoint) + list(spec.get("args") or [])
+        path = os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         env = {
-            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+            "PATH": f"{IMAGE_BIN}:{path}" if image.file_caps else path,
             "HOSTNAME": runtime.name,
             "PYTHONUNBUFFERED": "1",
+            **dict(image.env),
         }
         fields = {
             "metadata.name": runtime.name,
@@ -255,13 +295,17 @@ class Kubelet:
         spec = container.spec
         try:
             argv, env = self._argv_env(runtime, pod, spec)
+            image = self.images[spec["image"]]
+            identity = _identity(pod, spec, image)
+        except ContainerConfigError as e:
+            container.waiting = ("CreateContainerConfigError", str(e))
+            return
         except LookupError as e:
             container.waiting = (
                 "ErrImagePull" if "image" in str(e) else "CreateContainerConfigError",
                 str(e),
             )
             return
-        image = self.images[spec["image"]]
         mounts = [
             {
                 "source": str(runtime.root / "volumes" / m["name"]),
@@ -270,6 +314,9 @@ class Kubelet:
             }
             for m in spec.get("volumeMounts") or []
         ]
+        if image.file_caps:
+            bin_dir = await asyncio.to_thread(self._image_bin, spec["image"], image)
+            mounts.append({"source": str(bin_dir), "target": IMAGE_BIN, "readOnly": True})
         keep = sorted({str(REPO), sys.base_prefix, sys.prefix})
         config = {
             "argv": argv,
@@ -277,6 +324,7 @@ class Kubelet:
             "mounts": mounts,
             "keep": keep,
             "cwd": spec.get("workingDir") or image.workdir,
+            **identity,
         }
         log = runtime.root / f"{container.name}.log"
         while not runtime.stopping:
@@ -303,6 +351,24 @@ class Kubelet:
             with log.open("ab") as out:
                 out.write(f"--- kubelet: exited with {code}; restarting\n".encode())
             await asyncio.sleep(1.0)
+
+    def _image_bin(self, name: str, image: Image) -> Path:
+        """The image's binaries that carry file capabilities (made once per image)."""
+        out = self.state / "images" / name.replace("/", "_").replace(":", "_") / "bin"
+        if out.exists():
+            return out
+        tmp = out.with_name("bin.tmp")
+        tmp.mkdir(parents=True)
+        for binary, caps in image.file_caps:
+            host = shutil.which(Path(binary).name)
+            if host is None:
+                raise RuntimeError(f"image {name}: this machine has no {binary} to copy")
+            shutil.copy2(host, tmp / Path(binary).name)
+            _sh("setcap", caps, str(tmp / Path(binary).name))
+        for link, binary in image.links:
+            (tmp / link).symlink_to(Path(binary).name)
+        tmp.rename(out)
+        return out
 
     async def _probe(self, runtime: PodRuntime) -> None:
         while not runtime.stopping:
@@ -463,5 +529,36 @@ class Kubelet:
         return out
 
 
+def _identity(pod: Obj, spec: Obj, image: Image) -> dict[str, Any]:
+    """Who the container's process is: uid, gid, bounding set, no_new_privs."""
+    pod_security = pod["spec"].get("securityContext") or {}
+    security = spec.get("securityContext") or {}
+
+    def field(name: str) -> Any:
+        return security.get(name, pod_security.get(name))
+
+    uid = field("runAsUser")
+    uid = image.user if uid is None else int(uid)
+    gid = field("runAsGroup")
+    if field("runAsNonRoot") and uid == 0:
+        raise ContainerConfigError(
+            "container has runAsNonRoot and image will run as root "
+            f"(pod: {pod['metadata']['name']!r}, container: {spec['name']})"
+        )
+    caps = set(DEFAULT_CAPABILITIES)
+    declared = security.get("capabilities") or {}
+    drop = {c.upper() for c in declared.get("drop") or []}
+    caps = set() if "ALL" in drop else caps - drop
+    caps |= {c.upper() for c in declared.get("add") or []}
+    if security.get("privileged"):
+        caps = {"ALL"}
+    return {
+        "uid": uid,
+        "gid": uid if gid is None else int(gid),
+        "capabilities": sorted(caps),
+        "no_new_privs": security.get("allowPrivilegeEscalation") is False,
+    }
+
+
 def require_tools() -> list[str]:
-    return [t for t in ("ip", "iptables-nft", "ss") if shutil.which(t) is None]
+    return [t for t in ("ip", "iptables-nft", "ss", "setcap", "setpriv") if shutil.which(t) is None]
