@@ -3,8 +3,8 @@
 #
 # Build it from the repository root, and push it where your cluster pulls from:
 #
-#     docker build -t registry.example/offramp-sidecar:0.1.0 .
-#     docker push registry.example/offramp-sidecar:0.1.0
+#     docker build -t registry.corp/team/offramp-sidecar:0.1.0 .
+#     docker push registry.corp/team/offramp-sidecar:0.1.0
 #
 # Where no registry is reachable (CI), scripts/build-image builds it with
 # buildah against a local stand-in for python:3.12-slim.

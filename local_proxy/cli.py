@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import contextlib
 import getpass
+import json
 import os
 import signal
 import socket
@@ -35,8 +36,9 @@ if TYPE_CHECKING:
 
 __all__ = ["main", "parser"]
 
-DEFAULT_IMAGE = f"registry.example/offramp-sidecar:{__version__}"
-"""The chart's default image (values.yaml); no public registry hosts it yet."""
+IMAGE_ENV = "OFFRAMP_SIDECAR_IMAGE"
+"""No public registry hosts the sidecar image: each team builds and pushes it, then
+names it once (this variable, or `offramp set-image`, which writes user_config())."""
 LISTEN_WAIT = 60.0
 
 
@@ -80,8 +82,8 @@ def parser() -> argparse.ArgumentParser:
     )
     steal.add_argument(
         "--image",
-        default=os.environ.get("OFFRAMP_SIDECAR_IMAGE", DEFAULT_IMAGE),
-        help="the sidecar image to inject (default: $OFFRAMP_SIDECAR_IMAGE or %(default)s)",
+        help=f"the sidecar image to inject (default: ${IMAGE_ENV}, else the one set with "
+        "'offramp set-image', else the image the workload already has)",
     )
     steal.add_argument("--container", help="the app container (default: the first)")
     steal.add_argument(
@@ -173,6 +175,15 @@ def parser() -> argparse.ArgumentParser:
     uninject.add_argument("target", metavar="KIND/NAME")
     _kube_flags(uninject)
 
+    set_image = sub.add_parser(
+        "set-image",
+        help="remember the sidecar image to inject (where you pushed it)",
+        description="Writes the image to offramp's user config "
+        "($XDG_CONFIG_HOME/offramp/config.json, default ~/.config/offramp/config.json), "
+        f"used when neither --image nor ${IMAGE_ENV} is given.",
+    )
+    set_image.add_argument("image", metavar="IMAGE", help="e.g. registry.corp/team/offramp:0.1.0")
+
     demo = sub.add_parser(
         "demo",
         help="run the whole path on this machine and show what was stolen and why",
@@ -207,6 +218,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail("only 'offramp steal' takes a command after --")
     if args.command in ("status", "uninject"):
         return _target_command(args)
+    if args.command == "set-image":
+        return _set_image(args.image)
     return _steal(args, command)
 
 
@@ -233,6 +246,39 @@ def _target_command(args: argparse.Namespace) -> int:
     return 0
 
 
+def user_config() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "offramp" / "config.json"
+
+
+def _configured_image() -> str | None:
+    if image := os.environ.get(IMAGE_ENV):
+        return image
+    path = user_config()
+    try:
+        image = json.loads(path.read_text()).get("sidecar_image")
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, AttributeError) as e:
+        raise ConfigError(f"{path}: cannot read it ({e}); fix or delete it") from e
+    return str(image) if image else None
+
+
+def _set_image(image: str) -> int:
+    if not image.strip() or any(c.isspace() for c in image):
+        return _fail(f"{image!r} is not an image reference (e.g. registry.corp/team/offramp:0.1.0)")
+    path = user_config()
+    try:
+        config = json.loads(path.read_text()) if path.exists() else {}
+        config["sidecar_image"] = image
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(config, indent=2) + "\n")
+    except (OSError, ValueError, TypeError) as e:
+        return _fail(f"{path}: cannot write it ({e})", 1)
+    _say(f"offramp: the sidecar image is now {image} ({path})")
+    return 0
+
+
 def _fail(message: str, code: int = 2) -> int:
     print(f"offramp: {message}", file=sys.stderr)
     return code
@@ -247,6 +293,7 @@ def _steal(args: argparse.Namespace, command: list[str]) -> int:
         return _fail(f"--sidecar-workers {args.sidecar_workers}: give 1 to 64 (about one per core)")
     try:
         target = _target(args) if args.target else None
+        image = args.image or (_configured_image() if target else None)
         incoming = load_incoming(args.config_file) if args.config_file else Incoming()
         for note in incoming.notes:
             print(f"offramp: {note}", file=sys.stderr)
@@ -280,7 +327,7 @@ def _steal(args: argparse.Namespace, command: list[str]) -> int:
         from local_proxy.target import StealTarget
 
         steal = StealTarget(
-            target, settings, image=args.image, no_iptables=args.no_iptables,
+            target, settings, image=image, no_iptables=args.no_iptables,
             container=args.container, rollout_timeout=args.rollout_timeout, report=_say,
             sidecar_workers=args.sidecar_workers,
         )  # fmt: skip

@@ -28,7 +28,10 @@ from local_proxy.workload import (
     Target,
     TargetError,
     choose_capture,
+    declared_ports,
     describe,
+    fronted_ports,
+    injected_image,
     injection_patch,
     named_target_port,
     original_template,
@@ -36,6 +39,7 @@ from local_proxy.workload import (
     secret_name,
     selector,
     session_pods,
+    session_ports,
     token_secret,
     uninjection_patch,
 )
@@ -48,6 +52,15 @@ Obj = dict[str, Any]
 Report = Callable[[str], None]
 WATCH_SECONDS = 30
 RESYNC = 5.0
+
+
+PLACEHOLDER_REGISTRY = "registry.example"
+NO_IMAGE = (
+    "no sidecar image is set, and there is no public one: build it from this repository's "
+    "Dockerfile and push it where your cluster pulls from (README: 'In a cluster: the "
+    "image'), then pass --image IMAGE, set OFFRAMP_SIDECAR_IMAGE, or run "
+    "'offramp set-image IMAGE' once. Nothing was changed in the cluster"
+)
 
 
 class Failed(Exception):
@@ -76,7 +89,8 @@ class StealTarget:
     target: Target
     settings: LocalSettings
     """sidecar_url and token are filled in per pod."""
-    image: str
+    image: str | None
+    """None: the image the workload already has, else refused (no default exists)."""
     no_iptables: bool = False
     container: str | None = None
     sidecar_workers: int = 1
@@ -114,22 +128,27 @@ class StealTarget:
                         "be changed: steal from its workload (deploy/NAME or sts/NAME), or "
                         "let the injector webhook add the sidecar (see charts/offramp)"
                     )
+                self._choose_ports(fronted_ports(workload))
                 return workload, await self._token(token_secret(workload) or "offramp-token")
             namespace = await self._k(kube.get_namespace)
             capture, why = choose_capture(namespace, self.no_iptables)
             template = workload["spec"]["template"]
+            image = self.image or injected_image(template)
+            if image is None:
+                raise Failed(NO_IMAGE)
+            if image.split("/")[0] == PLACEHOLDER_REGISTRY:
+                raise Failed(f"{image} is the documentation's placeholder; " + NO_IMAGE)
+            self._choose_ports(declared_ports(original_template(template), self.container))
             named = None
             if capture is Capture.NONE:
                 services, _ = await self._k(kube.list, "services")
-                named = named_target_port(
-                    original_template(template),
-                    services,
-                    self.settings.spec.http_filter.ports or (),
-                    self.container,
-                )
+                named = named_target_port(original_template(template), services, (), self.container)
+            # Every declared port is fronted, whichever the session filters: a
+            # session's ports are the session's matter, so a different --port
+            # (or a colleague's) restarts nothing. With no session on a port the
+            # sidecar is not on its path.
             options = InjectOptions(
-                image=self.image,
-                ports=tuple(self.settings.spec.http_filter.ports or ()),
+                image=image,
                 container=self.container,
                 capture=capture,
                 named_port=named,
@@ -152,6 +171,20 @@ class StealTarget:
         except TargetError as e:
             raise Failed(f"{describe(t.resource, t.name)}: {e}") from e
         return workload, token
+
+    def _choose_ports(self, fronted: list[int]) -> None:
+        """Keep the ports to filter that the sidecar fronts; note the others."""
+        spec = self.settings.spec
+        kept, missing = session_ports(spec.http_filter.ports, fronted)
+        if missing:
+            self.report(
+                f"offramp: {describe(self.target.resource, self.target.name)} serves no port "
+                f"{', '.join(map(str, missing))}; filtering port {', '.join(map(str, kept or ()))}"
+            )
+        http_filter = spec.http_filter.model_copy(update={"ports": kept})
+        self.settings = self.settings.model_copy(
+            update={"spec": spec.model_copy(update={"http_filter": http_filter})}
+        )
 
     async def _token(self, name: str) -> str:
         assert self.kube is not None

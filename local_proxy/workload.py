@@ -32,11 +32,15 @@ __all__ = [
     "Target",
     "TargetError",
     "choose_capture",
+    "declared_ports",
+    "fronted_ports",
+    "injected_image",
     "injection_patch",
     "named_target_port",
     "parse_target",
     "rollout",
     "session_pods",
+    "session_ports",
     "uninjection_patch",
 ]
 
@@ -279,6 +283,57 @@ def session_pods(pods: list[Obj]) -> dict[str, int]:
                     if p.get("name") == CONTROL_PORT_NAME:
                         out[meta["name"]] = int(p["containerPort"])
     return out
+
+
+def declared_ports(template: Obj, container: str | None) -> list[int]:
+    """The app container's TCP ports: what an injection fronts."""
+    app = _app(template, container)
+    return [
+        int(p["containerPort"])
+        for p in app.get("ports") or []
+        if p.get("protocol", "TCP") == "TCP" and "containerPort" in p
+    ]
+
+
+def fronted_ports(template_or_pod: Obj) -> list[int]:
+    """The app ports the injected sidecar fronts, from its `--app-port` arguments."""
+    for c in (template_or_pod.get("spec") or {}).get("containers") or []:
+        if c["name"] == SIDECAR_NAME:
+            return [
+                int(arg.split("=", 1)[1].split(":")[0])
+                for arg in c.get("args") or []
+                if arg.startswith("--app-port=")
+            ]
+    return []
+
+
+def session_ports(
+    wanted: tuple[int, ...] | None, fronted: list[int]
+) -> tuple[tuple[int, ...] | None, list[int]]:
+    """The ports a session filters, and the wanted ones the sidecar does not front.
+
+    mirrord's `http_filter.ports` names the ports whose requests are filtered; a
+    listed port the workload does not serve is left out (the caller says so),
+    and only if none is served is it an error."""
+    if not wanted:
+        return None, []
+    kept = tuple(p for p in wanted if p in fronted)
+    missing = [p for p in wanted if p not in fronted]
+    if not kept:
+        raise TargetError(
+            f"the sidecar fronts port {', '.join(map(str, fronted)) or 'none'}, and none of the "
+            f"ports to filter ({', '.join(map(str, wanted))}); name one of those (--port, or "
+            "http_filter.ports in the config), or declare the port in the app container"
+        )
+    return kept, missing
+
+
+def injected_image(template_or_pod: Obj) -> str | None:
+    """The image of the injected sidecar, if there is one."""
+    for c in (template_or_pod.get("spec") or {}).get("containers") or []:
+        if c["name"] == SIDECAR_NAME:
+            return str(c["image"])
+    return None
 
 
 def token_secret(template_or_pod: Obj) -> str | None:

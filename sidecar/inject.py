@@ -207,8 +207,8 @@ def _app_ports(app: dict[str, Any], wanted: tuple[int, ...]) -> list[int]:
     if not wanted:
         if not declared:
             raise InjectError(
-                f"container {app.get('name')!r} declares no TCP port; name the port to front "
-                "(--port), and declare it in the container's ports"
+                f"container {app.get('name')!r} declares no TCP port; declare the port the app "
+                "serves in the container's ports (the sidecar fronts the declared ports)"
             )
         return declared
     missing = [p for p in wanted if p not in declared]

@@ -142,11 +142,18 @@ def get(
         return out
 
 
+def user_env(kubeconfig: Path) -> dict[str, str]:
+    """A user's environment with this kubeconfig, and offramp's user config of its own
+    (beside the kubeconfig) rather than this machine's."""
+    env = {k: v for k, v in os.environ.items() if k != "OFFRAMP_SIDECAR_IMAGE"}
+    return {**env, "KUBECONFIG": str(kubeconfig), "XDG_CONFIG_HOME": str(kubeconfig.parent / "xdg")}
+
+
 class Cli:
     """`offramp ...` run as a user runs it, with KUBECONFIG pointing at the emulator."""
 
     def __init__(self, kubeconfig: Path, *args: str):
-        env = {**os.environ, "KUBECONFIG": str(kubeconfig), "PYTHONUNBUFFERED": "1"}
+        env = {**user_env(kubeconfig), "PYTHONUNBUFFERED": "1"}
         self.args = args
         self.proc = subprocess.Popen(
             [str(BIN / "offramp"), *args],
@@ -233,7 +240,7 @@ class Cli:
 
 
 def offramp(kubeconfig: Path, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "KUBECONFIG": str(kubeconfig)}
+    env = user_env(kubeconfig)
     return subprocess.run(
         [str(BIN / "offramp"), *args], capture_output=True, text=True, env=env, timeout=timeout
     )

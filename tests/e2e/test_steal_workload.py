@@ -104,15 +104,26 @@ def test_steal_follows_every_replica_through_scale_and_rollout(
     assert code == 0, "\n".join(cli.lines)
     assert cli.lines[-1].startswith("offramp: session ended: 11 stolen")
 
-    # The sidecar stays; the next steal finds it injected and starts at once.
-    again = Cli(
-        kubeconfig, "steal", "deploy/api", "--to", str(local.port), "--image", SIDECAR_IMAGE
+    # The sidecar stays; the next steal finds it injected and starts at once, with
+    # the image it has. A mirrord config whose http_filter.ports lists a port the
+    # workload does not serve filters the ports it does serve; other ports to
+    # filter are a session's matter and restart nothing.
+    config = tmp_path / "mirrord.json"
+    config.write_text(
+        '{"feature": {"network": {"incoming": {"mode": "steal", "http_filter": '
+        '{"header_filter": "^x-preview: alice$", "ports": [80, 8080]}}}}}'
     )
-    try:
-        again.wait_for("the sidecar is already injected")
-        again.wait_count(OPEN, 4)
-    finally:
-        again.stop()
+    generation = cluster.request("GET", DEPLOY)["metadata"]["generation"]
+    for args in (["-f", str(config)], ["--port", "8080"]):
+        again = Cli(kubeconfig, "steal", "deploy/api", "--to", str(local.port), *args)
+        try:
+            again.wait_for("the sidecar is already injected")
+            if args[0] == "-f":
+                again.wait_for("deploy/api serves no port 80; filtering port 8080")
+            again.wait_count(OPEN, 4)
+        finally:
+            again.stop()
+    assert cluster.request("GET", DEPLOY)["metadata"]["generation"] == generation
 
     status = offramp(kubeconfig, "status", "deploy/api")
     assert status.returncode == 0, status.stderr
@@ -226,7 +237,7 @@ def test_a_command_after_the_double_dash_runs_for_the_session(
         (["sts/api"], "no statefulset 'api' in namespace 'shop'; statefulsets there: none"),
         (
             ["deploy/api", "--port", "9090"],
-            "container 'api' declares no port 9090; it declares: 8080",
+            "the sidecar fronts port 8080, and none of the ports to filter (9090)",
         ),
         (
             ["deploy/api", "--no-iptables"],
@@ -260,6 +271,35 @@ def test_what_cannot_work_is_refused_with_what_exists(
     # Nothing was changed on the way to the refusal.
     template = cluster.request("GET", DEPLOY)["spec"]["template"]
     assert "annotations" not in template["metadata"]
+
+
+def test_without_an_image_nothing_is_changed_and_the_user_is_told_how_to_set_one(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    cluster.apply(deployment(replicas=1))
+    kubeconfig = cluster.kubeconfig(tmp_path / "kubeconfig", namespace=NAMESPACE)
+    for image in ([], ["--image", "registry.example/offramp-sidecar:0.1.0"]):
+        done = offramp(kubeconfig, "steal", "deploy/api", "--to", "9", *image)
+        assert done.returncode == 1, done.stderr
+        assert "no sidecar image is set, and there is no public one" in done.stderr
+        assert "offramp set-image IMAGE" in done.stderr and "Nothing was changed" in done.stderr
+        if image:
+            assert "is the documentation's placeholder" in done.stderr
+        template = cluster.request("GET", DEPLOY)["spec"]["template"]
+        assert "annotations" not in template["metadata"]
+
+    done = offramp(kubeconfig, "set-image", SIDECAR_IMAGE)
+    assert done.returncode == 0, done.stderr
+    config = kubeconfig.parent / "xdg/offramp/config.json"
+    assert json.loads(config.read_text()) == {"sidecar_image": SIDECAR_IMAGE}
+    cli = Cli(kubeconfig, "steal", "deploy/api", "--to", "9")
+    try:
+        cli.wait_for("injecting the sidecar")
+        cli.wait_for(OPEN)
+    finally:
+        cli.stop()
+    sidecar = cluster.request("GET", DEPLOY)["spec"]["template"]["spec"]["containers"][1]
+    assert sidecar["image"] == SIDECAR_IMAGE
 
 
 def test_a_developer_who_may_not_port_forward_is_told_so(
