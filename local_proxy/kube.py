@@ -232,6 +232,17 @@ class Kube:
         finally:
             w.stop()
 
+    def logs(self, pod: str, container: str, tail: int, previous: bool = False) -> str:
+        """The last `tail` lines a container wrote (of its previous run, if asked)."""
+        try:
+            resp = self._apis["core"].read_namespaced_pod_log(
+                pod, self.namespace, container=container, tail_lines=tail,
+                previous=previous, _preload_content=False,
+            )  # fmt: skip
+            return str(resp.data.decode(errors="replace"))
+        except _ERRORS as e:
+            raise _translate(e, f"read the logs of {pod}/{container}") from e
+
     def port_forward(self, pod: str, port: int) -> socket.socket:
         """A connected stream socket to `port` inside `pod`, through the API server."""
         try:

@@ -25,6 +25,7 @@ from local_proxy.config import LocalSettings
 from local_proxy.kube import Forbidden, Kube, KubeError, NotFound
 from local_proxy.session import LocalSession, SessionError
 from local_proxy.workload import (
+    PodFailure,
     Target,
     TargetError,
     choose_capture,
@@ -36,6 +37,7 @@ from local_proxy.workload import (
     named_target_port,
     original_template,
     rollout,
+    rollout_failure,
     secret_name,
     selector,
     session_pods,
@@ -51,6 +53,7 @@ __all__ = ["StealTarget", "Target", "run_status", "run_uninject"]
 Obj = dict[str, Any]
 Report = Callable[[str], None]
 WATCH_SECONDS = 30
+LOG_LINES = 10
 RESYNC = 5.0
 
 
@@ -213,30 +216,75 @@ class StealTarget:
         return token
 
     async def _wait_rollout(self, workload: Obj) -> Obj:
+        """Until the rollout is done; a pod that cannot start ends it within a poll."""
         assert self.kube is not None
         t = self.target
+        where = describe(t.resource, t.name)
         deadline = time.monotonic() + self.rollout_timeout
         last = ""
         while True:
             state = rollout(t.resource, workload)
             if state.failure:
                 raise Failed(
-                    f"the rollout of {describe(t.resource, t.name)} cannot create pods: "
-                    f"{state.failure}"
+                    f"the rollout of {where} cannot create pods: {state.failure}\n"
+                    + self._still_injected()
                 )
             if state.progress() != last:
                 last = state.progress()
-                self.report(f"offramp: rolling out {describe(t.resource, t.name)}: {last}")
+                self.report(f"offramp: rolling out {where}: {last}")
             if state.done:
                 return workload
-            if time.monotonic() > deadline or self._stop.is_set():
-                pods, _ = await self._k(self.kube.list, "pods", selector(workload))
+            pods, _ = await self._k(self.kube.list, "pods", selector(workload))
+            failure = rollout_failure(workload["spec"]["template"], pods)
+            if failure is not None:
+                raise Failed(
+                    f"{where}: a new pod cannot start: {failure.describe()}"
+                    + await self._log_tail(failure)
+                    + "\n"
+                    + self._still_injected()
+                )
+            if self._stop.is_set():
+                raise Failed(
+                    f"interrupted while rolling out {where} ({last}); the rollout goes on in "
+                    "the cluster without offramp.\n" + self._still_injected()
+                )
+            if time.monotonic() > deadline:
                 raise Failed(
                     f"the rollout did not finish in {self.rollout_timeout:.0f} s "
-                    f"({last}); pods: {_pod_problems(pods)}"
+                    f"({last}); pods: {_pod_problems(pods)}\n" + self._still_injected()
                 )
-            await asyncio.sleep(0.5)
+            await _first(asyncio.sleep(0.5), self._stop.wait())
             workload = await self._k(self.kube.get, t.resource, t.name)
+
+    def _still_injected(self) -> str:
+        t = self.target
+        where = describe(t.resource, t.name)
+        ns = f" -n {self.kube.namespace}" if self.kube is not None else ""
+        return (
+            f"offramp: {where} is still injected: undo it with 'offramp uninject {where}{ns}', "
+            "or fix the cause and run offramp steal again (--image IMAGE for another image)"
+        )
+
+    async def _log_tail(self, failure: PodFailure) -> str:
+        """The failing container's last log lines, indented, or why there are none."""
+        assert self.kube is not None
+        if failure.reason in ("ErrImagePull", "ImagePullBackOff", "InvalidImageName"):
+            return ""
+        text = ""
+        with contextlib.suppress(KubeError):
+            if failure.crashed:
+                text = await self._k(
+                    self.kube.logs, failure.pod, failure.container, LOG_LINES, True
+                )
+        if not text.strip():
+            try:
+                text = await self._k(self.kube.logs, failure.pod, failure.container, LOG_LINES)
+            except KubeError as e:
+                return f"\n  (its logs cannot be read: {e})"
+        lines = text.rstrip().splitlines()
+        if not lines:
+            return "\n  (it wrote nothing to its log)"
+        return "\n  its last log lines:\n" + "\n".join(f"    {line}" for line in lines)
 
     # --- sessions on every ready pod ----------------------------------------------------
 

@@ -15,6 +15,7 @@ import jsonpatch
 from pydantic import ValidationError
 
 from sidecar.inject import (
+    ANNOTATION,
     SIDECAR_NAME,
     TOKEN_VOLUME,
     InjectError,
@@ -28,6 +29,7 @@ from sidecar.settings import Capture
 
 __all__ = [
     "KINDS",
+    "PodFailure",
     "Rollout",
     "Target",
     "TargetError",
@@ -39,6 +41,7 @@ __all__ = [
     "named_target_port",
     "parse_target",
     "rollout",
+    "rollout_failure",
     "session_pods",
     "session_ports",
     "uninjection_patch",
@@ -263,6 +266,64 @@ def rollout(resource: str, workload: Obj) -> Rollout:
             and int(status.get("availableReplicas", 0)) == want
         )
     return Rollout(done, want, updated, ready, failure, observed)
+
+
+CANNOT_START = frozenset(
+    {
+        "ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull",
+        "CrashLoopBackOff", "CreateContainerConfigError", "CreateContainerError",
+        "RunContainerError",
+    }
+)  # fmt: skip
+"""Container waiting reasons that a rollout does not get past by waiting."""
+
+
+@dataclass(frozen=True)
+class PodFailure:
+    pod: str
+    container: str
+    reason: str
+    message: str
+    exit_code: int | None
+    crashed: bool
+    """It ran and exited (its previous run's logs say why)."""
+
+    def describe(self) -> str:
+        code = f", exit code {self.exit_code}" if self.exit_code is not None else ""
+        message = f": {self.message}" if self.message else ""
+        return f"pod {self.pod}, container {self.container}: {self.reason}{code}{message}"
+
+
+def rollout_failure(template: Obj, pods: list[Obj]) -> PodFailure | None:
+    """A pod of this template's rollout that cannot start, if there is one.
+
+    A pod belongs to the rollout when it carries the template's injection record
+    (pods copy the template's annotations). The sidecar exiting with an error
+    counts at once; the app's container only once the kubelet backs off, as an
+    app may exit once while it starts."""
+    record = ((template.get("metadata") or {}).get("annotations") or {}).get(ANNOTATION)
+    for pod in pods:
+        meta = pod["metadata"]
+        if record is None or (meta.get("annotations") or {}).get(ANNOTATION) != record:
+            continue
+        if meta.get("deletionTimestamp"):
+            continue
+        for c in (pod.get("status") or {}).get("containerStatuses") or []:
+            state = c.get("state") or {}
+            waiting = state.get("waiting") or {}
+            ended = (c.get("lastState") or {}).get("terminated") or state.get("terminated") or {}
+            code = ended.get("exitCode")
+            crashed = code is not None and code != 0
+            if waiting.get("reason") in CANNOT_START or (crashed and c["name"] == SIDECAR_NAME):
+                return PodFailure(
+                    meta["name"],
+                    c["name"],
+                    waiting.get("reason") or ended.get("reason") or "Error",
+                    waiting.get("message", ""),
+                    code,
+                    crashed,
+                )
+    return None
 
 
 def session_pods(pods: list[Obj]) -> dict[str, int]:

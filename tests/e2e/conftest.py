@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import queue
@@ -26,6 +27,9 @@ BIN = Path(sys.executable).parent
 REPO = Path(__file__).resolve().parents[2]
 APP_IMAGE = "shop/api:1"
 SIDECAR_IMAGE = "offramp/sidecar:test"
+BROKEN_SIDECAR_IMAGE = "offramp/sidecar:broken-caps"
+"""The image as it was first built: iptables-nft carried NET_RAW as well, which the
+injected container may not hold, so every start failed (CrashLoopBackOff)."""
 NAMESPACE = "shop"
 STARTED: list[Cli] = []
 
@@ -49,12 +53,6 @@ def sidecar_image() -> Image:
         user=int(user),
         env=tuple((k, v) for k, v in env),
         file_caps=tuple((path, cap) for cap, path in caps),
-        # Debian's iptables is iptables-nft, and the image's too.
-        links=(
-            ("iptables", "xtables-nft-multi"),
-            ("iptables-nft", "xtables-nft-multi"),
-            ("iptables-legacy", "xtables-legacy-multi"),
-        ),
     )
 
 
@@ -64,6 +62,13 @@ def cluster(tmp_path: Path) -> Iterator[Cluster]:
     images = {
         APP_IMAGE: Image((sys.executable, "-m", "tests.kube.app")),
         SIDECAR_IMAGE: sidecar_image(),
+        BROKEN_SIDECAR_IMAGE: dataclasses.replace(
+            sidecar_image(),
+            file_caps=(
+                ("/usr/sbin/xtables-nft-multi", "cap_net_admin,cap_net_raw+ep"),
+                ("/bin/ss", "cap_net_admin+ep"),
+            ),
+        ),
     }
     c = Cluster(tmp_path / "cluster", images, developer_namespaces=[NAMESPACE])
     c.start()

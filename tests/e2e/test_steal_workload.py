@@ -8,12 +8,22 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import NAMESPACE, SIDECAR_IMAGE, Cli, deployment, get, offramp, service
+from tests.e2e.conftest import (
+    BROKEN_SIDECAR_IMAGE,
+    NAMESPACE,
+    SIDECAR_IMAGE,
+    Cli,
+    deployment,
+    get,
+    offramp,
+    service,
+)
 from tests.kube.cluster import Cluster
 from tests.support import HttpApp, free_port, start_app
 
@@ -271,6 +281,63 @@ def test_what_cannot_work_is_refused_with_what_exists(
     # Nothing was changed on the way to the refusal.
     template = cluster.request("GET", DEPLOY)["spec"]["template"]
     assert "annotations" not in template["metadata"]
+
+
+@pytest.mark.parametrize(
+    ("image", "expected"),
+    [
+        (
+            BROKEN_SIDECAR_IMAGE,
+            [
+                "container offramp-sidecar: CrashLoopBackOff, exit code 1",
+                "its last log lines:",
+                "cannot capture the pod's traffic",
+                "bounding set",
+            ],
+        ),
+        ("registry.corp/team/offramp-sidecar:typo", ["container offramp-sidecar: ErrImagePull"]),
+    ],
+    ids=["sidecar crashes", "image cannot be pulled"],
+)
+def test_a_pod_that_cannot_start_ends_the_rollout_wait_with_its_reason(
+    cluster: Cluster, local: HttpApp, tmp_path: Path, image: str, expected: list[str]
+) -> None:
+    cluster.apply(deployment(replicas=2))
+    cluster.wait("2 app pods", lambda: len(cluster.ready_pods(NAMESPACE, app="api")) == 2)
+    kubeconfig = cluster.kubeconfig(tmp_path / "kubeconfig", namespace=NAMESPACE)
+    started = time.monotonic()
+    done = offramp(kubeconfig, "steal", "deploy/api", "--to", str(local.port), "--image", image)
+    took = time.monotonic() - started
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert took < 30, f"{took:.0f} s: the failing pod was not noticed ({done.stderr})"
+    assert "deploy/api: a new pod cannot start: pod api-" in done.stderr
+    for text in expected:
+        assert text in done.stderr, done.stderr
+    assert "deploy/api is still injected: undo it with 'offramp uninject deploy/api -n shop'" in (
+        done.stderr
+    )
+    # The old pods keep serving; a good image rolls out over the broken one.
+    cli = Cli(kubeconfig, "steal", "deploy/api", "--to", str(local.port), "--image", SIDECAR_IMAGE)
+    try:
+        cli.wait_for("re-injecting the sidecar")
+        cli.wait_count(OPEN, 2)
+    finally:
+        assert cli.stop() == 0, "\n".join(cli.lines)
+
+
+def test_ctrl_c_during_the_rollout_says_it_was_interrupted_and_what_state_is_left(
+    cluster: Cluster, local: HttpApp, tmp_path: Path
+) -> None:
+    cluster.apply(deployment(replicas=2))
+    kubeconfig = cluster.kubeconfig(tmp_path / "kubeconfig", namespace=NAMESPACE)
+    cli = Cli(kubeconfig, "steal", "deploy/api", "--to", str(local.port), "--image", SIDECAR_IMAGE)
+    cli.wait_for("injecting the sidecar")
+    code = cli.stop()
+    out = "\n".join(cli.lines)
+    assert code == 1, out
+    assert "interrupted while rolling out deploy/api" in out, out
+    assert "did not finish" not in out
+    assert "deploy/api is still injected: undo it with 'offramp uninject deploy/api -n shop'" in out
 
 
 def test_without_an_image_nothing_is_changed_and_the_user_is_told_how_to_set_one(

@@ -1,6 +1,7 @@
 """The emulator's HTTP API: the REST paths, verbs and content types the official
-client uses for get, list, watch, create, patch and delete, and pods/portforward
-over a websocket with the channel framing of `v4.channel.k8s.io`."""
+client uses for get, list, watch, create, patch and delete, pods/log (container and
+tailLines), and pods/portforward over a websocket with the channel framing of
+`v4.channel.k8s.io`."""
 
 from __future__ import annotations
 
@@ -28,10 +29,13 @@ def status_response(error: ApiError) -> web.Response:
 
 
 class Api:
-    def __init__(self, store: Store, users: dict[str, User], dial: Dial):
+    def __init__(
+        self, store: Store, users: dict[str, User], dial: Dial, logs: Callable[[str, str, str], str]
+    ):
         self.store = store
         self.users = users
         self.dial = dial
+        self.logs = logs
         self.requests: list[tuple[str, Request]] = []
         """(user, request) of every authorized request, for tests that check the CLI's calls."""
 
@@ -95,6 +99,9 @@ class Api:
             )
         if plural == "namespaces" and name:
             namespace = name  # RBAC sees a namespace's own object as inside it
+        if (plural, sub) == ("pods", "log") and request.method == "GET":
+            self._authorize(user, Request("get", group, "pods/log", namespace, name))
+            return self._log(request, namespace, name)
         if sub:
             if (plural, sub) != ("pods", "portforward"):
                 raise ApiError(404, "NotFound", f"subresource {sub!r} is not emulated")
@@ -136,6 +143,28 @@ class Api:
         if verb == "delete":
             return web.json_response(self._delete(kind, store_ns, name))
         raise ApiError(405, "MethodNotAllowed", f"{request.method} is not emulated")
+
+    def _log(self, request: web.Request, namespace: str, name: str) -> web.Response:
+        pod = self.store.get("pods", namespace, name)
+        containers = [c["name"] for c in pod["spec"]["containers"]]
+        container = request.query.get("container")
+        if container is None:
+            if len(containers) > 1:
+                raise ApiError(
+                    400,
+                    "BadRequest",
+                    f"a container name must be specified for pod {name}, choose one of: "
+                    f"[{' '.join(containers)}]",
+                )
+            container = containers[0]
+        try:
+            text = self.logs(namespace, name, container)
+        except LookupError as e:
+            raise ApiError(400, "BadRequest", str(e)) from e
+        if "tailLines" in request.query:
+            tail = int(request.query["tailLines"])
+            text = "".join(text.splitlines(keepends=True)[-tail:] if tail else [])
+        return web.Response(text=text, content_type="text/plain")
 
     async def _json(self, request: web.Request) -> Any:
         try:

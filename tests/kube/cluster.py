@@ -65,7 +65,7 @@ class Cluster:
         net = int(self.tag, 16) % 250 + 1
         self.kubelet = Kubelet(self.store, self.kubelet_images, self.state, self.tag, net)
         await asyncio.to_thread(self.kubelet.setup)
-        self.api = Api(self.store, self.users, self.kubelet.dial)
+        self.api = Api(self.store, self.users, self.kubelet.dial, self.kubelet.container_log)
         self._runner = web.AppRunner(self.api.app(), handle_signals=False)
         await self._runner.setup()
         site = web.TCPSite(self._runner, "127.0.0.1", 0)

@@ -46,7 +46,8 @@ def main() -> None:
     keep = [(os.open(path, os.O_PATH), path) for path in spec["keep"]]
     closed = {a for path in spec["keep"] if (a := _closed_ancestor(path))} if spec["uid"] else set()
     for fd, m in mounts:
-        os.makedirs(m["target"], exist_ok=True)
+        if not os.path.isfile(m["target"]):  # a file is mounted over a file
+            os.makedirs(m["target"], exist_ok=True)
         _mount(f"/proc/self/fd/{fd}", m["target"], MS_BIND)
         if m.get("readOnly"):
             _mount("none", m["target"], MS_BIND | MS_REMOUNT | MS_RDONLY)

@@ -21,8 +21,10 @@
   capabilities grant it, and only those within the bounding set (the kernel
   refuses to run one that asks for more). `allowPrivilegeEscalation: false`
   sets no_new_privs, which voids file capabilities. An image's binaries with
-  file capabilities are copies of this machine's, mounted at
-  /opt/offramp-image/bin, which comes first on its PATH.
+  file capabilities are copies of this machine's that carry them, bind-mounted
+  over the originals at the paths the image has them (so no other copy of the
+  binary is found first or after: a shell or Python that gets EPERM from one
+  PATH entry goes on to the next).
 - Probes: readiness probes (httpGet with User-Agent kube-probe/1.30, or
   tcpSocket) run from the node against the pod IP every 0.25 s whatever
   periodSeconds says; three failures in a row make a container unready.
@@ -59,9 +61,11 @@ from tests.kube.store import Obj, Store, now
 REPO = Path(__file__).resolve().parents[2]
 PROBE_PERIOD = 0.25
 STOP_GRACE = 10.0
+RESTART_DELAY = 1.0
+KUBELET_NOTE = "--- kubelet: "
+"""Lines of a container's log file that the kubelet wrote, not the container."""
 
 
-IMAGE_BIN = "/opt/offramp-image/bin"
 DEFAULT_CAPABILITIES = frozenset(
     {
         "CHOWN", "DAC_OVERRIDE", "FSETID", "FOWNER", "MKNOD", "NET_RAW", "SETGID", "SETUID",
@@ -78,10 +82,8 @@ class Image:
     user: int = 0
     env: tuple[tuple[str, str], ...] = ()
     file_caps: tuple[tuple[str, str], ...] = ()
-    """(binary, capabilities as setcap writes them): a copy of this machine's
-    binary carries them in the image's bin directory."""
-    links: tuple[tuple[str, str], ...] = ()
-    """(name, binary): names in the image's bin directory for a multi-call binary."""
+    """(path, capabilities as setcap writes them): the image's binary at that path
+    carries them (a copy of this machine's, mounted over it)."""
 
 
 class ContainerConfigError(LookupError):
@@ -98,6 +100,8 @@ class Container:
     failures: int = 0
     waiting: tuple[str, str] | None = None
     """(reason, message) when it cannot start."""
+    last_exit: int | None = None
+    """The exit code of its last run, once it has exited."""
 
 
 @dataclass
@@ -266,9 +270,8 @@ class Kubelet:
                 f"{', '.join(sorted(self.images))})"
             )
         argv = list(spec.get("command") or image.entrypoint) + list(spec.get("args") or [])
-        path = os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
         env = {
-            "PATH": f"{IMAGE_BIN}:{path}" if image.file_caps else path,
+            "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
             "HOSTNAME": runtime.name,
             "PYTHONUNBUFFERED": "1",
             **dict(image.env),
@@ -315,8 +318,8 @@ class Kubelet:
             for m in spec.get("volumeMounts") or []
         ]
         if image.file_caps:
-            bin_dir = await asyncio.to_thread(self._image_bin, spec["image"], image)
-            mounts.append({"source": str(bin_dir), "target": IMAGE_BIN, "readOnly": True})
+            files = await asyncio.to_thread(self._image_files, spec["image"], image)
+            mounts += [{"source": str(src), "target": dst, "readOnly": True} for dst, src in files]
         keep = sorted({str(REPO), sys.base_prefix, sys.prefix})
         config = {
             "argv": argv,
@@ -347,28 +350,29 @@ class Kubelet:
             container.ready = False
             if runtime.stopping:
                 return
-            container.restarts += 1
+            container.last_exit = code
             with log.open("ab") as out:
-                out.write(f"--- kubelet: exited with {code}; restarting\n".encode())
-            await asyncio.sleep(1.0)
+                out.write(f"{KUBELET_NOTE}exited with {code}; restarting\n".encode())
+            # Shown as CrashLoopBackOff while it waits (a kubelet's back-off grows
+            # from 10 s; this one stays at RESTART_DELAY).
+            await asyncio.sleep(RESTART_DELAY)
+            container.restarts += 1
 
-    def _image_bin(self, name: str, image: Image) -> Path:
-        """The image's binaries that carry file capabilities (made once per image)."""
-        out = self.state / "images" / name.replace("/", "_").replace(":", "_") / "bin"
+    def _image_files(self, name: str, image: Image) -> list[tuple[str, Path]]:
+        """(path in the image, a copy that carries its file capabilities), made once."""
+        out = self.state / "images" / name.replace("/", "_").replace(":", "_")
+        files = [(path, out / path.strip("/").replace("/", "_")) for path, _ in image.file_caps]
         if out.exists():
-            return out
-        tmp = out.with_name("bin.tmp")
+            return files
+        tmp = out.with_name(out.name + ".tmp")
         tmp.mkdir(parents=True)
-        for binary, caps in image.file_caps:
-            host = shutil.which(Path(binary).name)
-            if host is None:
-                raise RuntimeError(f"image {name}: this machine has no {binary} to copy")
-            shutil.copy2(host, tmp / Path(binary).name)
-            _sh("setcap", caps, str(tmp / Path(binary).name))
-        for link, binary in image.links:
-            (tmp / link).symlink_to(Path(binary).name)
+        for (path, caps), (_, copy) in zip(image.file_caps, files, strict=True):
+            if not Path(path).is_file():
+                raise RuntimeError(f"image {name}: this machine has no {path} to copy")
+            shutil.copy2(path, tmp / copy.name)
+            _sh("setcap", caps, str(tmp / copy.name))
         tmp.rename(out)
-        return out
+        return files
 
     async def _probe(self, runtime: PodRuntime) -> None:
         while not runtime.stopping:
@@ -428,19 +432,33 @@ class Kubelet:
                 state = {"waiting": {"reason": c.waiting[0], "message": c.waiting[1]}}
             elif running:
                 state = {"running": {}}
+            elif c.last_exit is not None:
+                state = {
+                    "waiting": {
+                        "reason": "CrashLoopBackOff",
+                        "message": f"back-off {RESTART_DELAY:.0f}s restarting failed "
+                        f"container={c.name} pod={runtime.name}",
+                    }
+                }
             else:
                 state = {"waiting": {"reason": "ContainerCreating"}}
-            statuses.append(
-                {
-                    "name": c.name,
-                    "image": c.spec["image"],
-                    "imageID": "",
-                    "ready": c.ready,
-                    "restartCount": c.restarts,
-                    "started": running,
-                    "state": state,
+            entry: Obj = {
+                "name": c.name,
+                "image": c.spec["image"],
+                "imageID": "",
+                "ready": c.ready,
+                "restartCount": c.restarts,
+                "started": running,
+                "state": state,
+            }
+            if c.last_exit is not None:
+                entry["lastState"] = {
+                    "terminated": {
+                        "exitCode": c.last_exit,
+                        "reason": "Completed" if c.last_exit == 0 else "Error",
+                    }
                 }
-            )
+            statuses.append(entry)
         all_ready = bool(statuses) and all(s["ready"] for s in statuses)
         any_running = any(s["started"] for s in statuses)
         old = pod.get("status") or {}
@@ -521,6 +539,20 @@ class Kubelet:
             raise got
         got.settimeout(None)
         return got
+
+    def container_log(self, namespace: str, name: str, container: str) -> str:
+        """What `kubectl logs` shows of one container (every run of it: the emulator
+        keeps one file, so `previous` is not told apart)."""
+        runtime = next(
+            (r for r in self.pods.values() if (r.namespace, r.name) == (namespace, name)), None
+        )
+        if runtime is None or not any(c.name == container for c in runtime.containers):
+            raise LookupError(f"container {container} is not valid for pod {name}")
+        path = runtime.root / f"{container}.log"
+        text = path.read_text(errors="replace") if path.exists() else ""
+        return "".join(
+            line for line in text.splitlines(keepends=True) if not line.startswith(KUBELET_NOTE)
+        )
 
     def logs(self) -> dict[str, str]:
         out = {}

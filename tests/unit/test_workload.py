@@ -1,12 +1,19 @@
-"""Pure decisions about a workload: which ports a session filters."""
+"""Pure decisions about a workload: which ports a session filters, whether a pod
+of the rollout cannot start."""
 
 from __future__ import annotations
 
 import jsonpatch
 import pytest
 
-from local_proxy.workload import TargetError, declared_ports, fronted_ports, session_ports
-from sidecar.inject import InjectOptions, inject
+from local_proxy.workload import (
+    TargetError,
+    declared_ports,
+    fronted_ports,
+    rollout_failure,
+    session_ports,
+)
+from sidecar.inject import ANNOTATION, SIDECAR_NAME, InjectOptions, inject
 
 
 def template(*ports: int, udp: int | None = None) -> dict[str, object]:
@@ -45,3 +52,54 @@ def test_none_of_the_ports_to_filter_served_is_an_error_that_names_both() -> Non
         TargetError, match=r"fronts port 8080, and none of the ports to filter \(80, 81\)"
     ):
         session_ports((80, 81), [8080])
+
+
+def _pod(record: str | None, statuses: list[dict[str, object]], deleting: bool = False) -> dict:
+    meta: dict[str, object] = {
+        "name": "api-1",
+        "annotations": {ANNOTATION: record} if record else {},
+    }
+    if deleting:
+        meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    return {"metadata": meta, "status": {"containerStatuses": statuses}}
+
+
+TEMPLATE = {"metadata": {"annotations": {ANNOTATION: "new"}}}
+CRASH = {
+    "name": SIDECAR_NAME,
+    "state": {"waiting": {"reason": "CrashLoopBackOff", "message": "back-off 10s"}},
+    "lastState": {"terminated": {"exitCode": 1, "reason": "Error"}},
+}
+
+
+@pytest.mark.parametrize(
+    ("pod", "expected"),
+    [
+        (_pod("new", [CRASH]), ("offramp-sidecar", "CrashLoopBackOff", 1, True)),
+        (
+            _pod("new", [{"name": "api", "state": {"waiting": {"reason": "ImagePullBackOff"}}}]),
+            ("api", "ImagePullBackOff", None, False),
+        ),
+        (
+            _pod("new", [{"name": SIDECAR_NAME, "state": {"terminated": {"exitCode": 2}}}]),
+            ("offramp-sidecar", "Error", 2, True),
+        ),
+        # The app exiting once while it starts is not yet a failure; the old
+        # template's pods and pods on their way out are not this rollout's.
+        (_pod("new", [{**CRASH, "name": "api", "state": {"running": {}}}]), None),
+        (_pod("old", [CRASH]), None),
+        (_pod(None, [CRASH]), None),
+        (_pod("new", [CRASH], deleting=True), None),
+        (
+            _pod("new", [{"name": "api", "state": {"waiting": {"reason": "ContainerCreating"}}}]),
+            None,
+        ),
+    ],
+)
+def test_a_pod_of_the_rollout_that_cannot_start(pod: dict, expected: tuple | None) -> None:
+    failure = rollout_failure(TEMPLATE, [pod])
+    if expected is None:
+        assert failure is None
+    else:
+        assert failure is not None
+        assert (failure.container, failure.reason, failure.exit_code, failure.crashed) == expected
