@@ -65,6 +65,9 @@ class Forwarder:
         self.counters = Counters()
         self._mirrors_running = 0
         self.tasks: set[asyncio.Task[None]] = set()
+        self.ending = False
+        """The developer ended the session with requests still held: a stream that
+        goes away now was cut off by us, not abandoned by its caller."""
         self._client: aiohttp.ClientSession | None = None
         self._h2 = H2Forwarder(host, port, timeout)
 
@@ -102,6 +105,12 @@ class Forwarder:
         kind = "mirror" if head.mirror else "steal"
         try:
             status = await self._forward(head, stream)
+            if self.ending and status.endswith("abandoned by the caller"):
+                status = status.replace("abandoned by the caller", "cut off: the session ended")
+        except asyncio.CancelledError:
+            if self.ending:
+                self.report(f"{kind:<6} {head.method} {head.target} -> cut off: the session ended")
+            raise
         finally:
             if head.mirror:
                 self._mirrors_running -= 1

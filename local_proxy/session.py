@@ -40,7 +40,10 @@ __all__ = ["LocalSession", "Refused", "SessionError", "Unreachable", "tunnel_url
 
 BACKOFF_START = 0.2
 BACKOFF_MAX = 10.0
-DRAIN_ON_STOP = 3.0
+GOODBYE_WAIT = 3.0
+"""How long to wait for the sidecar to confirm it sends no more."""
+DRAIN_MARGIN = 2.0
+"""Past --timeout, a held request has been answered (504) or reset: beyond it nothing waits."""
 
 
 class SessionError(Exception):
@@ -83,9 +86,14 @@ class LocalSession:
         self.welcome: Welcome | None = None
         self.ready = asyncio.Event()
         self._stop = asyncio.Event()
+        self._abandon = asyncio.Event()
         self._tunnel: Tunnel | None = None
 
     def stop(self) -> None:
+        """End the session: the sidecar sends no more, and the requests held are
+        finished (up to --timeout). Called again, abandon those requests."""
+        if self._stop.is_set():
+            self._abandon.set()
         self._stop.set()
 
     async def run(self) -> None:
@@ -174,20 +182,52 @@ class LocalSession:
                 return runner.result()
             # Stopping: ask the sidecar to send no more; once it confirms, nothing
             # else can arrive, so finish what we hold and close.
-            deadline = asyncio.get_running_loop().time() + DRAIN_ON_STOP
             tunnel.say_goodbye("the developer ended the session")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(tunnel.goodbye_received.wait(), DRAIN_ON_STOP)
-            pending = set(self.forwarder.tasks)
-            left = deadline - asyncio.get_running_loop().time()
-            if pending and left > 0:
-                await asyncio.wait(pending, timeout=left)
+                async with asyncio.timeout(GOODBYE_WAIT):
+                    await _either(tunnel.goodbye_received, self._abandon)
+            await self._drain()
             await tunnel.close("the developer ended the session")
             await runner
             return "session ended"
         finally:
             stopper.cancel()
             self._tunnel = None
+
+    async def _drain(self) -> None:
+        """Wait for the requests held, until they end, --timeout runs out, or a second
+        stop(); say what is left and that its callers are cut off."""
+        pending = {t for t in self.forwarder.tasks if not t.done()}
+        if not pending:
+            return
+        limit = self.settings.timeout + DRAIN_MARGIN if self.settings.timeout else None
+        if not self._abandon.is_set():
+            self.report(
+                f"offramp: finishing {len(pending)} held request(s) "
+                + (f"(up to {self.settings.timeout:g} s, --timeout)" if limit else "(no limit)")
+                + "; Ctrl-C again abandons them"
+            )
+            abandon = asyncio.create_task(self._abandon.wait())
+            try:
+                deadline = None if limit is None else asyncio.get_running_loop().time() + limit
+                while pending and not self._abandon.is_set():
+                    left = (
+                        None if deadline is None else deadline - asyncio.get_running_loop().time()
+                    )
+                    if left is not None and left <= 0:
+                        break
+                    await asyncio.wait(
+                        {*pending, abandon}, timeout=left, return_when="FIRST_COMPLETED"
+                    )
+                    pending = {t for t in pending if not t.done()}
+            finally:
+                abandon.cancel()
+        if pending:
+            self.forwarder.ending = True
+            self.report(
+                f"offramp: abandoning {len(pending)} held request(s): their callers get a 502 "
+                "saying the session ended (your process may already have run them)"
+            )
 
     def _on_stats(self, stats: Stats) -> None:
         c = self.forwarder.counters
@@ -197,3 +237,13 @@ class LocalSession:
                 f"offramp: the sidecar has dropped {stats.mirror_dropped} mirror copies "
                 "(the tunnel or the local process is not keeping up)"
             )
+
+
+async def _either(a: asyncio.Event, b: asyncio.Event) -> None:
+    """Until `a` or `b` is set."""
+    waits = [asyncio.ensure_future(a.wait()), asyncio.ensure_future(b.wait())]
+    try:
+        await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for w in waits:
+            w.cancel()

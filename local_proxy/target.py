@@ -103,9 +103,14 @@ class StealTarget:
     sessions: dict[str, tuple[LocalSession, asyncio.Task[None]]] = field(default_factory=dict)
     ended: list[LocalSession] = field(default_factory=list)
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
+    _ending: list[LocalSession] = field(default_factory=list)
     _fatal: Failed | None = None
 
     def stop(self) -> None:
+        """End the command; called again (a second Ctrl-C), abandon the requests held."""
+        if self._stop.is_set():
+            for session in self._ending:
+                session.stop()
         self._stop.set()
 
     async def _k(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -358,13 +363,16 @@ class StealTarget:
                 self.ended.append(session)
 
     async def _end_all(self) -> None:
-        for session, _ in self.sessions.values():
+        """End every pod's session; each finishes the requests it holds (bounded by
+        --timeout, or until a second stop())."""
+        self._ending = [s for s, _ in self.sessions.values()]
+        for session in self._ending:
             session.stop()
         tasks = [task for _, task in self.sessions.values()]
-        self.ended += [s for s, _ in self.sessions.values()]
+        self.ended += self._ending
         self.sessions.clear()
         if tasks:
-            await asyncio.wait(tasks, timeout=10)
+            await asyncio.wait(tasks)
 
     def counters(self) -> tuple[int, int]:
         sessions = self.ended + [s for s, _ in self.sessions.values()]

@@ -179,3 +179,72 @@ async def test_a_sidecar_without_its_token_file_serves_traffic_and_waits_for_it(
             assert r.json()["served_by"] == "local"
     finally:
         await asyncio.to_thread(stop_cleanly, s)
+
+
+async def _steal_cli(sidecar: SidecarProcess, local: HttpApp) -> asyncio.subprocess.Process:
+    proc = await asyncio.create_subprocess_exec(
+        str(BIN / "offramp"), "steal", "--sidecar-url", sidecar.control_url,
+        "--token-file", str(sidecar_token_file(sidecar)), "--to", str(local.port),
+        "--header", "^x-preview: alice$", "--timeout", "20",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    first = await asyncio.wait_for(proc.stdout.readline(), 30)
+    assert b"open" in first, first
+    return proc
+
+
+async def _until_line(proc: asyncio.subprocess.Process, text: bytes) -> list[bytes]:
+    assert proc.stdout is not None
+    lines = []
+    while text not in (line := await asyncio.wait_for(proc.stdout.readline(), 20)):
+        assert line, b"".join(lines)
+        lines.append(line)
+    return [*lines, line]
+
+
+async def test_ctrl_c_finishes_the_requests_held_before_the_session_closes(
+    sidecar: SidecarProcess, local: HttpApp
+) -> None:
+    import signal
+
+    proc = await _steal_cli(sidecar, local)
+    async with httpx.AsyncClient(base_url=sidecar.url, timeout=30) as client:
+        held = [
+            asyncio.create_task(client.get(f"/sleep/4?n={i}", headers={"x-preview": "alice"}))
+            for i in range(3)
+        ]
+        await asyncio.to_thread(local.wait_seen, 3)
+        proc.send_signal(signal.SIGINT)
+        await _until_line(proc, b"finishing 3 held request(s) (up to 20 s, --timeout)")
+        answers = await asyncio.gather(*held)
+    assert [r.status_code for r in answers] == [200, 200, 200]
+    assert all(r.headers["x-served-by"] == "local" for r in answers)
+    out, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 0, err
+    assert b"abandoned" not in out and b"session ended: 3 stolen" in out
+
+
+async def test_a_second_ctrl_c_abandons_the_held_requests_and_says_so(
+    sidecar: SidecarProcess, local: HttpApp
+) -> None:
+    import signal
+
+    proc = await _steal_cli(sidecar, local)
+    async with httpx.AsyncClient(base_url=sidecar.url, timeout=30) as client:
+        held = [
+            asyncio.create_task(client.get(f"/sleep/15?n={i}", headers={"x-preview": "alice"}))
+            for i in range(2)
+        ]
+        await asyncio.to_thread(local.wait_seen, 2)
+        proc.send_signal(signal.SIGINT)
+        await _until_line(proc, b"Ctrl-C again abandons them")
+        proc.send_signal(signal.SIGINT)
+        lines = await _until_line(proc, b"abandoning 2 held request(s)")
+        answers = await asyncio.wait_for(asyncio.gather(*held), 10)
+    assert [r.status_code for r in answers] == [502, 502], [r.text for r in answers]
+    out, err = await asyncio.wait_for(proc.communicate(), 20)
+    text = (b"".join(lines) + out).decode()
+    assert proc.returncode == 0, err
+    assert text.count("cut off: the session ended") == 2, text
+    assert "abandoned by the caller" not in text
