@@ -306,7 +306,7 @@ class StealTarget:
                 pods, _ = await self._k(self.kube.list, "pods", labels or None)
                 if self.target.resource == "pods":
                     pods = [p for p in pods if p["metadata"]["name"] == self.target.name]
-                self._reconcile(session_pods(pods), token)
+                self._reconcile(session_pods(pods, keep=self.sessions.keys()), token)
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(_first(changed.wait(), self._stop.wait()), RESYNC)
         finally:
@@ -465,13 +465,17 @@ def run_status(target: Target, report: Report) -> None:
         pods, _ = kube.list("pods", labels)
         if target.resource == "pods":
             pods = [p for p in pods if p["metadata"]["name"] == target.name]
+        terminating = sum(1 for p in pods if p["metadata"].get("deletionTimestamp"))
         ready = session_pods(pods)
         name = token_secret(template) or "offramp-token"
         try:
             token = base64.b64decode(kube.get("secrets", name)["data"]["token"]).decode()
         except (KubeError, KeyError):
             token = None
-        report(f"{len(ready)} of {len(pods)} pods have a ready sidecar")
+        report(
+            f"{len(ready)} of {len(pods) - terminating} pods have a ready sidecar"
+            + (f" ({terminating} more terminating)" if terminating else "")
+        )
         for pod, port in sorted(ready.items()):
             report(f"  {pod}: {_sidecar_status(kube, pod, port, token)}")
     except KubeError as e:
@@ -518,7 +522,13 @@ def run_uninject(target: Target, report: Report) -> None:
         if not ops:
             report(f"offramp: {where} has no offramp sidecar; nothing to do")
             return
+        secret = token_secret(workload["spec"]["template"])
         kube.patch(target.resource, target.name, ops)
         report(f"offramp: removed the sidecar from {where}; its pods roll out without it")
+        if secret:
+            report(
+                f"offramp: the token Secret {secret} stays (the offramp-user role may not delete "
+                f"Secrets); remove it with: kubectl -n {kube.namespace} delete secret {secret}"
+            )
     except KubeError as e:
         raise Failed(str(e)) from e

@@ -8,6 +8,7 @@ session can use. No I/O: local_proxy/cluster.py feeds these the objects.
 from __future__ import annotations
 
 import copy
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -326,14 +327,22 @@ def rollout_failure(template: Obj, pods: list[Obj]) -> PodFailure | None:
     return None
 
 
-def session_pods(pods: list[Obj]) -> dict[str, int]:
-    """Pod name -> the sidecar's control port, for every ready, running pod with a sidecar."""
+def session_pods(pods: list[Obj], keep: Collection[str] = ()) -> dict[str, int]:
+    """Pod name -> the sidecar's control port, for every ready, running pod with a sidecar.
+
+    A pod in `keep` (it has a session) stays while it runs, also once it is
+    terminating or unready: the Service may still send it traffic until its
+    endpoints are gone (a preStop hook holds it there for that), and its sidecar
+    ends the session itself when it stops."""
     out = {}
     for pod in pods:
         meta, status = pod["metadata"], pod.get("status") or {}
-        if meta.get("deletionTimestamp") or status.get("phase") != "Running":
+        if status.get("phase") != "Running":
             continue
-        if not any(
+        kept = meta["name"] in keep
+        if meta.get("deletionTimestamp") and not kept:
+            continue
+        if not kept and not any(
             c.get("type") == "Ready" and c.get("status") == "True"
             for c in status.get("conditions") or []
         ):

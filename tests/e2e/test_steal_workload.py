@@ -142,6 +142,10 @@ def test_steal_follows_every_replica_through_scale_and_rollout(
 
     done = offramp(kubeconfig, "uninject", "deploy/api")
     assert done.returncode == 0, done.stderr
+    assert (
+        "the token Secret offramp-token-deploy-api stays (the offramp-user role may not delete "
+        "Secrets); remove it with: kubectl -n shop delete secret offramp-token-deploy-api"
+    ) in done.stdout
     restored = cluster.request("GET", DEPLOY)["spec"]["template"]
     assert json.dumps(restored, sort_keys=True) == json.dumps(
         {**original, "metadata": {**original["metadata"], "annotations": {"restartedAt": "now"}}},

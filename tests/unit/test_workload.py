@@ -11,6 +11,7 @@ from local_proxy.workload import (
     declared_ports,
     fronted_ports,
     rollout_failure,
+    session_pods,
     session_ports,
 )
 from sidecar.inject import ANNOTATION, SIDECAR_NAME, InjectOptions, inject
@@ -103,3 +104,36 @@ def test_a_pod_of_the_rollout_that_cannot_start(pod: dict, expected: tuple | Non
     else:
         assert failure is not None
         assert (failure.container, failure.reason, failure.exit_code, failure.crashed) == expected
+
+
+def _running(name: str, ready: bool, deleting: bool = False, phase: str = "Running") -> dict:
+    meta: dict[str, object] = {"name": name}
+    if deleting:
+        meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    return {
+        "metadata": meta,
+        "spec": {
+            "containers": [
+                {
+                    "name": SIDECAR_NAME,
+                    "ports": [{"name": "offramp-control", "containerPort": 15081}],
+                }
+            ]
+        },
+        "status": {
+            "phase": phase,
+            "conditions": [{"type": "Ready", "status": "True" if ready else "False"}],
+        },
+    }
+
+
+def test_a_terminating_pod_keeps_its_session_while_it_runs_but_none_joins() -> None:
+    pods = [
+        _running("ready", True),
+        _running("unready", False),
+        _running("terminating", False, deleting=True),
+        _running("gone", False, deleting=True, phase="Succeeded"),
+    ]
+    assert session_pods(pods) == {"ready": 15081}
+    kept = session_pods(pods, keep={"ready", "terminating", "gone", "unready"})
+    assert kept == {"ready": 15081, "terminating": 15081, "unready": 15081}
