@@ -27,12 +27,11 @@ from local_proxy.config import (
 )
 from local_proxy.session import LocalSession, SessionError
 from sidecar import __version__
-from sidecar.control import describe_validation_error
-from sidecar.settings import TokenError, read_token
+from sidecar.settings import TokenError, describe_validation_error, read_token
 
 if TYPE_CHECKING:
-    from local_proxy.target import StealTarget
-    from local_proxy.workload import Target
+    from local_proxy.cluster.target import StealTarget
+    from local_proxy.cluster.workload import Target
 
 __all__ = ["main", "parser"]
 
@@ -224,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _target(args: argparse.Namespace) -> Target:
-    from local_proxy.workload import Target, TargetError, parse_target
+    from local_proxy.cluster.workload import Target, TargetError, parse_target
 
     try:
         resource, name = parse_target(args.target)
@@ -234,7 +233,7 @@ def _target(args: argparse.Namespace) -> Target:
 
 
 def _target_command(args: argparse.Namespace) -> int:
-    from local_proxy.target import Failed, run_status, run_uninject
+    from local_proxy.cluster.target import Failed, run_status, run_uninject
 
     try:
         target = _target(args)
@@ -324,7 +323,7 @@ def _steal(args: argparse.Namespace, command: list[str]) -> int:
     except ValidationError as e:
         return _fail(describe_validation_error(e, "option"))
     if target is not None:
-        from local_proxy.target import StealTarget
+        from local_proxy.cluster.target import StealTarget
 
         steal = StealTarget(
             target, settings, image=image, no_iptables=args.no_iptables,
@@ -342,7 +341,7 @@ def _say(line: str) -> None:
 
 
 async def _run_target(steal: StealTarget, command: list[str], port: int) -> int:
-    from local_proxy.target import Failed
+    from local_proxy.cluster.target import Failed
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -18,8 +18,8 @@ from typing import Any
 import json5
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from sidecar.filters import FilterError, compile_filter
-from sidecar.spec import FilterClause, HttpFilterSpec, Mode, SessionSpec
+from sidecar.sessions.filters import FilterError, compile_filter
+from sidecar.sessions.spec import FilterClause, HttpFilterSpec, Mode, SessionSpec
 
 __all__ = ["ConfigError", "FilterFlags", "LocalSettings", "build_spec", "load_incoming"]
 

@@ -27,7 +27,7 @@ import httpx
 
 from local_proxy.config import LocalSettings
 from local_proxy.session import LocalSession
-from sidecar.spec import HttpFilterSpec, SessionSpec
+from sidecar.sessions.spec import HttpFilterSpec, SessionSpec
 
 __all__ = ["run_demo"]
 

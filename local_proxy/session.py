@@ -22,10 +22,11 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidHandshake, InvalidURI, WebSocketException
 
 from local_proxy.config import LocalSettings
-from local_proxy.forward import Forwarder
-from sidecar.control import TUNNEL_PATH
-from sidecar.protocol import (
+from local_proxy.forward.forwarder import Forwarder
+from sidecar.tunnel.driver import Tunnel
+from sidecar.tunnel.protocol import (
     PROTOCOL_VERSION,
+    TUNNEL_PATH,
     Connection,
     HandshakeRefused,
     Hello,
@@ -34,7 +35,6 @@ from sidecar.protocol import (
     Stats,
     Welcome,
 )
-from sidecar.tunnel import Tunnel
 
 __all__ = ["LocalSession", "Refused", "SessionError", "Unreachable", "tunnel_url"]
 

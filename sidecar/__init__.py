@@ -1,4 +1,7 @@
-"""offramp's sidecar: a mitmproxy-based proxy in front of the app, plus the session server."""
+"""offramp's sidecar: a mitmproxy-based proxy in front of the app, plus the session server.
+
+Packages: tunnel (the wire), sessions (who wants which request), proxy (the engine),
+inject (the pod patch and webhook); capture, settings and cli at the top."""
 
 __all__ = ["__version__"]
 

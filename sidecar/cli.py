@@ -13,8 +13,14 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from sidecar import __version__
-from sidecar.control import describe_validation_error
-from sidecar.settings import AppPort, Capture, SidecarSettings, TokenError, read_token
+from sidecar.settings import (
+    AppPort,
+    Capture,
+    SidecarSettings,
+    TokenError,
+    describe_validation_error,
+    read_token,
+)
 
 __all__ = ["main", "parser", "webhook_parser"]
 
@@ -180,9 +186,9 @@ def webhook_main(argv: Sequence[str]) -> int:
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
-    from sidecar.admission import WebhookPolicy
-    from sidecar.inject import InjectOptions
-    from sidecar.webhook import serve
+    from sidecar.inject.admission import WebhookPolicy
+    from sidecar.inject.patch import InjectOptions
+    from sidecar.inject.webhook import serve
 
     try:
         options = InjectOptions(
@@ -250,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     from sidecar.capture import CaptureError
-    from sidecar.proxy import run  # mitmproxy loads only once the flags are good
+    from sidecar.proxy.master import run  # mitmproxy loads only once the flags are good
 
     try:
         return asyncio.run(run(settings))

@@ -6,9 +6,16 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-__all__ = ["AppPort", "Capture", "SidecarSettings", "TokenError", "read_token"]
+__all__ = [
+    "AppPort",
+    "Capture",
+    "SidecarSettings",
+    "TokenError",
+    "describe_validation_error",
+    "read_token",
+]
 
 
 class Capture(StrEnum):
@@ -71,7 +78,7 @@ class SidecarSettings(BaseModel):
     probe_paths: frozenset[str] = frozenset()
     drain_timeout: float = Field(default=10.0, ge=0)
     workers: int = Field(default=1, ge=1, le=64)
-    """Proxy processes sharing each listen port (sidecar.workers)."""
+    """Proxy processes sharing each listen port (sidecar.proxy.workers)."""
 
     @model_validator(mode="after")
     def _ports_differ(self) -> Self:
@@ -82,3 +89,12 @@ class SidecarSettings(BaseModel):
                 f"the app ports, listen ports and control port must all differ, got {used}"
             )
         return self
+
+
+def describe_validation_error(error: ValidationError, what: str = "session spec") -> str:
+    """One line per problem: where it is, what is wrong."""
+    lines = []
+    for problem in error.errors():
+        where = ".".join(str(p) for p in problem["loc"]) or "(top level)"
+        lines.append(f"{where}: {problem['msg']}")
+    return f"invalid {what}: " + "; ".join(lines)

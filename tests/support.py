@@ -32,7 +32,7 @@ import httpx
 
 from local_proxy.config import LocalSettings
 from local_proxy.session import LocalSession
-from sidecar.spec import HttpFilterSpec, SessionSpec
+from sidecar.sessions.spec import HttpFilterSpec, SessionSpec
 
 CHUNK = 64 * 1024
 PATTERN = bytes(range(256)) * (CHUNK // 256)

@@ -17,7 +17,7 @@ from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
 
-from sidecar.inject import SIDECAR_NAME, InjectOptions, inject
+from sidecar.inject.patch import SIDECAR_NAME, InjectOptions, inject
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKERFILE = (ROOT / "Dockerfile").read_text()

@@ -82,7 +82,7 @@ import httpx
 
 from local_proxy.config import LocalSettings
 from local_proxy.session import LocalSession
-from sidecar.spec import HttpFilterSpec, Mode, SessionSpec
+from sidecar.sessions.spec import HttpFilterSpec, Mode, SessionSpec
 from tests.support import free_port, free_ports
 
 TOOLS = ("wrk", "nginx", "haproxy", "h2load")

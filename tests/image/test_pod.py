@@ -2,7 +2,7 @@
 
 The image is built from ./Dockerfile unchanged (tests/podman.py); the sidecar
 container gets exactly the user, capabilities, privilege and filesystem
-settings that `sidecar.inject` gives it, and shares a network namespace with
+settings that `sidecar.inject.patch` gives it, and shares a network namespace with
 an app container as a pod's containers do. A caller in a namespace of its own
 sends traffic to the pod's address, as another pod would.
 """
@@ -26,7 +26,7 @@ import httpx
 import jsonpatch
 import pytest
 
-from sidecar.inject import SIDECAR_NAME, InjectOptions, inject
+from sidecar.inject.patch import SIDECAR_NAME, InjectOptions, inject
 from sidecar.settings import Capture
 from tests.netns import PodBed, pod_bed
 from tests.podman import (

@@ -9,7 +9,7 @@ import time
 import httpx
 import pytest
 
-from sidecar.spec import HttpFilterSpec, Mode, SessionSpec
+from sidecar.sessions.spec import HttpFilterSpec, Mode, SessionSpec
 from tests.support import HttpApp, SidecarProcess, free_port, header_spec, open_session
 
 pytestmark = pytest.mark.timeout(90)

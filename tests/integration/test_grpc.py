@@ -14,8 +14,8 @@ import h2.events
 import httpx
 import pytest
 
-from sidecar.h2conn import H2Endpoint, H2Stream
-from sidecar.spec import HttpFilterSpec, SessionSpec
+from sidecar.sessions.spec import HttpFilterSpec, SessionSpec
+from sidecar.tunnel.h2conn import H2Endpoint, H2Stream
 from tests.grpc_apps import EchoClient, GrpcApp, start_grpc_app
 from tests.support import (
     HttpApp,

@@ -9,7 +9,7 @@ import socket
 import httpx
 import pytest
 
-from sidecar.spec import FilterClause, HttpFilterSpec, SessionSpec
+from sidecar.sessions.spec import FilterClause, HttpFilterSpec, SessionSpec
 from tests.support import HttpApp, SidecarProcess, header_spec, open_session, raw_exchange
 
 pytestmark = pytest.mark.timeout(90)

@@ -1,0 +1,239 @@
+"""Run the sidecar: an embedded mitmproxy Master, the gateway and the session server.
+
+The Master is bare: only the `core` and `proxyserver` addons and `ProtocolDetect`,
+which carries our addon's hooks (each addon in the chain costs calls on every
+event). mitmproxy's `DumpMaster` loads some thirty addons and costs about twice
+the CPU per request.
+
+mitmproxy internals this relies on (pinned in pyproject.toml; check them
+before moving the pin):
+- the protocol of each connection is decided by `sidecar.proxy.h2c.ProtocolDetect`,
+  a subclass of mitmproxy's NextLayer addon (its module says what it relies on);
+- reverse mode resolves a request's destination from `request.data.host/port`
+  *after* the `requestheaders` hook, so the addon can send one request of a
+  keep-alive connection to the gateway and the next to the app;
+- `Proxyserver.servers.update([])` closes the listening sockets but leaves the
+  open connections to finish (used for a graceful SIGTERM);
+- `Proxyserver.connections` holds each open client's handler, whose
+  `transports[client].handler` task serves that connection. Cancelling that
+  inner task ends the connection the way a client disconnect does. (Cancelling
+  the outer task instead, as `Master.shutdown` does, makes Python 3.12.1's
+  asyncio log a spurious "Exception in callback ... CancelledError".)
+
+Shutdown (SIGTERM or SIGINT): stop listening, let in-flight requests finish for
+up to `drain_timeout` seconds, end the sessions, exit 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import signal
+import time
+
+from mitmproxy import options
+from mitmproxy.addons import core, proxyserver
+from mitmproxy.master import Master
+from mitmproxy.proxy.mode_specs import ProxyMode
+
+from sidecar.capture import IptablesCapture, NoCapture
+from sidecar.proxy.addon import OfframpAddon
+from sidecar.proxy.gateway import Gateway
+from sidecar.proxy.h2c import ProtocolDetect
+from sidecar.proxy.workers import (
+    Handoff,
+    WorkerConfig,
+    WorkerPool,
+    close_client_connections,
+    reuse_port_listeners,
+)
+from sidecar.sessions.control import ControlServer
+from sidecar.sessions.registry import SessionRegistry
+from sidecar.sessions.spec import SessionSpec
+from sidecar.settings import Capture, SidecarSettings
+
+__all__ = ["Sidecar", "run"]
+
+log = logging.getLogger("offramp.sidecar")
+
+
+class Sidecar:
+    """All the parts of a running sidecar, started and stopped together."""
+
+    def __init__(self, settings: SidecarSettings):
+        self.settings = settings
+        self.registry = SessionRegistry(tuple(p.app for p in settings.app_ports))
+        self.gateway = Gateway()
+        self.control = ControlServer(
+            self.registry,
+            settings.token,
+            settings.token_file,
+            settings.control_host,
+            settings.control_port,
+        )
+        # With workers, requests they hand over carry this secret (sidecar.proxy.workers).
+        self.handoff = Handoff(secrets.token_hex(16)) if settings.workers > 1 else None
+        self.addon = OfframpAddon(self.registry, self.gateway, settings.probe_paths, self.handoff)
+        self.workers: WorkerPool | None = None
+        self._proxyserver = proxyserver.Proxyserver()
+        self.master: Master | None = None
+        self._master_task: asyncio.Task[None] | None = None
+        self.capture: IptablesCapture | NoCapture = NoCapture()
+
+    async def start(self) -> None:
+        s = self.settings
+        await self.gateway.start()
+        self.master = Master(options.Options())
+        # ProtocolDetect stands in for mitmproxy's NextLayer (raw TCP, HTTP/1.1 or
+        # h2c) and carries our addon's hooks: as many addons as bare mitmproxy.
+        self.master.addons.add(core.Core(), self._proxyserver, ProtocolDetect(self.addon))
+        if self.handoff is not None:
+            reuse_port_listeners()
+        self.master.options.update(
+            mode=self._modes(),
+            keep_host_header=True,
+            # Connect to the app as soon as a caller connects, so that a protocol in
+            # which the server speaks first is seen at once and passed as raw TCP.
+            connection_strategy="eager",
+        )
+        self._master_task = asyncio.create_task(self.master.run())
+        await self._wait_listening()
+        if s.capture is Capture.IPTABLES:
+            capture = IptablesCapture(self.listen_ports(), s.iptables, s.close_existing)
+            stale = await asyncio.to_thread(capture.clean_stale)
+            if stale:
+                log.warning("removed iptables chains left by an earlier run: %s", ", ".join(stale))
+            self.capture = capture
+        self.registry.add_listener(self._on_port_change)
+        if self.handoff is not None:
+            await self._start_workers()
+        await self.control.start()
+
+    def _modes(self, shared: bool = True) -> list[str]:
+        """The listeners: each app port's proxy port (`shared` with the workers), and
+        with workers, a handoff listener on 127.0.0.1 per app port."""
+        s = self.settings
+        modes = []
+        if shared:
+            modes += [
+                f"reverse:http://{s.app_host}:{p.app}@{s.listen_host}:{p.listen}"
+                for p in s.app_ports
+            ]
+        if self.handoff is not None:
+            # The trailing "/" (which mitmproxy allows) tells them apart from a
+            # proxy port that also listens on 127.0.0.1 at a free port.
+            modes += [f"reverse:http://{s.app_host}:{p.app}/@127.0.0.1:0" for p in s.app_ports]
+        return modes
+
+    async def _start_workers(self) -> None:
+        s = self.settings
+        assert self.handoff is not None
+        shared = self.listen_ports()
+        handoff = self.listen_ports(handoff=True)
+        config = WorkerConfig(
+            index=0,
+            app_host=s.app_host,
+            listen_host=s.listen_host,
+            ports=tuple((app, shared[app], handoff[app]) for app in shared),
+            secret=self.handoff.secret,
+            probe_paths=s.probe_paths,
+            drain_timeout=s.drain_timeout,
+            log_level=logging.getLevelName(logging.getLogger().level).lower(),
+        )
+        workers = WorkerPool(s.workers, config)
+        await workers.start()
+        self.workers = workers
+        self.registry.watch(lambda sessions: workers.update([x.spec for x in sessions]))
+
+        async def announce(specs: list[SessionSpec]) -> None:
+            workers.update(specs)
+            await workers.synced()
+
+        self.control.announce = announce
+
+    def _on_port_change(self, port: int, sessions: int) -> None:
+        if sessions:
+            self.capture.start(port)
+        else:
+            self.capture.stop(port)
+
+    async def _wait_listening(self) -> None:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            servers = list(self._proxyserver.servers)
+            if servers and all(srv.listen_addrs for srv in servers):
+                return
+            if self._master_task is not None and self._master_task.done():
+                break
+            await asyncio.sleep(0.02)
+        wanted = ", ".join(str(p.listen) for p in self.settings.app_ports)
+        raise OSError(
+            f"the proxy could not listen on {self.settings.listen_host} port(s) {wanted} "
+            "(is a port in use?)"
+        )
+
+    def listen_ports(self, handoff: bool = False) -> dict[int, int]:
+        """app port -> the port its listener (or its handoff listener) actually got."""
+        found = {}
+        for srv in self._proxyserver.servers:
+            data = str(srv.mode.data)
+            if data.endswith("/") != handoff:
+                continue
+            target = int(data.rstrip("/").rsplit(":", 1)[1])
+            for addr in srv.listen_addrs:
+                found[target] = int(addr[1])
+        return found
+
+    async def stop(self) -> None:
+        """Stop capturing and listening, drain in-flight requests, end sessions."""
+        self.control.stop_accepting()
+        self.capture.stop_all()
+        if self.workers is not None:
+            # The workers drain first: their stolen requests need the handoff listeners.
+            await self._proxyserver.servers.update(
+                [ProxyMode.parse(m) for m in self._modes(shared=False)]
+            )
+            await self.workers.stop(self.settings.drain_timeout)
+        await self._proxyserver.servers.update([])
+        if still_open := await self.addon.in_flight.drain(self.settings.drain_timeout):
+            log.warning("%d requests still open after the drain timeout", still_open)
+        await self.control.end_sessions("the sidecar is shutting down")
+        await self.gateway.stop()
+        await close_client_connections(self._proxyserver)
+        if self.master is not None:
+            self.master.shutdown()
+        if self._master_task is not None:
+            await self._master_task
+        # Last: until now, connections redirected earlier may still have been open.
+        self.capture.release_conntrack()
+
+
+async def run(settings: SidecarSettings) -> int:
+    sidecar = Sidecar(settings)
+    await sidecar.start()
+    ports = ", ".join(f"{lp} -> app {app}" for app, lp in sidecar.listen_ports().items())
+    log.info(
+        "offramp sidecar: proxy on %s (%s); capture: %s; sessions on %s:%d",
+        settings.listen_host,
+        ports,
+        settings.capture.value,
+        settings.control_host,
+        sidecar.control.port,
+    )
+    if settings.token is None:
+        log.warning(
+            "no token file at %s yet: sessions are refused until it exists", settings.token_file
+        )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info(
+        "shutting down: no new connections; finishing %d requests",
+        sidecar.addon.in_flight.count(),
+    )
+    await sidecar.stop()
+    log.info("stopped")
+    return 0

@@ -1,0 +1,279 @@
+"""The session server on the control port.
+
+`GET /healthz` answers 200 while the sidecar serves. `GET /v1/status` gives the
+version and the open sessions to a caller with the token (Authorization:
+Bearer). `/v1/tunnel` is a websocket:
+the client's first message is HELLO; the token is compared in constant time, the
+spec validated and its filters compiled; the answer is WELCOME (and the session
+is live until the websocket closes) or REFUSED with a message a person can act on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from http import HTTPStatus
+from pathlib import Path
+
+from pydantic import ValidationError
+from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.http11 import Request, Response
+
+from sidecar import __version__
+from sidecar.capture import CaptureError
+from sidecar.sessions.filters import FilterError, TimeoutCounter, compile_filter
+from sidecar.sessions.registry import Session, SessionRegistry
+from sidecar.sessions.spec import SessionSpec
+from sidecar.settings import TokenError, describe_validation_error, read_token
+from sidecar.tunnel.driver import Tunnel
+from sidecar.tunnel.protocol import (
+    PROTOCOL_VERSION,
+    TUNNEL_PATH,
+    Connection,
+    Hello,
+    ProtocolError,
+    Refused,
+    Role,
+    Welcome,
+)
+
+__all__ = ["HANDSHAKE_TIMEOUT", "ControlServer"]
+
+log = logging.getLogger(__name__)
+
+STATUS_PATH = "/v1/status"
+WORKER_SYNC_TIMEOUT = 5.0
+HANDSHAKE_TIMEOUT = 10.0
+
+
+class ControlServer:
+    def __init__(
+        self,
+        registry: SessionRegistry,
+        token: str | None,
+        token_file: Path | None,
+        host: str,
+        port: int,
+    ):
+        self.registry = registry
+        self._token = token.encode() if token is not None else None
+        self._token_file = token_file
+        self.host = host
+        self.port = port
+        self._server: Server | None = None
+        self.serving = True
+        self.announce: Callable[[list[SessionSpec]], Awaitable[None]] | None = None
+        """Given the open sessions and the one about to open, before it opens:
+        proxy workers learn its filter before it is welcomed."""
+        self._opening: list[SessionSpec] = []
+
+    def _current_token(self) -> bytes | None:
+        """The token; if the sidecar started without one, read it once the file exists."""
+        if self._token is None and self._token_file is not None and self._token_file.exists():
+            try:
+                self._token = read_token(self._token_file).encode()
+            except TokenError as e:
+                log.warning("the token file is there but unusable: %s", e)
+        return self._token
+
+    async def start(self) -> None:
+        self._server = await serve(
+            self._handle,
+            self.host,
+            self.port,
+            process_request=self._process_request,
+            max_size=None,  # frames are bounded by the tunnel protocol itself
+            compression=None,
+        )
+        self.port = self._server.sockets[0].getsockname()[1] if self.port == 0 else self.port
+
+    def stop_accepting(self) -> None:
+        self.serving = False
+        if self._server is not None:
+            self._server.close(close_connections=False)
+
+    async def end_sessions(self, reason: str) -> None:
+        await asyncio.gather(
+            *(s.tunnel.close(reason) for s in self.registry.sessions), return_exceptions=True
+        )
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 5)
+
+    def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
+        path = request.path.partition("?")[0]
+        if path == "/healthz":
+            if self.serving:
+                return ws.respond(HTTPStatus.OK, "ok\n")
+            return ws.respond(HTTPStatus.SERVICE_UNAVAILABLE, "shutting down\n")
+        if path == STATUS_PATH:
+            return self._status(ws, request)
+        if path != TUNNEL_PATH:
+            return ws.respond(
+                HTTPStatus.NOT_FOUND, f"offramp sidecar: the tunnel is at {TUNNEL_PATH}\n"
+            )
+        return None
+
+    def _status(self, ws: ServerConnection, request: Request) -> Response:
+        """The sidecar's version and open sessions, for `offramp status`; token required."""
+        token = self._current_token()
+        given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
+        if token is None or not hmac.compare_digest(given.encode(), token):
+            return ws.respond(HTTPStatus.UNAUTHORIZED, "offramp sidecar: give the session token "
+                              "as 'Authorization: Bearer TOKEN'\n")  # fmt: skip
+        sessions = [
+            {
+                "id": s.id,
+                "client": s.spec.client,
+                "mode": s.mode.value,
+                "filter": s.spec.http_filter.model_dump(mode="json", exclude_none=True),
+                "ports": list(self.registry.covered_ports(s.spec)),
+                "stolen": s.stolen,
+                "mirrored": s.mirrored,
+            }
+            for s in self.registry.sessions
+        ]
+        body = {
+            "version": __version__,
+            "protocol": PROTOCOL_VERSION,
+            "app_ports": list(self.registry.app_ports),
+            "sessions": sessions,
+        }
+        response = ws.respond(HTTPStatus.OK, json.dumps(body) + "\n")
+        del response.headers["Content-Type"]
+        response.headers["Content-Type"] = "application/json"
+        return response
+
+    async def _handle(self, ws: ServerConnection) -> None:
+        conn = Connection(Role.SIDECAR)
+        peer = ws.remote_address
+        try:
+            first = await asyncio.wait_for(ws.recv(), HANDSHAKE_TIMEOUT)
+            if isinstance(first, str):
+                raise ProtocolError("the first message must be a binary HELLO frame")
+            conn.receive_data(first)
+            hello = conn.next_event()
+            if not isinstance(hello, Hello):
+                raise ProtocolError("the first message must be HELLO")
+        except (TimeoutError, ProtocolError) as e:
+            log.info("tunnel from %s: bad handshake: %s", peer, e)
+            await ws.close(1002, "bad handshake")
+            return
+        except Exception as e:
+            log.info("tunnel from %s: closed during handshake: %s", peer, e)
+            return
+
+        refusal, session = self._admit(hello, conn, ws)
+        if session is not None and self.announce is not None:
+            await self._announce(session)
+        if session is not None:
+            try:
+                self.registry.add(session)  # starts capture for its ports
+            except CaptureError as e:
+                refusal, session = Refused("capture", f"the sidecar cannot capture: {e}"), None
+        if refusal is not None:
+            log.warning("tunnel from %s refused: %s", peer, refusal.message)
+            conn.send(refusal)
+            with contextlib.suppress(Exception):
+                await ws.send(conn.data_to_send())
+                await ws.close(1008, refusal.code)
+            return
+        assert session is not None
+        ports = self.registry.covered_ports(session.spec)
+        conn.send(Welcome(PROTOCOL_VERSION, session.id, __version__, ports))
+        try:
+            await ws.send(conn.data_to_send())
+        except Exception:
+            self.registry.remove(session)
+            raise
+        log.info(
+            "%s opened from %s: %s on ports %s",
+            session.describe(),
+            peer,
+            session.spec.mode.value,
+            ",".join(map(str, ports)),
+        )
+
+        def on_goodbye(reason: str) -> None:
+            # New requests go to the app from now on; open ones finish. Answering
+            # GOODBYE tells the client that no further request will come.
+            self.registry.remove(session)
+            session.tunnel.say_goodbye("no new requests will be sent")
+
+        session.tunnel.on_goodbye = on_goodbye
+        try:
+            reason = await session.tunnel.run()
+        finally:
+            self.registry.remove(session)
+        log.info(
+            "%s closed (%s): %d stolen, %d mirrored, %d mirror copies dropped",
+            session.describe(),
+            reason,
+            session.stolen,
+            session.mirrored,
+            session.mirror_dropped,
+        )
+
+    async def _announce(self, session: Session) -> None:
+        self._opening.append(session.spec)
+        try:
+            specs = [s.spec for s in self.registry.sessions] + self._opening
+            assert self.announce is not None
+            await asyncio.wait_for(self.announce(specs), WORKER_SYNC_TIMEOUT)
+        except TimeoutError:
+            log.warning(
+                "%s: not every proxy worker confirmed it within %.0f s; until they do, "
+                "requests they serve go to the app",
+                session.describe(),
+                WORKER_SYNC_TIMEOUT,
+            )
+        finally:
+            self._opening.remove(session.spec)
+
+    def _admit(
+        self, hello: Hello, conn: Connection, ws: ServerConnection
+    ) -> tuple[Refused | None, Session | None]:
+        if hello.version != PROTOCOL_VERSION:
+            return Refused(
+                "version",
+                f"this sidecar (offramp {__version__}) speaks tunnel protocol "
+                f"{PROTOCOL_VERSION}, the client speaks {hello.version}: use the same "
+                "offramp version on both sides (upgrade the CLI or the sidecar image)",
+            ), None
+        if not self.serving:
+            return Refused("shutting_down", "the sidecar is shutting down; retry shortly"), None
+        token = self._current_token()
+        if token is None:
+            return Refused(
+                "no_token",
+                f"this sidecar has no session token yet: nothing at {self._token_file}. Create "
+                "the Secret mounted there (key 'token'); the sidecar reads it once it appears",
+            ), None
+        if not hmac.compare_digest(hello.token.encode(), token):
+            return Refused(
+                "unauthorized",
+                "the token does not match this sidecar's token; pass the token the sidecar "
+                "was started with (--token-file)",
+            ), None
+        try:
+            spec = SessionSpec.model_validate(hello.session)
+        except ValidationError as e:
+            return Refused("bad_spec", describe_validation_error(e)), None
+        timeouts = TimeoutCounter()
+        try:
+            predicate = compile_filter(spec.http_filter, timeouts)
+        except FilterError as e:
+            return Refused("bad_filter", str(e)), None
+        ports = self.registry.covered_ports(spec)
+        if not ports:
+            return Refused(
+                "no_port",
+                f"http_filter.ports {list(spec.http_filter.ports or ())} names none of the "
+                f"ports this sidecar fronts ({', '.join(map(str, self.registry.app_ports))})",
+            ), None
+        return None, Session(spec, predicate, Tunnel(conn, ws), timeouts)

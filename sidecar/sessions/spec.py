@@ -1,0 +1,107 @@
+"""The session spec: what a developer asks the sidecar to take, as it travels in the handshake.
+
+The keys follow mirrord's `feature.network.incoming` so that a mirrord user's
+config file means the same thing here:
+
+    mode: "steal" | "mirror"
+    http_filter:
+      header_filter | path_filter | method_filter | all_of | any_of   (at most one)
+      ports: [app ports the filter applies to]       (absent: every port the sidecar fronts)
+
+`all_of` and `any_of` are lists of one-key objects: `{"header": REGEX}`,
+`{"path": REGEX}` or `{"method": NAME}`.
+
+The spec is validated here for shape only; the regexes are compiled (and refused
+with the offending position) by `sidecar.sessions.filters.compile_filter`.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import Self
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+__all__ = ["FilterClause", "HttpFilterSpec", "Mode", "SessionSpec"]
+
+
+class Mode(StrEnum):
+    STEAL = "steal"
+    MIRROR = "mirror"
+
+
+class FilterClause(BaseModel):
+    """One item of `all_of` / `any_of`: exactly one of header, path, method."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    header: str | None = None
+    path: str | None = None
+    method: str | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Self:
+        given = [k for k in ("header", "path", "method") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ValueError(
+                "each all_of/any_of item takes exactly one of 'header', 'path' or 'method', "
+                f'got {given or "none"}; write e.g. {{"header": "^x-preview: alice$"}}'
+            )
+        return self
+
+
+class HttpFilterSpec(BaseModel):
+    """mirrord's `http_filter` object."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    header_filter: str | None = None
+    path_filter: str | None = None
+    method_filter: str | None = None
+    all_of: tuple[FilterClause, ...] | None = None
+    any_of: tuple[FilterClause, ...] | None = None
+    ports: tuple[int, ...] | None = None
+
+    @model_validator(mode="after")
+    def _at_most_one_kind(self) -> Self:
+        given = [
+            k
+            for k in ("header_filter", "path_filter", "method_filter", "all_of", "any_of")
+            if getattr(self, k) is not None
+        ]
+        if len(given) > 1:
+            raise ValueError(
+                f"http_filter takes one of header_filter, path_filter, method_filter, all_of, "
+                f"any_of, but got {', '.join(given)}; to require several, list them under "
+                "all_of, e.g. all_of: [{header: ...}, {path: ...}]"
+            )
+        for port in self.ports or ():
+            if not 1 <= port <= 65535:
+                raise ValueError(f"http_filter.ports: {port} is not a TCP port (1-65535)")
+        return self
+
+    @property
+    def is_empty(self) -> bool:
+        """No predicate at all: every request (on the covered ports) matches."""
+        return all(
+            getattr(self, k) is None
+            for k in ("header_filter", "path_filter", "method_filter", "all_of", "any_of")
+        )
+
+
+class SessionSpec(BaseModel):
+    """Everything a session asks of the sidecar. Sent in the tunnel's HELLO."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    mode: Mode = Mode.STEAL
+    http_filter: HttpFilterSpec = Field(default_factory=HttpFilterSpec)
+    take_probes: bool = False
+    """Steal/mirror Kubernetes probes too. Off by default: a breakpoint must never
+    make kubelet restart the pod."""
+    client: str = Field(default="", max_length=200)
+    """Free text shown in the sidecar's log, e.g. user@host."""
+
+    def covers_port(self, port: int) -> bool:
+        ports = self.http_filter.ports
+        return ports is None or port in ports

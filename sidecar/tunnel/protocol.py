@@ -1,0 +1,772 @@
+"""The offramp tunnel protocol, without I/O.
+
+One tunnel joins one session of one developer to one sidecar. It carries many
+concurrent HTTP exchanges as *streams*. The sidecar opens every stream (a request
+taken from the pod), the client (the local proxy) answers on it.
+
+This module owns framing, the message types, stream ids, stream state and flow
+control. It takes bytes in (`receive_data`) and hands bytes (`data_to_send`) and
+events (`next_event`) out; it imports no I/O library. The websocket drivers on
+each side only move bytes.
+
+Frame (every integer big-endian)::
+
+    u32 length | u8 type | u32 stream id | payload (length - 5 bytes)
+
+HELLO's layout (a JSON object with "version") is frozen for all versions, so a
+peer of another version can always be told, clearly, that versions differ.
+
+Handshake: the client sends HELLO {version, token, session}; the sidecar answers
+WELCOME {version, session_id, ...} or REFUSED {code, message} and closes.
+
+Ending: either side sends GOODBYE, once. From then on the sidecar opens no new
+stream, but streams already open finish normally. A sidecar that receives
+GOODBYE answers with its own, so the client knows that no request can follow;
+the client closes the websocket when its streams are done.
+
+Per stream, each direction is a *half* (the request half is sent by the sidecar,
+the response half by the client) that goes IDLE -> OPEN (HEAD) -> DONE (END);
+RESET ends both halves at once. See `_HALF_TRANSITIONS`.
+
+Flow control: each half starts with `INITIAL_WINDOW` bytes of credit. DATA spends
+credit; the receiver returns it with WINDOW_UPDATE once the bytes have left its
+hands (`acknowledge`). So one slow stream holds at most one window in memory.
+
+Errors::
+
+    ProtocolError        the peer broke the protocol: close the tunnel
+    └── HandshakeRefused  the peer refused the handshake (bad token, version, spec)
+    FlowControlError     we tried to send more DATA than the peer allowed (a bug here)
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from collections import deque
+from dataclasses import dataclass, field
+from enum import Enum, IntEnum
+from typing import Any, ClassVar, Self
+
+__all__ = [
+    "HOP_BY_HOP",
+    "INITIAL_WINDOW",
+    "MAX_DATA",
+    "PROTOCOL_VERSION",
+    "TUNNEL_PATH",
+    "Connection",
+    "Data",
+    "End",
+    "FlowControlError",
+    "Goodbye",
+    "HandshakeRefused",
+    "Headers",
+    "Hello",
+    "Message",
+    "ProtocolError",
+    "Refused",
+    "RequestHead",
+    "Reset",
+    "ResetCode",
+    "ResponseHead",
+    "Role",
+    "Stats",
+    "Welcome",
+    "WindowUpdate",
+    "decode_frame",
+    "encode",
+]
+
+PROTOCOL_VERSION = 2
+"""2: request heads say whether the request came as HTTP/2 and whether it upgrades."""
+TUNNEL_PATH = "/v1/tunnel"
+"""Where the sidecar's control port serves the tunnel's websocket."""
+INITIAL_WINDOW = 256 * 1024
+MAX_DATA = 64 * 1024
+"""Largest DATA payload one frame may carry."""
+MAX_FRAME = 1024 * 1024
+"""Largest frame of any type (heads with many headers included)."""
+
+_HEADER = struct.Struct("!IBI")
+
+HOP_BY_HOP = frozenset(
+    {b"connection", b"keep-alive", b"proxy-connection", b"te", b"transfer-encoding",
+     b"upgrade", b"trailer"}
+)  # fmt: skip
+"""Headers that describe one hop, not the message: heads never carry them (lower case).
+Each end frames the body itself on its own connection."""
+
+Headers = tuple[tuple[bytes, bytes], ...]
+
+
+class ProtocolError(Exception):
+    """The peer sent something this protocol does not allow. Close the tunnel."""
+
+
+class HandshakeRefused(ProtocolError):
+    """The sidecar refused the session; `code` says why in one word."""
+
+    def __init__(self, code: str, message: str):
+        self.code = code
+        super().__init__(message)
+
+
+class FlowControlError(Exception):
+    """Sending more DATA than the peer's window allows: wait for WINDOW_UPDATE."""
+
+
+class Role(Enum):
+    SIDECAR = "sidecar"
+    CLIENT = "client"
+
+
+class FrameType(IntEnum):
+    HELLO = 0x01
+    WELCOME = 0x02
+    REFUSED = 0x03
+    REQUEST_HEAD = 0x10
+    RESPONSE_HEAD = 0x11
+    DATA = 0x12
+    END = 0x13
+    RESET = 0x14
+    WINDOW_UPDATE = 0x15
+    STATS = 0x20
+    GOODBYE = 0x21
+
+
+class ResetCode(IntEnum):
+    """Why a stream was reset; the text travels alongside for people."""
+
+    CANCEL = 0  # the sender no longer needs the stream (caller went away, session closing)
+    UNREACHABLE = 1  # the local app refused the connection
+    TIMEOUT = 2  # the local app did not answer in time
+    MIRROR_DROPPED = 3  # a mirror copy was dropped because the queue was full
+    INTERNAL = 4  # a bug or an unexpected failure on the sender's side
+    UPSTREAM_BROKEN = 5  # the local app's response broke off part-way
+
+
+# --- encoding helpers -------------------------------------------------------------
+
+
+def _json(payload: dict[str, Any]) -> bytes:
+    return json.dumps(payload, separators=(",", ":")).encode()
+
+
+def _unjson(frame_type: FrameType, payload: bytes) -> dict[str, Any]:
+    try:
+        value = json.loads(payload)
+    except ValueError as e:
+        raise ProtocolError(f"{frame_type.name} payload is not JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise ProtocolError(f"{frame_type.name} payload is not a JSON object")
+    return value
+
+
+def _enc_headers(headers: Headers) -> list[list[str]]:
+    # latin-1 maps every byte to one code point, so any header survives JSON exactly.
+    return [[n.decode("latin-1"), v.decode("latin-1")] for n, v in headers]
+
+
+def _dec_headers(frame_type: FrameType, raw: Any) -> Headers:
+    try:
+        return tuple((n.encode("latin-1"), v.encode("latin-1")) for n, v in raw)
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ProtocolError(f"{frame_type.name} has malformed headers") from e
+
+
+def _field[T](frame_type: FrameType, obj: dict[str, Any], key: str, kind: type[T]) -> T:
+    value = obj.get(key)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ProtocolError(f"{frame_type.name}.{key} missing or not {kind.__name__}")
+    return value
+
+
+# --- messages -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class Hello:
+    TYPE: ClassVar[FrameType] = FrameType.HELLO
+    version: int
+    token: str
+    session: dict[str, Any]
+    stream_id: int = 0
+
+    def payload(self) -> bytes:
+        return _json({"version": self.version, "token": self.token, "session": self.session})
+
+    @classmethod
+    def parse(cls, stream_id: int, payload: bytes) -> Self:
+        obj = _unjson(cls.TYPE, payload)
+        version = _field(cls.TYPE, obj, "version", int)
+        # Only "version" is read strictly before the version check, so that a peer
+        # of another version gets a clear answer rather than a parse error.
+        token = obj.get("token")
+        session = obj.get("session")
+        return cls(
+            version,
+            token if isinstance(token, str) else "",
+            session if isinstance(session, dict) else {},
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Welcome:
+    TYPE: ClassVar[FrameType] = FrameType.WELCOME
+    version: int
+    session_id: str
+    sidecar_version: str
+    app_ports: tuple[int, ...]
+    stream_id: int = 0
+
+    def payload(self) -> bytes:
+        return _json(
+            {
+                "version": self.version,
+                "session_id": self.session_id,
+                "sidecar_version": self.sidecar_version,
+                "app_ports": list(self.app_ports),
+            }
+        )
+
+    @classmethod
+    def parse(cls, stream_id: int, payload: bytes) -> Self:
+        obj = _unjson(cls.TYPE, payload)
+        ports = obj.get("app_ports")
+        if not isinstance(ports, list) or not all(isinstance(p, int) for p in ports):
+            raise ProtocolError("WELCOME.app_ports missing or not a list of ports")
+        return cls(
+            _field(cls.TYPE, obj, "version", int),
+            _field(cls.TYPE, obj, "session_id", str),
+            _field(cls.TYPE, obj, "sidecar_version", str),
+            tuple(ports),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Refused:
+    TYPE: ClassVar[FrameType] = FrameType.REFUSED
+    code: str
+    message: str
+    stream_id: int = 0
+
+    def payload(self) -> bytes:
+        return _json({"code": self.code, "message": self.message})
+
+    @classmethod
+    def parse(cls, stream_id: int, payload: bytes) -> Self:
+        obj = _unjson(cls.TYPE, payload)
+        return cls(_field(cls.TYPE, obj, "code", str), _field(cls.TYPE, obj, "message", str))
+
+
+@dataclass(frozen=True, slots=True)
+class RequestHead:
+    """A request the sidecar hands over. `mirror`: a copy; the answer is discarded.
+
+    `http2`: the caller spoke HTTP/2 (gRPC does); the local side should too, so
+    that trailers and full-duplex streams carry over. `authority` is then its
+    `:authority`. `upgrade`: an HTTP/1.1 `Upgrade:` request (e.g. "websocket");
+    after a 101 answer, DATA carries the new protocol's bytes both ways and END
+    half-closes a direction."""
+
+    TYPE: ClassVar[FrameType] = FrameType.REQUEST_HEAD
+    stream_id: int
+    method: str
+    target: str
+    headers: Headers
+    port: int
+    client_addr: str = ""
+    mirror: bool = False
+    end_stream: bool = False
+    http2: bool = False
+    authority: str = ""
+    upgrade: str = ""
+
+    def __post_init__(self) -> None:
+        if self.stream_id <= 0:
+            raise ValueError("REQUEST_HEAD needs a stream id > 0")
+        if not self.method or not self.target:
+            raise ValueError("REQUEST_HEAD needs a method and a target")
+
+    def payload(self) -> bytes:
+        return _json(
+            {
+                "method": self.method,
+                "target": self.target,
+                "headers": _enc_headers(self.headers),
+                "port": self.port,
+                "client": self.client_addr,
+                "mirror": self.mirror,
+                "end": self.end_stream,
+                "http2": self.http2,
+                "authority": self.authority,
+                "upgrade": self.upgrade,
+            }
+        )
+
+    @classmethod
+    def parse(cls, stream_id: int, payload: bytes) -> Self:
+        obj = _unjson(cls.TYPE, payload)
+        try:
+            return cls(
+                stream_id,
+                _field(cls.TYPE, obj, "method", str),
+                _field(cls.TYPE, obj, "target", str),
+                _dec_headers(cls.TYPE, obj.get("headers")),
+                _field(cls.TYPE, obj, "port", int),
+                str(obj.get("client", "")),
+                bool(obj.get("mirror", False)),
+                bool(obj.get("end", False)),
+                bool(obj.get("http2", False)),
+                str(obj.get("authority", "")),
+                str(obj.get("upgrade", "")),
+            )
+        except ValueError as e:
+            raise ProtocolError(str(e)) from e
+
+
+@dataclass(frozen=True, slots=True)
+class ResponseHead:
+    TYPE: ClassVar[FrameType] = FrameType.RESPONSE_HEAD
+    stream_id: int
+    status: int
+    headers: Headers
+    reason: str = ""
+    end_stream: bool = False
+
+    def __post_init__(self) -> None:
+        if not 100 <= self.status <= 999:
+            raise ValueError(f"RESPONSE_HEAD status {self.status} is not an HTTP status")
+
+    def payload(self) -> bytes:
+        return _json(
+            {
+                "status": self.status,
+                "reason": self.reason,
+                "headers": _enc_headers(self.headers),
+                "end": self.end_stream,
+            }
+        )
+
+    @classmethod
+    def parse(cls, stream_id: int, payload: bytes) -> Self:
+        obj = _unjson(cls.TYPE, payload)
+        try:
+            return cls(
+                stream_id,
+                _field(cls.TYPE, obj, "status", int),
+                _dec_headers(cls.TYPE, obj.get("headers")),
+                str(obj.get("reason", "")),
+                bool(obj.get("end", False)),
+            )
+        except ValueError as e:
+            raise ProtocolError(str(e)) from e
+
+
+@dataclass(frozen=True, slots=True)
+class Data:
+    TYPE: ClassVar[FrameType] = FrameType.DATA
+    stream_id: int
+    data: bytes
+
+    def __post_init__(self) -> None:
+        if len(self.data) > MAX_DATA:
+            raise ValueError(f"DATA carries at most {MAX_DATA} bytes, got {len(self.data)}")
+
+    def payload(self) -> bytes:
+        return self.data
+
+    @classmethod
+    def parse(cls, stream_id: int, payload: bytes) -> Self:
+        if len(payload) > MAX_DATA:
+            raise ProtocolError(f"DATA frame of {len(payload)} bytes exceeds {MAX_DATA}")
+        return cls(stream_id, payload)
+
+
+@dataclass(frozen=True, slots=True)
+class End:
+    TYPE: ClassVar[FrameType] = FrameType.END
+    stream_id: int
+    trailers: Headers = ()
+
+    def payload(self) -> bytes:
+        return _json({"trailers": _enc_headers(self.trailers)}) if self.trailers else b""
+
+    @classmethod
+    def parse(cls, stream_id: int, payload: bytes) -> Self:
+        if not payload:
+            return cls(stream_id)
+        obj = _unjson(cls.TYPE, payload)
+        return cls(stream_id, _dec_headers(cls.TYPE, obj.get("trailers", [])))
+
+
+@dataclass(frozen=True, slots=True)
+class Reset:
+    TYPE: ClassVar[FrameType] = FrameType.RESET
+    stream_id: int
+    code: ResetCode
+    message: str = ""
+
+    def payload(self) -> bytes:
+        return _json({"code": int(self.code), "message": self.message})
+
+    @classmethod
+    def parse(cls, stream_id: int, payload: bytes) -> Self:
+        obj = _unjson(cls.TYPE, payload)
+        raw = _field(cls.TYPE, obj, "code", int)
+        code = ResetCode(raw) if raw in ResetCode._value2member_map_ else ResetCode.INTERNAL
+        return cls(stream_id, code, str(obj.get("message", "")))
+
+
+@dataclass(frozen=True, slots=True)
+class WindowUpdate:
+    TYPE: ClassVar[FrameType] = FrameType.WINDOW_UPDATE
+    stream_id: int
+    increment: int
+
+    def __post_init__(self) -> None:
+        if not 0 < self.increment < 2**31:
+            raise ValueError(f"WINDOW_UPDATE increment {self.increment} out of range")
+
+    def payload(self) -> bytes:
+        return self.increment.to_bytes(4, "big")
+
+    @classmethod
+    def parse(cls, stream_id: int, payload: bytes) -> Self:
+        if len(payload) != 4:
+            raise ProtocolError("WINDOW_UPDATE payload must be 4 bytes")
+        try:
+            return cls(stream_id, int.from_bytes(payload, "big"))
+        except ValueError as e:
+            raise ProtocolError(str(e)) from e
+
+
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """Counters the sidecar reports to the client (e.g. mirror copies it dropped)."""
+
+    TYPE: ClassVar[FrameType] = FrameType.STATS
+    mirror_dropped: int
+    stream_id: int = 0
+
+    def payload(self) -> bytes:
+        return _json({"mirror_dropped": self.mirror_dropped})
+
+    @classmethod
+    def parse(cls, stream_id: int, payload: bytes) -> Self:
+        obj = _unjson(cls.TYPE, payload)
+        return cls(_field(cls.TYPE, obj, "mirror_dropped", int))
+
+
+@dataclass(frozen=True, slots=True)
+class Goodbye:
+    """The sender ends the session on purpose; `reason` is for people."""
+
+    TYPE: ClassVar[FrameType] = FrameType.GOODBYE
+    reason: str
+    stream_id: int = 0
+
+    def payload(self) -> bytes:
+        return _json({"reason": self.reason})
+
+    @classmethod
+    def parse(cls, stream_id: int, payload: bytes) -> Self:
+        return cls(str(_unjson(cls.TYPE, payload).get("reason", "")))
+
+
+Message = (
+    Hello
+    | Welcome
+    | Refused
+    | RequestHead
+    | ResponseHead
+    | Data
+    | End
+    | Reset
+    | WindowUpdate
+    | Stats
+    | Goodbye
+)
+
+_PARSERS: dict[FrameType, Any] = {
+    m.TYPE: m
+    for m in (
+        Hello,
+        Welcome,
+        Refused,
+        RequestHead,
+        ResponseHead,
+        Data,
+        End,
+        Reset,
+        WindowUpdate,
+        Stats,
+        Goodbye,
+    )
+}
+_CONTROL = {
+    FrameType.HELLO,
+    FrameType.WELCOME,
+    FrameType.REFUSED,
+    FrameType.STATS,
+    FrameType.GOODBYE,
+}
+
+
+def encode(message: Message) -> bytes:
+    payload = message.payload()
+    return _HEADER.pack(len(payload) + 5, message.TYPE, message.stream_id) + payload
+
+
+def decode_frame(buffer: bytes | bytearray, offset: int = 0) -> tuple[Message, int] | None:
+    """Decode the frame at `offset`; return it and the offset after it, or None if
+    the buffer does not yet hold a whole frame."""
+    if len(buffer) - offset < _HEADER.size:
+        return None
+    length, raw_type, stream_id = _HEADER.unpack_from(buffer, offset)
+    if length < 5 or length > MAX_FRAME:
+        raise ProtocolError(f"frame length {length} outside 5..{MAX_FRAME}")
+    end = offset + 4 + length
+    if len(buffer) < end:
+        return None
+    try:
+        frame_type = FrameType(raw_type)
+    except ValueError as e:
+        raise ProtocolError(f"unknown frame type 0x{raw_type:02x}") from e
+    if (frame_type in _CONTROL) != (stream_id == 0):
+        raise ProtocolError(f"{frame_type.name} on stream {stream_id} is not allowed")
+    payload = bytes(buffer[offset + _HEADER.size : end])
+    return _PARSERS[frame_type].parse(stream_id, payload), end
+
+
+# --- state ------------------------------------------------------------------------
+
+
+class ConnState(Enum):
+    HANDSHAKE = "handshake"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class Half(Enum):
+    IDLE = "idle"
+    OPEN = "open"
+    DONE = "done"
+
+
+# (half state, frame type) -> next half state. A RESET ends both halves and is
+# handled apart; anything not in this table is a protocol error.
+_HALF_TRANSITIONS: dict[tuple[Half, FrameType], Half] = {
+    (Half.IDLE, FrameType.REQUEST_HEAD): Half.OPEN,
+    (Half.IDLE, FrameType.RESPONSE_HEAD): Half.OPEN,
+    (Half.OPEN, FrameType.DATA): Half.OPEN,
+    (Half.OPEN, FrameType.END): Half.DONE,
+}
+
+
+@dataclass(slots=True)
+class _Stream:
+    sent: Half = Half.IDLE
+    received: Half = Half.IDLE
+    send_window: int = INITIAL_WINDOW
+    recv_window: int = INITIAL_WINDOW
+    unacked: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.sent is Half.DONE and self.received is Half.DONE
+
+
+@dataclass
+class Connection:
+    """One end of a tunnel. Feed it bytes, read events and bytes to send."""
+
+    role: Role
+    state: ConnState = ConnState.HANDSHAKE
+    _streams: dict[int, _Stream] = field(default_factory=dict)
+    _inbuf: bytearray = field(default_factory=bytearray)
+    _out: list[bytes] = field(default_factory=list)
+    _events: deque[Message] = field(default_factory=deque)
+    _last_stream_id: int = 0
+    goodbye_sent: bool = False
+    goodbye_received: bool = False
+
+    @property
+    def accepting_streams(self) -> bool:
+        """Whether the sidecar may still open streams on this connection."""
+        return self.state is ConnState.OPEN and not (self.goodbye_sent or self.goodbye_received)
+
+    # -- sending ----------------------------------------------------------------
+
+    def next_stream_id(self) -> int:
+        if self.role is not Role.SIDECAR:
+            raise ProtocolError("only the sidecar opens streams")
+        return self._last_stream_id + 1
+
+    def send(self, message: Message) -> bool:
+        """Queue `message` for sending, checking state and flow control.
+
+        Returns False, sending nothing, when the message is for a stream that has
+        already ended (typically reset by the peer while we were producing it)."""
+        self._check_handshake(message, outgoing=True)
+        if message.stream_id and not self._on_stream_frame(message, outgoing=True):
+            return False
+        self._out.append(encode(message))
+        return True
+
+    def send_window(self, stream_id: int) -> int:
+        """How many DATA bytes may be sent on the stream now (0 if it is gone)."""
+        stream = self._streams.get(stream_id)
+        return stream.send_window if stream is not None and stream.sent is Half.OPEN else 0
+
+    def acknowledge(self, stream_id: int, n: int) -> None:
+        """The application has passed on `n` received bytes; give the credit back.
+
+        Updates are batched (a quarter window at a time) to keep frames few."""
+        stream = self._streams.get(stream_id)
+        if stream is None or stream.received is not Half.OPEN or n <= 0:
+            return
+        stream.unacked += n
+        if stream.unacked >= INITIAL_WINDOW // 4:
+            increment, stream.unacked = stream.unacked, 0
+            stream.recv_window += increment
+            self._out.append(encode(WindowUpdate(stream_id, increment)))
+
+    def data_to_send(self) -> bytes:
+        out = b"".join(self._out)
+        self._out.clear()
+        return out
+
+    def is_active(self, stream_id: int) -> bool:
+        return stream_id in self._streams
+
+    @property
+    def active_streams(self) -> list[int]:
+        return list(self._streams)
+
+    # -- receiving --------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> None:
+        """Parse whole frames out of `data` (plus what was left before) into events.
+        Raises ProtocolError when the peer breaks the protocol."""
+        if self.state is ConnState.CLOSED:
+            return
+        self._inbuf += data
+        offset = 0
+        try:
+            while (decoded := decode_frame(self._inbuf, offset)) is not None:
+                message, offset = decoded
+                self._receive(message)
+        finally:
+            del self._inbuf[:offset]
+
+    def next_event(self) -> Message | None:
+        return self._events.popleft() if self._events else None
+
+    def _receive(self, message: Message) -> None:
+        self._check_handshake(message, outgoing=False)
+        if message.stream_id and not self._on_stream_frame(message, outgoing=False):
+            return  # a late frame for a stream already reset: dropped
+        self._events.append(message)
+
+    # -- rules ------------------------------------------------------------------
+
+    def _check_handshake(self, message: Message, *, outgoing: bool) -> None:
+        sender = self.role if outgoing else _other(self.role)
+        kind = message.TYPE
+        if self.state is ConnState.CLOSED:
+            raise ProtocolError(f"{kind.name} after the tunnel closed")
+        if self.state is ConnState.HANDSHAKE:
+            allowed = {
+                Role.CLIENT: {FrameType.HELLO},
+                Role.SIDECAR: {FrameType.WELCOME, FrameType.REFUSED},
+            }[sender]
+            if kind not in allowed:
+                raise ProtocolError(f"{kind.name} from the {sender.value} before the handshake")
+            if kind is FrameType.WELCOME:
+                self.state = ConnState.OPEN
+            elif kind is FrameType.REFUSED:
+                self.state = ConnState.CLOSED
+                if not outgoing:
+                    assert isinstance(message, Refused)
+                    raise HandshakeRefused(message.code, message.message)
+            return
+        if kind in (FrameType.HELLO, FrameType.WELCOME, FrameType.REFUSED):
+            raise ProtocolError(f"{kind.name} after the handshake")
+        if kind is FrameType.REQUEST_HEAD and sender is not Role.SIDECAR:
+            raise ProtocolError("only the sidecar sends REQUEST_HEAD")
+        if kind is FrameType.RESPONSE_HEAD and sender is not Role.CLIENT:
+            raise ProtocolError("only the client sends RESPONSE_HEAD")
+        if kind is FrameType.STATS and sender is not Role.SIDECAR:
+            raise ProtocolError("only the sidecar sends STATS")
+        if kind is FrameType.REQUEST_HEAD:
+            if outgoing and (self.goodbye_sent or self.goodbye_received):
+                raise ProtocolError("the sidecar opens no stream after GOODBYE")
+            if not outgoing and self.goodbye_received:
+                # Frames arrive in order, so this head came after the sidecar's
+                # GOODBYE. (One that arrives after the client's own GOODBYE merely
+                # crossed it, and is served.)
+                raise ProtocolError("REQUEST_HEAD after the sidecar's GOODBYE")
+        if kind is FrameType.GOODBYE:
+            if outgoing:
+                if self.goodbye_sent:
+                    raise ProtocolError("GOODBYE sent twice")
+                self.goodbye_sent = True
+            else:
+                if self.goodbye_received:
+                    raise ProtocolError("GOODBYE received twice")
+                self.goodbye_received = True
+
+    def _on_stream_frame(self, message: Message, *, outgoing: bool) -> bool:
+        """Apply a stream frame to the stream's state. Returns False for a frame
+        that belongs to a stream already gone (ended or reset): it is dropped."""
+        sid = message.stream_id
+        kind = message.TYPE
+        stream = self._streams.get(sid)
+        if stream is None:
+            if kind is FrameType.REQUEST_HEAD:
+                if sid <= self._last_stream_id:
+                    raise ProtocolError(f"stream id {sid} reused or out of order")
+                self._last_stream_id = sid
+                stream = self._streams[sid] = _Stream()
+            elif sid <= self._last_stream_id:
+                # The stream ended (or was reset) while this frame was in flight.
+                return False
+            else:
+                raise ProtocolError(f"{kind.name} on stream {sid}, which was never opened")
+
+        if isinstance(message, Reset):
+            del self._streams[sid]
+            return True
+        if isinstance(message, WindowUpdate):
+            if not outgoing:
+                stream.send_window += message.increment
+            return True
+
+        half = "sent" if outgoing else "received"
+        current: Half = getattr(stream, half)
+        new = _HALF_TRANSITIONS.get((current, kind))
+        if new is None:
+            raise ProtocolError(f"{kind.name} on stream {sid} whose {half} half is {current.value}")
+        if isinstance(message, Data):
+            size = len(message.data)
+            if outgoing:
+                if size > stream.send_window:
+                    raise FlowControlError(
+                        f"{size} bytes on stream {sid} exceed its window of {stream.send_window}"
+                    )
+                stream.send_window -= size
+            else:
+                if size > stream.recv_window:
+                    raise ProtocolError(f"peer overran the window of stream {sid}")
+                stream.recv_window -= size
+        if isinstance(message, RequestHead | ResponseHead) and message.end_stream:
+            new = Half.DONE
+        setattr(stream, half, new)
+        if stream.finished:
+            del self._streams[sid]
+        return True
+
+
+def _other(role: Role) -> Role:
+    return Role.CLIENT if role is Role.SIDECAR else Role.SIDECAR

@@ -1,0 +1,100 @@
+"""After an HTTP/1.1 Upgrade (a websocket, say): bytes both ways between a
+socket and a tunnel stream, until both directions have ended.
+
+Each direction ends on its own, as TCP half-closes do: end of file on the
+socket sends END, an END from the tunnel shuts the socket's write side. A
+reset stream, a lost tunnel or a broken socket ends both at once.
+
+Also `next_h11_event`, with which both ends read the HTTP/1.1 exchange that
+precedes an upgrade (and the sidecar's gateway every HTTP/1.1 exchange).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import h11
+
+from sidecar.tunnel.driver import StreamHandle
+from sidecar.tunnel.protocol import Data, End, ResetCode
+
+__all__ = ["next_h11_event", "splice"]
+
+_READ = 64 * 1024
+
+
+async def splice(
+    handle: StreamHandle,
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    first: bytes = b"",
+) -> str | None:
+    """Returns None if both directions ended cleanly, else why they did not.
+    `first`: bytes already read from the socket after the upgrade."""
+    outbound = asyncio.create_task(_socket_to_tunnel(handle, reader, first))
+    inbound = asyncio.create_task(_tunnel_to_socket(handle, writer))
+    try:
+        pending: set[asyncio.Task[str | None]] = {outbound, inbound}
+        while pending:
+            done, pending = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+            for task in done:
+                why = task.result()
+                if why is not None:
+                    if task is outbound and handle.active:
+                        handle.reset(ResetCode.CANCEL, why)
+                    writer.transport.abort()
+                    return why
+        return None
+    finally:
+        for task in (outbound, inbound):
+            if not task.done():
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+
+
+async def _socket_to_tunnel(
+    handle: StreamHandle, reader: asyncio.StreamReader, first: bytes
+) -> str | None:
+    data = first
+    try:
+        while True:
+            if data and not await handle.send_body(data):
+                return "the tunnel stream ended"
+            data = await reader.read(_READ)
+            if not data:
+                handle.send(End(handle.id))
+                return None
+    except ConnectionError as e:
+        return f"the connection broke: {e}"
+
+
+async def _tunnel_to_socket(handle: StreamHandle, writer: asyncio.StreamWriter) -> str | None:
+    while True:
+        event = await handle.next()
+        if isinstance(event, Data):
+            writer.write(event.data)
+            try:
+                await writer.drain()
+            except ConnectionError as e:
+                return f"the connection broke: {e}"
+            handle.ack(len(event.data))
+        elif isinstance(event, End):
+            if writer.can_write_eof() and not writer.is_closing():
+                with contextlib.suppress(OSError):
+                    writer.write_eof()
+            return None
+        else:
+            return f"the tunnel stream ended: {event!r}"
+
+
+async def next_h11_event(conn: h11.Connection, reader: asyncio.StreamReader) -> object:
+    """The next h11 event, reading from `reader` as needed. On end of file h11
+    reports ConnectionClosed, or raises on a message cut short."""
+    while True:
+        event = conn.next_event()
+        if event is h11.NEED_DATA:
+            conn.receive_data(await reader.read(_READ))
+            continue
+        return event

@@ -1,0 +1,134 @@
+"""mirrord-style config files, and flags on top of them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from local_proxy.config import ConfigError, FilterFlags, Incoming, build_spec, load_incoming
+from sidecar.sessions.spec import Mode
+
+pytestmark = pytest.mark.timeout(10)
+
+# The repository root is three levels up; the shared seeds sit beside it.
+SEEDS = Path(__file__).resolve().parents[3].parent / "shared" / "seeds"
+
+
+def json_blocks(text: str) -> list[str]:
+    """The JSON objects written at the start of a line in a markdown document."""
+    blocks, current = [], None
+    for line in text.splitlines():
+        if current is None and line.rstrip() == "{":
+            current = [line]
+        elif current is not None:
+            current.append(line)
+            if line.rstrip() == "}":
+                blocks.append("\n".join(current))
+                current = None
+    return blocks
+
+
+def seed_examples() -> list[str]:
+    if not SEEDS.is_dir():
+        return []
+    return [b for doc in sorted(SEEDS.glob("*.md")) for b in json_blocks(doc.read_text())]
+
+
+@pytest.mark.skipif(not SEEDS.is_dir(), reason=f"shared seeds not found at {SEEDS}")
+def test_every_seed_example_loads_as_written(tmp_path: Path) -> None:
+    examples = [e for e in seed_examples() if '"incoming"' in e]
+    assert len(examples) >= 5, f"expected the seed documents' examples, found {len(examples)}"
+    for i, example in enumerate(examples):
+        path = tmp_path / f"seed{i}.json"
+        path.write_text(example)
+        spec = build_spec(load_incoming(path), FilterFlags(), "test")
+        assert spec.mode is Mode.STEAL, example
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "mirrord.json"
+    path.write_text(text)
+    return path
+
+
+def test_object_form_with_trailing_commas_and_comments(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """{
+          // our team's preview config
+          "feature": {"network": {"incoming": {
+            "mode": "steal",
+            "http_filter": {"header_filter": "^x-preview: carol$", "ports": [8080,],},
+          },},},
+          "target": "deploy/api",
+        }""",
+    )
+    incoming = load_incoming(path)
+    assert incoming.ignored == ("target",)
+    spec = build_spec(incoming, FilterFlags(), "me")
+    assert spec.http_filter.header_filter == "^x-preview: carol$"
+    assert spec.http_filter.ports == (8080,)
+
+
+def test_string_form(tmp_path: Path) -> None:
+    incoming = load_incoming(write(tmp_path, '{"feature": {"network": {"incoming": "mirror"}}}'))
+    assert build_spec(incoming, FilterFlags(), "me").mode is Mode.MIRROR
+
+
+def test_incoming_ports_apply_when_the_filter_names_none(tmp_path: Path) -> None:
+    text = '{"feature": {"network": {"incoming": {"mode": "steal", "ports": [9000]}}}}'
+    spec = build_spec(load_incoming(write(tmp_path, text)), FilterFlags(), "me")
+    assert spec.http_filter.ports == (9000,)
+
+
+def test_flags_override_the_file(tmp_path: Path) -> None:
+    text = """{"feature": {"network": {"incoming": {"mode": "steal",
+              "http_filter": {"path_filter": "^/api", "ports": [8080]}}}}}"""
+    incoming = load_incoming(write(tmp_path, text))
+    spec = build_spec(incoming, FilterFlags(headers=("^x-a: 1$",), mirror=True), "me")
+    assert spec.mode is Mode.MIRROR
+    assert spec.http_filter.path_filter is None
+    assert spec.http_filter.header_filter == "^x-a: 1$"
+    assert spec.http_filter.ports == (8080,)
+    spec = build_spec(incoming, FilterFlags(headers=("a",), paths=("^/b",), ports=(81,)), "me")
+    assert spec.http_filter.all_of is not None and len(spec.http_filter.all_of) == 2
+    assert spec.http_filter.ports == (81,)
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ("{not json", "is not valid JSON"),
+        ('{"feature": {"network": {"incoming": "off"}}}', 'offramp takes "steal" or "mirror"'),
+        ('{"feature": {"network": {"incoming": 3}}}', "must be"),
+        (
+            '{"feature": {"network": {"incoming": {"http_filter": {"header_filter": "(x"}}}}}',
+            "http_filter.header_filter: invalid regex",
+        ),
+        (
+            '{"feature": {"network": {"incoming": {"http_filter": {"headers": "x"}}}}}',
+            "http_filter.headers: Extra inputs are not permitted",
+        ),
+    ],
+)
+def test_bad_files_say_what_is_wrong(tmp_path: Path, text: str, error: str) -> None:
+    with pytest.raises(ConfigError, match=error.replace("(", r"\(")):
+        build_spec(load_incoming(write(tmp_path, text)), FilterFlags(), "me")
+
+
+def test_missing_file() -> None:
+    with pytest.raises(ConfigError, match="cannot read config file"):
+        load_incoming(Path("/nonexistent/mirrord.json"))
+
+
+def test_no_file_no_flags_steals_everything() -> None:
+    spec = build_spec(Incoming(), FilterFlags(), "me")
+    assert spec.mode is Mode.STEAL and spec.http_filter.is_empty
+
+
+def test_typographic_quotes_are_read_as_plain_quotes_with_a_note(tmp_path: Path) -> None:
+    text = '{"target": \u201cpod/api\u201d, "feature": {"network": {"incoming": "steal"}}}'
+    incoming = load_incoming(write(tmp_path, text))
+    assert incoming.mode is Mode.STEAL
+    assert len(incoming.notes) == 1 and "typographic quotes" in incoming.notes[0]

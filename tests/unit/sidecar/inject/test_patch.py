@@ -1,0 +1,263 @@
+"""Injection is a pure function from a pod template to a JSON Patch: what it
+adds, that it is idempotent, that uninject restores the template exactly, that
+its results pass the Kubernetes schemas, and its errors."""
+
+from __future__ import annotations
+
+import copy
+import json
+from typing import Any
+
+import jsonpatch
+import kubernetes_validate
+import pytest
+
+from sidecar.inject.patch import (
+    ANNOTATION,
+    SIDECAR_NAME,
+    InjectError,
+    InjectOptions,
+    inject,
+    injected,
+    uninject,
+)
+from sidecar.settings import Capture
+
+K8S = "1.30"
+IMAGE = "registry.example/offramp-sidecar:0.1.0"
+
+
+def deployment(**template_metadata: Any) -> dict[str, Any]:
+    template: dict[str, Any] = {
+        "spec": {
+            "containers": [
+                {
+                    "name": "api",
+                    "image": "registry.example/api:1",
+                    "ports": [
+                        {"name": "http", "containerPort": 8080},
+                        {"name": "metrics", "containerPort": 9090},
+                    ],
+                    "livenessProbe": {"httpGet": {"path": "/healthz", "port": "http"}},
+                    "readinessProbe": {"httpGet": {"path": "/ready", "port": 8080}},
+                    "startupProbe": {"tcpSocket": {"port": "http"}},
+                }
+            ]
+        }
+    }
+    if template_metadata:
+        template["metadata"] = template_metadata
+    return {
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": {"name": "api", "namespace": "shop"},
+        "spec": {
+            "replicas": 3,
+            "selector": {"matchLabels": {"app": "api"}},
+            "template": {"metadata": {"labels": {"app": "api"}}, **template},
+        },
+    }
+
+
+def apply(obj: dict[str, Any], patch: list[dict[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = jsonpatch.apply_patch(obj, patch)
+    return result
+
+
+def injected_deployment(
+    options: InjectOptions, obj: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    obj = obj or deployment()
+    patch = inject(obj["spec"]["template"], options, "/spec/template")
+    out = apply(obj, patch)
+    kubernetes_validate.validate(out, K8S, strict=True)
+    return out
+
+
+def sidecar_of(obj: dict[str, Any]) -> dict[str, Any]:
+    containers = obj["spec"]["template"]["spec"]["containers"]
+    return next(c for c in containers if c["name"] == SIDECAR_NAME)
+
+
+def test_iptables_mode_adds_the_sidecar_with_net_admin_and_the_probe_paths() -> None:
+    out = injected_deployment(InjectOptions(image=IMAGE, ports=(8080,)))
+    sidecar = sidecar_of(out)
+    assert sidecar["image"] == IMAGE
+    assert sidecar["args"] == [
+        "--app-port=8080:15080",
+        "--control-port=15081",
+        "--token-file=/var/run/offramp/token",
+        "--capture=iptables",
+        "--probe-path=/healthz",
+        "--probe-path=/ready",
+    ]
+    assert sidecar["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
+    assert sidecar["securityContext"]["runAsNonRoot"] is True
+    assert "privileged" not in sidecar["securityContext"]
+    assert sidecar["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": 15081}
+    token = {"secretName": "offramp-token", "optional": True}
+    assert {"name": "offramp-token", "secret": token} in out["spec"]["template"]["spec"]["volumes"]
+    # The app container is untouched in this mode.
+    assert (
+        out["spec"]["template"]["spec"]["containers"][0]
+        == deployment()["spec"]["template"]["spec"]["containers"][0]
+    )
+    assert injected(out["spec"]["template"]) is not None
+
+
+def test_every_declared_port_is_fronted_when_none_is_named() -> None:
+    sidecar = sidecar_of(injected_deployment(InjectOptions(image=IMAGE)))
+    assert sidecar["args"][:2] == ["--app-port=8080:15080", "--app-port=9090:15082"]
+
+
+def test_probe_protection_can_be_turned_off() -> None:
+    sidecar = sidecar_of(injected_deployment(InjectOptions(image=IMAGE, protect_probes=False)))
+    assert not any(a.startswith("--probe-path") for a in sidecar["args"])
+
+
+def test_injecting_twice_changes_nothing() -> None:
+    once = injected_deployment(InjectOptions(image=IMAGE))
+    assert inject(once["spec"]["template"], InjectOptions(image=IMAGE), "/spec/template") == []
+
+
+@pytest.mark.parametrize(
+    "metadata",
+    [
+        {"labels": {"app": "api"}},
+        {"labels": {"app": "api"}, "annotations": {"team": "shop"}},
+    ],
+    ids=["no annotations", "with annotations"],
+)
+@pytest.mark.parametrize("capture", [Capture.IPTABLES, Capture.NONE])
+def test_uninject_restores_the_template_exactly(metadata: dict[str, Any], capture: Capture) -> None:
+    original = deployment()
+    original["spec"]["template"]["metadata"] = metadata
+    options = InjectOptions(image=IMAGE, capture=capture, named_port="http")
+    out = injected_deployment(options, copy.deepcopy(original))
+    restored = apply(out, uninject(out["spec"]["template"], "/spec/template"))
+    assert restored == original
+    assert uninject(restored["spec"]["template"]) == []
+
+
+def test_uninject_restores_a_pod_without_metadata_in_its_template() -> None:
+    template = {"spec": copy.deepcopy(deployment()["spec"]["template"]["spec"])}
+    out = apply(template, inject(template, InjectOptions(image=IMAGE)))
+    assert apply(out, uninject(out)) == template
+
+
+@pytest.mark.parametrize(
+    "metadata", [None, {"labels": {"app": "api"}}], ids=["no metadata", "labels"]
+)
+def test_uninject_keeps_annotations_added_since_injection(metadata: dict[str, Any] | None) -> None:
+    """`kubectl rollout restart` annotates the template of an injected workload; the
+    annotations map the injection created must then stay, with that annotation."""
+    template = {"spec": copy.deepcopy(deployment()["spec"]["template"]["spec"])}
+    if metadata is not None:
+        template["metadata"] = metadata
+    out = apply(template, inject(template, InjectOptions(image=IMAGE)))
+    out["metadata"]["annotations"]["kubectl.kubernetes.io/restartedAt"] = "2026-11-23T10:00:00Z"
+    restored = apply(out, uninject(out))
+    expected = copy.deepcopy(template)
+    expected.setdefault("metadata", {})["annotations"] = {
+        "kubectl.kubernetes.io/restartedAt": "2026-11-23T10:00:00Z"
+    }
+    assert restored == expected
+
+
+def test_privilege_free_mode_hands_the_named_port_to_the_sidecar() -> None:
+    options = InjectOptions(image=IMAGE, capture=Capture.NONE, named_port="http", ports=(8080,))
+    out = injected_deployment(options)
+    app = out["spec"]["template"]["spec"]["containers"][0]
+    assert app["ports"][0] == {"name": "app-8080", "containerPort": 8080}
+    # Probes that named the port now name the app's renamed port; numbers stay.
+    assert app["livenessProbe"]["httpGet"]["port"] == "app-8080"
+    assert app["startupProbe"]["tcpSocket"]["port"] == "app-8080"
+    assert app["readinessProbe"]["httpGet"]["port"] == 8080
+    sidecar = sidecar_of(out)
+    assert {"name": "http", "containerPort": 15080, "protocol": "TCP"} in sidecar["ports"]
+    assert "--capture=none" in sidecar["args"]
+    security = sidecar["securityContext"]
+    assert security["capabilities"] == {"drop": ["ALL"]}
+    assert security["allowPrivilegeEscalation"] is False
+
+
+def test_a_pod_is_patched_at_its_root_as_the_webhook_does() -> None:
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "api-1", "namespace": "shop"},
+        "spec": copy.deepcopy(deployment()["spec"]["template"]["spec"]),
+    }
+    out = apply(pod, inject(pod, InjectOptions(image=IMAGE)))
+    kubernetes_validate.validate(out, K8S, strict=True)
+    record = json.loads(out["metadata"]["annotations"][ANNOTATION])
+    assert record["options"]["image"] == IMAGE
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        (
+            {"container": "web"},
+            "no container named 'web'; the pod has: api",
+        ),
+        (
+            {"ports": (8081,)},
+            "container 'api' declares no port 8081; it declares: 8080, 9090",
+        ),
+        (
+            {"capture": Capture.NONE, "named_port": "grpc"},
+            "container 'api' has no port named 'grpc'; its named ports: http, metrics",
+        ),
+        (
+            {"listen_port": 9090},
+            "port 9090 (the sidecar's listener) is already used in the pod",
+        ),
+    ],
+)
+def test_what_does_not_fit_is_refused_with_what_there_is(
+    options: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(InjectError) as refused:
+        inject(deployment()["spec"]["template"], InjectOptions(image=IMAGE, **options))
+    assert message in str(refused.value)
+
+
+def test_a_container_without_ports_needs_one_named() -> None:
+    template = deployment()["spec"]["template"]
+    del template["spec"]["containers"][0]["ports"]
+    with pytest.raises(InjectError, match="declares no TCP port"):
+        inject(template, InjectOptions(image=IMAGE))
+
+
+def test_workers_are_passed_to_the_sidecar_only_when_more_than_one() -> None:
+    assert not any(
+        a.startswith("--workers")
+        for a in sidecar_of(injected_deployment(InjectOptions(image=IMAGE)))["args"]
+    )
+    sidecar = sidecar_of(injected_deployment(InjectOptions(image=IMAGE, workers=3)))
+    assert sidecar["args"][-1] == "--workers=3"
+
+
+def test_the_cli_reinjects_only_when_the_options_differ() -> None:
+    """`offramp steal` leaves an injected workload alone when its options are the
+    same, also those recorded by a version that knew fewer of them."""
+    from local_proxy.cluster.workload import injection_patch
+
+    options = InjectOptions(image=IMAGE)
+    obj = {**injected_deployment(options), "metadata": {"name": "api", "resourceVersion": "7"}}
+    assert injection_patch(obj, options) == []
+
+    older = copy.deepcopy(obj)
+    annotations = older["spec"]["template"]["metadata"]["annotations"]
+    record = json.loads(annotations[ANNOTATION])
+    del record["options"]["workers"]  # as recorded before there were workers
+    annotations[ANNOTATION] = json.dumps(record)
+    assert injection_patch(older, options) == []
+
+    more = InjectOptions(image=IMAGE, workers=2)
+    patch = injection_patch(obj, more)
+    assert patch[0] == {"op": "test", "path": "/metadata/resourceVersion", "value": "7"}
+    after = apply(obj, patch)
+    assert sidecar_of(after)["args"][-1] == "--workers=2"
+    assert injected(after["spec"]["template"])["options"]["workers"] == 2  # type: ignore[index]
