@@ -2,7 +2,11 @@
 
 Stolen requests: the body streams to the local app as it arrives, the answer
 streams back. If the local app refuses the connection the caller gets 502, if it
-does not answer within the timeout 504, each with a body that says so.
+does not answer within the timeout 504, each with a body that says so. A request
+that the pooled HTTP client would alter (a control character, or a byte above
+0x7f, in its target or headers) goes out byte for byte on a connection of its
+own instead (`verbatim.py`). Whatever fails, the stream ends: with the answer,
+or with a reset whose reason the caller reads in offramp's 502.
 
 Mirrored copies: sent to the local app, the answer read and discarded. At most
 `mirror_queue` copies are handled at once; more are dropped and counted, so a
@@ -21,6 +25,7 @@ from yarl import URL
 
 from local_proxy.forward.http2 import H2Forwarder
 from local_proxy.forward.upgrade import forward_upgrade
+from local_proxy.forward.verbatim import forward_verbatim, pooled_client_keeps
 from sidecar.tunnel.driver import Lost, StreamHandle
 from sidecar.tunnel.protocol import (
     HOP_BY_HOP,
@@ -119,6 +124,14 @@ class Forwarder:
             if self.ending:
                 self.report(f"{kind:<6} {head.method} {head.target} -> cut off: the session ended")
             raise
+        except Exception as e:
+            # A failure nobody foresaw still ends the stream: the caller gets
+            # offramp's 502 with this reason instead of waiting forever.
+            self.counters.failed += 1
+            why = f"the local proxy failed on this request: {type(e).__name__}: {e}"
+            if stream.active:
+                stream.reset(ResetCode.INTERNAL, why)
+            status = f"502 ({why})"
         finally:
             if head.mirror:
                 self._mirrors_running -= 1
@@ -134,6 +147,8 @@ class Forwarder:
             return await self._h2.forward(head, stream)
         if head.upgrade:
             return await forward_upgrade(self.host, self.port, self.timeout, head, stream)
+        if not pooled_client_keeps(head):
+            return await forward_verbatim(self.host, self.port, self.timeout, head, stream)
         headers = [
             (n.decode("latin-1"), v.decode("latin-1"))
             for n, v in head.headers

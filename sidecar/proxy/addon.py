@@ -18,7 +18,13 @@ from collections.abc import Callable
 
 from mitmproxy import http
 
-from sidecar.proxy.flows import InFlight, add_forwarded_for, peer_of, request_view
+from sidecar.proxy.flows import (
+    InFlight,
+    add_forwarded_for,
+    peer_of,
+    refuse_malformed,
+    request_view,
+)
 from sidecar.proxy.gateway import ROUTE_HEADER, Gateway
 from sidecar.proxy.workers import Handoff
 from sidecar.sessions.registry import (
@@ -143,6 +149,8 @@ class OfframpAddon:
     # -- hooks ------------------------------------------------------------------
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if refuse_malformed(flow):
+            return
         request = flow.request
         request.stream = True
         self.in_flight.add(flow)
@@ -213,7 +221,10 @@ class OfframpAddon:
             session.stolen += 1
             key = self.gateway.register(handle, session.describe(), no_body, upgrade)
             flow.metadata[_META + ".route"] = key
-            request.headers[ROUTE_HEADER] = key
+            if http2:
+                request.headers[ROUTE_HEADER] = key
+            else:
+                _only_what_the_gateway_reads(request, key, upgrade)
             request.data.host = self.gateway.host
             request.data.port = self.gateway.port
             log.debug("%s %s stolen by %s", request.method, request.path, session.describe())
@@ -234,6 +245,33 @@ class OfframpAddon:
         for copy in flow.metadata.pop(_META + ".mirrors", ()):
             if not copy.dropped:
                 copy.handle.reset(ResetCode.CANCEL, "the caller went away")
+
+
+def _only_what_the_gateway_reads(request: http.Request, key: str, upgrade: str) -> None:
+    """Strip the stolen HTTP/1.1 request that mitmproxy sends on to the gateway
+    down to what the gateway reads: the route key, the body's framing and an
+    upgrade. Its head went into the tunnel as the caller wrote it, and bytes the
+    caller may send (the app would get them too) must not meet the gateway's
+    stricter parser: a request it refused would leave the local side without a body."""
+    data = request.data
+    data.path = b"/"
+    fields = [(b"host", b"offramp-gateway"), (ROUTE_HEADER.encode(), key.encode())]
+    fields += [(n, v) for n, v in data.headers.fields if n.lower() in _GATEWAY_KEEPS]
+    # mitmproxy reads the same head to know whether the caller's connection stays open.
+    tokens = {t.strip().lower() for t in request.headers.get("connection", "").split(",")}
+    if upgrade:
+        protocol = upgrade.encode("utf-8", "surrogateescape")
+        fields += [(b"connection", b"upgrade"), (b"upgrade", protocol)]
+    elif "close" in tokens:
+        fields.append((b"connection", b"close"))
+    elif "keep-alive" in tokens:
+        fields.append((b"connection", b"keep-alive"))
+    data.headers = http.Headers(fields)
+
+
+# mitmproxy has already checked the framing (a request it cannot frame never gets
+# here), and reads `expect` after the hook to answer 100 Continue itself.
+_GATEWAY_KEEPS = frozenset({b"content-length", b"transfer-encoding", b"expect"})
 
 
 def _upgrade_of(request: http.Request) -> str:

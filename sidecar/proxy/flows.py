@@ -3,13 +3,40 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import weakref
 
 from mitmproxy import http
 
 from sidecar.sessions.filters import RequestView
 
-__all__ = ["InFlight", "add_forwarded_for", "peer_of", "request_view"]
+__all__ = ["InFlight", "add_forwarded_for", "peer_of", "refuse_malformed", "request_view"]
+
+
+# RFC 9110 5.5: a recipient must reject or replace CR, LF and NUL in a field value.
+# Refused, never replaced, so that no filter and no app sees a request whose
+# header lines split differently from how the caller wrote them.
+_CR_LF_NUL = re.compile(rb"[\r\n\x00]")
+
+
+def refuse_malformed(flow: http.HTTPFlow) -> bool:
+    """Answer 400 (and close) for a request with CR, LF or NUL in its target or a
+    header, before any session or the app sees it. True if refused."""
+    data = flow.request.data
+    if _CR_LF_NUL.search(data.path):
+        where = "the request target"
+    else:
+        bad = next((n for n, v in data.headers.fields if _CR_LF_NUL.search(n + v)), None)
+        if bad is None:
+            return False
+        where = f"header {bad.decode('latin-1')!r}"
+    flow.response = http.Response.make(
+        400,
+        f"offramp sidecar: {where} contains CR, LF or NUL, which HTTP does not allow "
+        "(RFC 9110 section 5.5)\n",
+        {"content-type": "text/plain; charset=utf-8", "connection": "close"},
+    )
+    return True
 
 
 def peer_of(flow: http.HTTPFlow) -> str:

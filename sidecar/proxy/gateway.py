@@ -166,10 +166,14 @@ class Gateway:
             # The answer is complete; the request body may still be arriving.
             await upload
         finally:
+            # Awaited even when done: a body that broke off is this exchange's
+            # end, not an exception nobody retrieves.
             if not upload.done():
                 upload.cancel()
-                with contextlib.suppress(asyncio.CancelledError, _Closed, ConnectionError):
-                    await upload
+            with contextlib.suppress(
+                asyncio.CancelledError, _Closed, ConnectionError, h11.ProtocolError
+            ):
+                await upload
             if handle.active:
                 handle.reset(ResetCode.CANCEL, "the caller went away")
 
@@ -194,7 +198,7 @@ class Gateway:
                 return
             headers = [
                 (b"connection", b"Upgrade"),
-                (b"upgrade", pending.upgrade.encode("latin-1")),
+                (b"upgrade", pending.upgrade.encode("utf-8", "surrogateescape")),
                 *((n, v) for n, v in first.headers if n.lower() not in HOP_BY_HOP),
             ]
             reason = first.reason.encode("latin-1", "replace") or b"Switching Protocols"

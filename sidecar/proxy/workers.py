@@ -52,7 +52,13 @@ from mitmproxy.master import Master
 from mitmproxy.proxy import mode_servers
 from pydantic import BaseModel, ConfigDict
 
-from sidecar.proxy.flows import InFlight, add_forwarded_for, peer_of, request_view
+from sidecar.proxy.flows import (
+    InFlight,
+    add_forwarded_for,
+    peer_of,
+    refuse_malformed,
+    request_view,
+)
 from sidecar.proxy.h2c import ProtocolDetect
 from sidecar.sessions.filters import FilterError, Predicate, TimeoutCounter, compile_filter
 from sidecar.sessions.router import SessionIndex, decide, is_probe
@@ -296,6 +302,8 @@ class HandoffAddon:
         }
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
+        if refuse_malformed(flow):
+            return
         request = flow.request
         request.stream = True
         self.in_flight.add(flow)

@@ -11,6 +11,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -165,6 +166,23 @@ async def test_a_session_opens_once_every_process_knows_it(
     finally:
         session.stop()
         await asyncio.wait_for(runner, 15)
+
+
+def test_every_process_refuses_cr_and_nul(workers: SidecarProcess, app: HttpApp) -> None:
+    """The 400 of tests/integration/test_hostile_input.py, from whichever process
+    the kernel picks: fresh connections until every one has answered some."""
+    answered_by: set[int] = set()
+    for i in range(MOST_CONNECTIONS):
+        bad = b"\x00" if i % 2 else b"\r"
+        data = b"GET /bad HTTP/1.1\r\nHost: shop\r\nX-Odd: a" + bad + b"b\r\n\r\n"
+        with socket.create_connection(("127.0.0.1", workers.listen_port), timeout=10) as s:
+            answered_by |= set(owners(workers.listen_port))
+            s.sendall(data)
+            assert s.recv(65536).startswith(b"HTTP/1.1 400"), i
+        if len(answered_by) == WORKERS and i >= 12:
+            break
+    assert len(answered_by) == WORKERS
+    assert app.seen == []
 
 
 async def test_a_callers_handoff_header_is_dropped(
