@@ -27,7 +27,7 @@ from local_proxy.config import (
 )
 from local_proxy.session import LocalSession, SessionError
 from sidecar import __version__
-from sidecar.settings import TokenError, describe_validation_error, read_token
+from sidecar.settings import TokenError, describe_validation_error, loose_token_file, read_token
 
 if TYPE_CHECKING:
     from local_proxy.cluster.target import StealTarget
@@ -322,6 +322,8 @@ def _steal(args: argparse.Namespace, command: list[str]) -> int:
         return _fail(str(e))
     except ValidationError as e:
         return _fail(describe_validation_error(e, "option"))
+    if args.token_file and (warning := loose_token_file(args.token_file)):
+        print(f"offramp: warning: {warning}", file=sys.stderr)
     if target is not None:
         from local_proxy.cluster.target import StealTarget
 

@@ -25,6 +25,8 @@ from local_proxy.config import LocalSettings
 from local_proxy.forward.forwarder import Forwarder
 from sidecar.tunnel.driver import Tunnel
 from sidecar.tunnel.protocol import (
+    MAX_HELLO,
+    MAX_MESSAGE,
     PROTOCOL_VERSION,
     TUNNEL_PATH,
     Connection,
@@ -129,15 +131,25 @@ class LocalSession:
         url = tunnel_url(self.settings.sidecar_url)
         try:
             sock = await self._dial() if self._dial is not None else None
-            ws = await connect(url, sock=sock, max_size=None, compression=None, open_timeout=10)
+            ws = await connect(
+                url, sock=sock, max_size=MAX_MESSAGE, compression=None, open_timeout=10
+            )
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as e:
             raise SessionError(f"cannot reach the sidecar at {url}: {e}") from e
         conn = Connection(Role.CLIENT)
         conn.send(
             Hello(PROTOCOL_VERSION, self.settings.token, self.settings.spec.model_dump(mode="json"))
         )
+        hello = conn.data_to_send()
+        if len(hello) > MAX_HELLO:
+            await ws.close()
+            raise Refused(
+                f"the session spec is {len(hello)} bytes as sent, more than the sidecar "
+                f"reads before it knows who is asking ({MAX_HELLO}): use fewer or shorter "
+                "filters"
+            )
         try:
-            await ws.send(conn.data_to_send())
+            await ws.send(hello)
             answer = await asyncio.wait_for(ws.recv(), 10)
             if isinstance(answer, str):
                 raise ProtocolError("the sidecar answered with text")

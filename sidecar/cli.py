@@ -19,6 +19,7 @@ from sidecar.settings import (
     SidecarSettings,
     TokenError,
     describe_validation_error,
+    loose_token_file,
     read_token,
 )
 
@@ -255,6 +256,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"offramp-sidecar: {e}", file=sys.stderr)
         return 2
 
+    if warning := loose_token_file(args.token_file):
+        logging.getLogger("offramp.sidecar").warning("%s", warning)
     from sidecar.capture import CaptureError
     from sidecar.proxy.master import run  # mitmproxy loads only once the flags are good
 

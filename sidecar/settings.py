@@ -14,6 +14,7 @@ __all__ = [
     "SidecarSettings",
     "TokenError",
     "describe_validation_error",
+    "loose_token_file",
     "read_token",
 ]
 
@@ -58,6 +59,22 @@ def read_token(path: Path) -> str:
             "write a long random token there, e.g. `openssl rand -hex 32 > token`"
         )
     return token
+
+
+def loose_token_file(path: Path) -> str | None:
+    """A warning when others than its owner may read the token file (as ssh warns
+    of a private key), else None. Not for a Kubernetes Secret volume: its modes are
+    the kubelet's (`defaultMode`), and the container's user is its only reader."""
+    try:
+        mode = path.stat().st_mode & 0o777
+    except OSError:
+        return None
+    if not mode & 0o077 or (path.parent / "..data").exists():
+        return None
+    return (
+        f"the token file {path} may be read by others than its owner (mode {mode:o}); "
+        f"whoever reads it can open sessions: chmod 600 {path}"
+    )
 
 
 class SidecarSettings(BaseModel):

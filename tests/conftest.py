@@ -13,6 +13,7 @@ from tests.support import HttpApp, SidecarProcess, start_app, start_sidecar, sto
 def token_file(tmp_path: Path) -> Path:
     path = tmp_path / "token"
     path.write_text(secrets.token_hex(32) + "\n")
+    path.chmod(0o600)
     return path
 
 

@@ -6,6 +6,12 @@ Bearer). `/v1/tunnel` is a websocket:
 the client's first message is HELLO; the token is compared in constant time, the
 spec validated and its filters compiled; the answer is WELCOME (and the session
 is live until the websocket closes) or REFUSED with a message a person can act on.
+
+Before a caller has shown the token it costs little: its first message may be at
+most MAX_HELLO bytes (later ones MAX_MESSAGE), at most MAX_HANDSHAKES callers
+(MAX_HANDSHAKES_PER_ADDRESS from one address) may be between connecting and
+their HELLO at once, each for HANDSHAKE_TIMEOUT seconds, and an address whose
+handshakes keep failing is slowed down (`guard.HandshakeGuard`).
 """
 
 from __future__ import annotations
@@ -21,16 +27,21 @@ from pathlib import Path
 
 from pydantic import ValidationError
 from websockets.asyncio.server import Server, ServerConnection, serve
+from websockets.exceptions import ConnectionClosed
+from websockets.frames import CloseCode
 from websockets.http11 import Request, Response
 
 from sidecar import __version__
 from sidecar.capture import CaptureError
 from sidecar.sessions.filters import FilterError, TimeoutCounter, compile_filter
+from sidecar.sessions.guard import HandshakeGuard
 from sidecar.sessions.registry import Session, SessionRegistry
 from sidecar.sessions.spec import SessionSpec
 from sidecar.settings import TokenError, describe_validation_error, read_token
 from sidecar.tunnel.driver import Tunnel
 from sidecar.tunnel.protocol import (
+    MAX_HELLO,
+    MAX_MESSAGE,
     PROTOCOL_VERSION,
     TUNNEL_PATH,
     Connection,
@@ -48,6 +59,12 @@ log = logging.getLogger(__name__)
 STATUS_PATH = "/v1/status"
 WORKER_SYNC_TIMEOUT = 5.0
 HANDSHAKE_TIMEOUT = 10.0
+MAX_HANDSHAKES = 64
+"""Callers between connecting and their HELLO at once; more are turned away."""
+MAX_HANDSHAKES_PER_ADDRESS = 8
+"""The same from one address, so that one caller cannot hold all of them."""
+_QUEUE = 4
+"""Messages websockets reads ahead per connection (its default is 16)."""
 
 
 class ControlServer:
@@ -70,6 +87,8 @@ class ControlServer:
         """Given the open sessions and the one about to open, before it opens:
         proxy workers learn its filter before it is welcomed."""
         self._opening: list[SessionSpec] = []
+        self.guard = HandshakeGuard()
+        self._handshaking: dict[str, int] = {}
 
     def _current_token(self) -> bytes | None:
         """The token; if the sidecar started without one, read it once the file exists."""
@@ -86,7 +105,10 @@ class ControlServer:
             self.host,
             self.port,
             process_request=self._process_request,
-            max_size=None,  # frames are bounded by the tunnel protocol itself
+            # Raised to MAX_MESSAGE once the HELLO is accepted.
+            max_size=MAX_HELLO,
+            max_queue=_QUEUE,
+            open_timeout=HANDSHAKE_TIMEOUT,
             compression=None,
         )
         self.port = self._server.sockets[0].getsockname()[1] if self.port == 0 else self.port
@@ -121,9 +143,15 @@ class ControlServer:
 
     def _status(self, ws: ServerConnection, request: Request) -> Response:
         """The sidecar's version and open sessions, for `offramp status`; token required."""
+        address = str(ws.remote_address[0]) if ws.remote_address else "?"
+        if wait := self.guard.wait(address):
+            self.guard.failed(address, "status asked too often with a wrong token", spend=False)
+            return ws.respond(HTTPStatus.TOO_MANY_REQUESTS, "offramp sidecar: too many failed "
+                              f"tries from {address}; try again in {wait:.0f} s\n")  # fmt: skip
         token = self._current_token()
         given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
         if token is None or not hmac.compare_digest(given.encode(), token):
+            self.guard.failed(address, "status asked with a wrong token")
             return ws.respond(HTTPStatus.UNAUTHORIZED, "offramp sidecar: give the session token "
                               "as 'Authorization: Bearer TOKEN'\n")  # fmt: skip
         sessions = [
@@ -152,6 +180,13 @@ class ControlServer:
     async def _handle(self, ws: ServerConnection) -> None:
         conn = Connection(Role.SIDECAR)
         peer = ws.remote_address
+        address = str(peer[0]) if peer else "?"
+        mine = self._handshaking.get(address, 0)
+        if mine >= MAX_HANDSHAKES_PER_ADDRESS or sum(self._handshaking.values()) >= MAX_HANDSHAKES:
+            log.debug("tunnel from %s turned away: too many handshakes open", peer)
+            await ws.close(1013, "too many handshakes at once; try again shortly")
+            return
+        self._handshaking[address] = mine + 1
         try:
             first = await asyncio.wait_for(ws.recv(), HANDSHAKE_TIMEOUT)
             if isinstance(first, str):
@@ -161,14 +196,32 @@ class ControlServer:
             if not isinstance(hello, Hello):
                 raise ProtocolError("the first message must be HELLO")
         except (TimeoutError, ProtocolError) as e:
-            log.info("tunnel from %s: bad handshake: %s", peer, e)
+            self.guard.failed(address, f"bad handshake: {e or 'no HELLO in time'}")
             await ws.close(1002, "bad handshake")
+            return
+        except ConnectionClosed as e:
+            # Too large a first message ends here (1009), as does a caller gone away.
+            if e.rcvd is None or e.rcvd.code != CloseCode.NORMAL_CLOSURE:
+                self.guard.failed(address, f"closed during handshake: {e}")
             return
         except Exception as e:
             log.info("tunnel from %s: closed during handshake: %s", peer, e)
             return
+        finally:
+            if self._handshaking[address] == 1:
+                del self._handshaking[address]
+            else:
+                self._handshaking[address] -= 1
 
-        refusal, session = self._admit(hello, conn, ws)
+        wait = self.guard.wait(address)
+        if wait:
+            refusal: Refused | None = Refused(
+                "rate_limited",
+                f"too many failed handshakes from {address}; try again in {wait:.0f} s",
+            )
+            session = None
+        else:
+            refusal, session = self._admit(hello, conn, ws)
         if session is not None and self.announce is not None:
             await self._announce(session)
         if session is not None:
@@ -177,13 +230,18 @@ class ControlServer:
             except CaptureError as e:
                 refusal, session = Refused("capture", f"the sidecar cannot capture: {e}"), None
         if refusal is not None:
-            log.warning("tunnel from %s refused: %s", peer, refusal.message)
+            if refusal.code in ("unauthorized", "rate_limited"):
+                spend = refusal.code == "unauthorized"
+                self.guard.failed(address, refusal.message, spend=spend)
+            else:
+                log.warning("tunnel from %s refused: %s", peer, refusal.message)
             conn.send(refusal)
             with contextlib.suppress(Exception):
                 await ws.send(conn.data_to_send())
                 await ws.close(1008, refusal.code)
             return
         assert session is not None
+        ws.protocol.max_message_size = MAX_MESSAGE
         ports = self.registry.covered_ports(session.spec)
         conn.send(Welcome(PROTOCOL_VERSION, session.id, __version__, ports))
         try:

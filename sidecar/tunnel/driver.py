@@ -209,9 +209,8 @@ class Tunnel:
             if not self.conn.goodbye_sent:
                 with contextlib.suppress(ProtocolError):
                     self.conn.send(Goodbye(reason))
-            data = self.conn.data_to_send()
             with contextlib.suppress(Exception):
-                if data:
+                while data := self.conn.data_to_send():
                     await self.ws.send(data)
                 await self.ws.close(1000, reason[:120])
         self._finish(reason)
@@ -260,13 +259,12 @@ class Tunnel:
         while True:
             await self._wake.wait()
             self._wake.clear()
-            data = self.conn.data_to_send()
-            if data:
-                try:
+            try:
+                while data := self.conn.data_to_send():
                     await self.ws.send(data)
-                except Exception as e:
-                    self._finish(f"the tunnel broke while sending: {e}")
-                    return
+            except Exception as e:
+                self._finish(f"the tunnel broke while sending: {e}")
+                return
             if self.closed:
                 return
 

@@ -52,6 +52,9 @@ __all__ = [
     "HOP_BY_HOP",
     "INITIAL_WINDOW",
     "MAX_DATA",
+    "MAX_FRAME",
+    "MAX_HELLO",
+    "MAX_MESSAGE",
     "PROTOCOL_VERSION",
     "TUNNEL_PATH",
     "Connection",
@@ -86,6 +89,11 @@ MAX_DATA = 64 * 1024
 """Largest DATA payload one frame may carry."""
 MAX_FRAME = 1024 * 1024
 """Largest frame of any type (heads with many headers included)."""
+MAX_MESSAGE = MAX_FRAME
+"""Largest websocket message either end sends: whole frames, up to this many bytes
+together (`data_to_send`), so a receiver may refuse anything larger."""
+MAX_HELLO = 256 * 1024
+"""Largest first message a sidecar reads before it knows who is asking."""
 
 _HEADER = struct.Struct("!IBI")
 
@@ -632,9 +640,17 @@ class Connection:
             stream.recv_window += increment
             self._out.append(encode(WindowUpdate(stream_id, increment)))
 
-    def data_to_send(self) -> bytes:
-        out = b"".join(self._out)
-        self._out.clear()
+    def data_to_send(self, limit: int = MAX_MESSAGE) -> bytes:
+        """The next websocket message: whole frames, at most `limit` bytes of them
+        (call again until it returns b"")."""
+        size = taken = 0
+        for frame in self._out:
+            if taken and size + len(frame) > limit:
+                break
+            size += len(frame)
+            taken += 1
+        out = b"".join(self._out[:taken])
+        del self._out[:taken]
         return out
 
     def is_active(self, stream_id: int) -> bool:

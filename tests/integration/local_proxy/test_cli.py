@@ -59,6 +59,26 @@ def test_wrong_token_is_refused_with_a_clear_message(
     assert "refused" in sidecar.log()
 
 
+def test_a_token_file_others_may_read_is_warned_of_on_both_sides(
+    app: HttpApp, tmp_path: Path
+) -> None:
+    loose = tmp_path / "loose"
+    loose.write_text("0123456789abcdef0123456789abcdef")
+    loose.chmod(0o644)
+    s = start_sidecar(app.port, loose, tmp_path)
+    try:
+        assert f"the token file {loose} may be read by others" in s.log(), s.log()
+        result = offramp(
+            "steal", "--sidecar-url", "ws://127.0.0.1:9", "--token-file", str(loose),
+            "--to", "9", "--header", "^x-preview: alice$",
+        )  # fmt: skip
+        assert result.returncode == 1, result.stderr  # nothing listens on port 9
+        assert f"offramp: warning: the token file {loose} may be read by others" in result.stderr
+        assert "chmod 600" in result.stderr
+    finally:
+        stop_cleanly(s)
+
+
 def test_bad_regex_is_refused_before_connecting(token_file: Path) -> None:
     result = offramp(
         "steal", "--sidecar-url", "ws://127.0.0.1:9", "--token-file", str(token_file),

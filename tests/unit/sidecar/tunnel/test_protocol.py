@@ -9,6 +9,7 @@ import pytest
 from sidecar.tunnel.protocol import (
     INITIAL_WINDOW,
     MAX_DATA,
+    MAX_MESSAGE,
     PROTOCOL_VERSION,
     Connection,
     Data,
@@ -255,3 +256,27 @@ def test_a_head_after_the_sidecars_goodbye_is_an_error() -> None:
     _, client = pair()
     with pytest.raises(ProtocolError, match="after the sidecar's GOODBYE"):
         client.receive_data(encode(Goodbye("bye")) + encode(RequestHead(1, "GET", "/", (), 80)))
+
+
+def test_messages_hold_whole_frames_up_to_the_limit() -> None:
+    """A receiver may refuse websocket messages over MAX_MESSAGE: many streams'
+    DATA never makes one larger, and no frame is split between two."""
+    sidecar, client = pair()
+    ids = []
+    for _ in range(40):
+        sid = sidecar.next_stream_id()
+        sidecar.send(RequestHead(sid, "POST", "/", (), 80))
+        ids.append(sid)
+    for sid in ids:
+        for _ in range(INITIAL_WINDOW // MAX_DATA):
+            sidecar.send(Data(sid, b"x" * MAX_DATA))
+    messages = []
+    while message := sidecar.data_to_send():
+        messages.append(message)
+    assert len(messages) > 1
+    assert all(len(m) <= MAX_MESSAGE for m in messages)
+    for message in messages:
+        client.receive_data(message)
+        assert not client._inbuf  # each message ends on a frame boundary
+    events = drain(client)
+    assert sum(len(e.data) for e in events if isinstance(e, Data)) == 40 * INITIAL_WINDOW
