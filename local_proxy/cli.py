@@ -377,8 +377,11 @@ async def _run_target(steal: StealTarget, command: list[str], port: int) -> int:
             if child.returncode is None:
                 child.kill()
                 await child.wait()
-    stolen, mirrored = steal.counters()
-    _say(f"offramp: session ended: {stolen} stolen, {mirrored} mirrored")
+    stolen, mirrored, timeouts = steal.counters()
+    _say(
+        f"offramp: session ended: {stolen} stolen, {mirrored} mirrored"
+        + (f", {timeouts} went to the app as the filter timed out" if timeouts else "")
+    )
     if child is not None and child.returncode is not None:
         _say(f"offramp: {command[0]} exited with {child.returncode}")
         return child.returncode if child.returncode >= 0 else 128 - child.returncode
@@ -411,7 +414,12 @@ async def _run(settings: LocalSettings) -> int:
     dropped = c.mirror_dropped_here + c.mirror_dropped_sidecar
     print(
         f"offramp: session ended: {c.stolen} stolen, {c.mirrored} mirrored"
-        + (f", {dropped} mirror copies dropped" if dropped else ""),
+        + (f", {dropped} mirror copies dropped" if dropped else "")
+        + (
+            f", {c.match_timeouts} went to the app as the filter timed out"
+            if c.match_timeouts
+            else ""
+        ),
         flush=True,
     )
     return 0

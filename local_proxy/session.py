@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
+import time
 from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit, urlunsplit
 
@@ -44,6 +45,8 @@ BACKOFF_START = 0.2
 BACKOFF_MAX = 10.0
 GOODBYE_WAIT = 3.0
 """How long to wait for the sidecar to confirm it sends no more."""
+TIMEOUT_SAY_EVERY = 10.0
+"""Seconds between warnings that filter matches timed out (the count is in each)."""
 DRAIN_MARGIN = 2.0
 """Past --timeout, a held request has been answered (504) or reset: beyond it nothing waits."""
 
@@ -90,6 +93,7 @@ class LocalSession:
         self._stop = asyncio.Event()
         self._abandon = asyncio.Event()
         self._tunnel: Tunnel | None = None
+        self._timeouts_said = -TIMEOUT_SAY_EVERY
 
     def stop(self) -> None:
         """End the session: the sidecar sends no more, and the requests held are
@@ -249,6 +253,16 @@ class LocalSession:
                 f"offramp: the sidecar has dropped {stats.mirror_dropped} mirror copies "
                 "(the tunnel or the local process is not keeping up)"
             )
+        if stats.match_timeouts > c.match_timeouts:
+            c.match_timeouts = stats.match_timeouts
+            now = time.monotonic()
+            if now - self._timeouts_said >= TIMEOUT_SAY_EVERY:
+                self._timeouts_said = now
+                self.report(
+                    f"offramp: warning: {stats.match_timeouts} request(s) so far went to the app "
+                    "because matching your filter took too long (a pattern that backtracks, "
+                    "or a flood of requests); see README, Filters"
+                )
 
 
 async def _either(a: asyncio.Event, b: asyncio.Event) -> None:

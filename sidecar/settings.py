@@ -113,5 +113,13 @@ def describe_validation_error(error: ValidationError, what: str = "session spec"
     lines = []
     for problem in error.errors():
         where = ".".join(str(p) for p in problem["loc"]) or "(top level)"
-        lines.append(f"{where}: {problem['msg']}")
+        message = problem["msg"]
+        if problem["type"] == "value_error":
+            # Our own validators' messages: without pydantic's prefix, and without
+            # the location where the message already starts with its key.
+            message = message.removeprefix("Value error, ")
+            if message.startswith(("http_filter", where)):
+                lines.append(message)
+                continue
+        lines.append(f"{where}: {message}")
     return f"invalid {what}: " + "; ".join(lines)

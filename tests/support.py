@@ -368,3 +368,13 @@ async def open_session(
 
 def header_spec(pattern: str, **kw: object) -> SessionSpec:
     return SessionSpec(http_filter=HttpFilterSpec(header_filter=pattern), **kw)  # type: ignore[arg-type]
+
+
+class Clock:
+    """A clock a test moves by hand: `clock.now += 5`."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now

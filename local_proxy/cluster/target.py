@@ -374,11 +374,13 @@ class StealTarget:
         if tasks:
             await asyncio.wait(tasks)
 
-    def counters(self) -> tuple[int, int]:
+    def counters(self) -> tuple[int, int, int]:
+        """Stolen, mirrored and filter timeouts, over every pod's session."""
         sessions = self.ended + [s for s, _ in self.sessions.values()]
         return (
             sum(s.forwarder.counters.stolen for s in sessions),
             sum(s.forwarder.counters.mirrored for s in sessions),
+            sum(s.forwarder.counters.match_timeouts for s in sessions),
         )
 
 
@@ -505,9 +507,12 @@ def _sidecar_status(kube: Kube, pod: str, port: int, token: str | None) -> str:
     status = json.loads(body)
     sessions = status.get("sessions") or []
     lines = [f"sidecar {status.get('version')}, {len(sessions)} open session(s)"]
-    lines += [
-        f"    {s['id']} {s['mode']} by {s.get('client') or '?'}: {s['filter']}" for s in sessions
-    ]
+    for s in sessions:
+        counts = f"{s.get('stolen', 0)} stolen, {s.get('mirrored', 0)} mirrored"
+        if s.get("match_timeouts"):
+            counts += f", {s['match_timeouts']} filter timeouts"
+        who = s.get("client") or "?"
+        lines.append(f"    {s['id']} {s['mode']} by {who}: {s['filter']} ({counts})")
     return "\n".join(lines)
 
 

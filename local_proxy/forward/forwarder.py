@@ -54,6 +54,8 @@ class Counters:
     mirrored: int = 0
     mirror_dropped_here: int = 0
     mirror_dropped_sidecar: int = 0
+    match_timeouts: int = 0
+    """Requests the sidecar sent to the app because matching the filter took too long."""
     failed: int = 0
 
 

@@ -12,6 +12,12 @@ most MAX_HELLO bytes (later ones MAX_MESSAGE), at most MAX_HANDSHAKES callers
 (MAX_HANDSHAKES_PER_ADDRESS from one address) may be between connecting and
 their HELLO at once, each for HANDSHAKE_TIMEOUT seconds, and an address whose
 handshakes keep failing is slowed down (`guard.HandshakeGuard`).
+
+After the token, a spec's patterns are compiled first in a child process with
+bounded memory and time (`compile_check`), then here off the event loop. While a
+session is open, matches of its filter that ran out of budget (those requests
+went to the app, see `filters`) are logged and reported to its client at most
+every TIMEOUT_REPORT_EVERY seconds.
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ from websockets.http11 import Request, Response
 
 from sidecar import __version__
 from sidecar.capture import CaptureError
-from sidecar.sessions.filters import FilterError, TimeoutCounter, compile_filter
+from sidecar.sessions.compile_check import check_cost
+from sidecar.sessions.filters import FilterError, TimeoutCounter, compile_filter, patterns_of
 from sidecar.sessions.guard import HandshakeGuard
 from sidecar.sessions.registry import Session, SessionRegistry
 from sidecar.sessions.spec import SessionSpec
@@ -49,6 +56,7 @@ from sidecar.tunnel.protocol import (
     ProtocolError,
     Refused,
     Role,
+    Stats,
     Welcome,
 )
 
@@ -65,6 +73,8 @@ MAX_HANDSHAKES_PER_ADDRESS = 8
 """The same from one address, so that one caller cannot hold all of them."""
 _QUEUE = 4
 """Messages websockets reads ahead per connection (its default is 16)."""
+TIMEOUT_REPORT_EVERY = 1.0
+"""Seconds between reports of a session's filter timeouts (only when there are new ones)."""
 
 
 class ControlServer:
@@ -163,6 +173,7 @@ class ControlServer:
                 "ports": list(self.registry.covered_ports(s.spec)),
                 "stolen": s.stolen,
                 "mirrored": s.mirrored,
+                "match_timeouts": s.timeouts.count,
             }
             for s in self.registry.sessions
         ]
@@ -221,7 +232,7 @@ class ControlServer:
             )
             session = None
         else:
-            refusal, session = self._admit(hello, conn, ws)
+            refusal, session = await self._admit(hello, conn, ws)
         if session is not None and self.announce is not None:
             await self._announce(session)
         if session is not None:
@@ -264,18 +275,36 @@ class ControlServer:
             session.tunnel.say_goodbye("no new requests will be sent")
 
         session.tunnel.on_goodbye = on_goodbye
+        reporter = asyncio.create_task(self._report_timeouts(session))
         try:
             reason = await session.tunnel.run()
         finally:
+            reporter.cancel()
             self.registry.remove(session)
         log.info(
-            "%s closed (%s): %d stolen, %d mirrored, %d mirror copies dropped",
+            "%s closed (%s): %d stolen, %d mirrored, %d mirror copies dropped, %d filter timeouts",
             session.describe(),
             reason,
             session.stolen,
             session.mirrored,
             session.mirror_dropped,
+            session.timeouts.count,
         )
+
+    async def _report_timeouts(self, session: Session) -> None:
+        reported = 0
+        while not session.tunnel.closed:
+            await asyncio.sleep(TIMEOUT_REPORT_EVERY)
+            count = session.timeouts.count
+            if count > reported:
+                log.warning(
+                    "%s: %d match(es) of its filter ran out of time so far; those requests "
+                    "went to the app (a pattern that backtracks? see README, Filters)",
+                    session.describe(),
+                    count,
+                )
+                session.tunnel.send(Stats(session.mirror_dropped, count))
+                reported = count
 
     async def _announce(self, session: Session) -> None:
         self._opening.append(session.spec)
@@ -293,7 +322,7 @@ class ControlServer:
         finally:
             self._opening.remove(session.spec)
 
-    def _admit(
+    async def _admit(
         self, hello: Hello, conn: Connection, ws: ServerConnection
     ) -> tuple[Refused | None, Session | None]:
         if hello.version != PROTOCOL_VERSION:
@@ -324,7 +353,8 @@ class ControlServer:
             return Refused("bad_spec", describe_validation_error(e)), None
         timeouts = TimeoutCounter()
         try:
-            predicate = compile_filter(spec.http_filter, timeouts)
+            await check_cost(patterns_of(spec.http_filter))
+            predicate = await asyncio.to_thread(compile_filter, spec.http_filter, timeouts)
         except FilterError as e:
             return Refused("bad_filter", str(e)), None
         ports = self.registry.covered_ports(spec)

@@ -11,15 +11,25 @@ request. Matching rules (shared with mirrord):
 - method: compared case-insensitively, exactly.
 - all_of / any_of: conjunction / disjunction of the above.
 
-Patterns use the `regex` module: look-arounds work (`^User-Agent: (?!kube-probe)`),
-and every evaluation is bounded by `MATCH_TIMEOUT`, so a catastrophic pattern
-cannot stall the proxy. A match that times out counts as *no match*: the request
-goes to the real app (fail open), and the timeout is counted.
+Patterns use the `regex` module: look-arounds work (`^User-Agent: (?!kube-probe)`).
+Regex matching runs on the proxy's event loop, so it is bounded twice, and a
+catastrophic pattern cannot stall other traffic:
+
+- each request gets REQUEST_BUDGET seconds of regex time across all sessions;
+- all requests together get at most LOOP_SHARE of the loop's time (a bucket
+  that holds LOOP_BURST seconds and refills at LOOP_SHARE per second), so a
+  flood of crafted requests cannot add up to a stall either.
+
+A match that runs out of budget counts as *no match*: the request goes to the
+real app (fail open), and the session's TimeoutCounter counts it, which the
+developer is told about. Literal header filters (`^x-preview: alice$`) and
+method filters are comparisons, not regex work, and cost no budget.
 """
 
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -28,17 +38,58 @@ import regex
 from sidecar.sessions.spec import FilterClause, HttpFilterSpec
 
 __all__ = [
-    "MATCH_TIMEOUT",
+    "LOOP_BURST",
+    "LOOP_SHARE",
+    "REQUEST_BUDGET",
+    "SHARED_BUDGET",
     "FilterError",
+    "LoopBudget",
     "Predicate",
     "RequestView",
     "TimeoutCounter",
     "compile_filter",
     "literal_header",
+    "patterns_of",
 ]
 
-MATCH_TIMEOUT = 0.05
-"""Seconds one regex evaluation may take before it counts as no match."""
+REQUEST_BUDGET = 0.005
+"""Seconds of regex matching one request may take, across all sessions."""
+LOOP_SHARE = 0.10
+"""Share of the event loop's time that regex matching may take in all."""
+LOOP_BURST = 0.020
+"""Seconds of regex matching the loop may spend at once before LOOP_SHARE holds."""
+
+
+class LoopBudget:
+    """The regex time all requests of one process share: a bucket of `burst`
+    seconds that refills at `share` seconds per second."""
+
+    __slots__ = ("_at", "_clock", "_left", "burst", "share")
+
+    def __init__(
+        self,
+        share: float = LOOP_SHARE,
+        burst: float = LOOP_BURST,
+        clock: Callable[[], float] = time.perf_counter,
+    ):
+        self.share = share
+        self.burst = burst
+        self._clock = clock
+        self._left = burst
+        self._at = clock()
+
+    def available(self) -> float:
+        now = self._clock()
+        self._left = min(self.burst, self._left + (now - self._at) * self.share)
+        self._at = now
+        return self._left
+
+    def spend(self, seconds: float) -> None:
+        self._left -= seconds
+
+
+SHARED_BUDGET = LoopBudget()
+"""This process's budget; every request's matching draws on it."""
 
 
 class FilterError(ValueError):
@@ -68,6 +119,9 @@ class RequestView:
     """The same lines by lower-case header name; None if any line is not ASCII
     (the regex engine's full case folding can match such a line where a plain
     lower-case comparison would not, so those requests get the plain search)."""
+    deadline: float = field(default=0.0, init=False, repr=False, compare=False)
+    """perf_counter() time by which this request's regex matching must be done;
+    set by its first regex search."""
 
     def __post_init__(self) -> None:
         by_name: dict[str, list[str]] = {}
@@ -93,7 +147,25 @@ class RequestView:
 
 @dataclass(slots=True)
 class TimeoutCounter:
+    """Matches of one session that ran out of budget (and so went to the app)."""
+
     count: int = 0
+
+
+def _search(pattern: regex.Pattern[str], text: str, req: RequestView) -> bool:
+    """`pattern` searched in `text` within what is left of the request's and the
+    loop's budget; TimeoutError when nothing is left or the search overruns."""
+    budget = SHARED_BUDGET
+    start = time.perf_counter()
+    if not req.deadline:
+        object.__setattr__(req, "deadline", start + REQUEST_BUDGET)
+    allowed = min(req.deadline - start, budget.available())
+    if allowed <= 0:
+        raise TimeoutError("no regex budget left")
+    try:
+        return pattern.search(text, timeout=allowed) is not None
+    finally:
+        budget.spend(time.perf_counter() - start)
 
 
 Predicate = Callable[[RequestView], bool]
@@ -138,7 +210,7 @@ class _Header:
                 return any(line.lower() == self.exact for line in lines)
         assert lines is not None
         try:
-            return any(self.pattern.search(line, timeout=MATCH_TIMEOUT) for line in lines)
+            return any(_search(self.pattern, line, req) for line in lines)
         except TimeoutError:
             self.timeouts.count += 1
             return False
@@ -151,11 +223,9 @@ class _Path:
 
     def __call__(self, req: RequestView) -> bool:
         try:
-            if self.pattern.search(req.path, timeout=MATCH_TIMEOUT):
+            if _search(self.pattern, req.path, req):
                 return True
-            return "?" in req.target and bool(
-                self.pattern.search(req.target, timeout=MATCH_TIMEOUT)
-            )
+            return "?" in req.target and _search(self.pattern, req.target, req)
         except TimeoutError:
             self.timeouts.count += 1
             return False
@@ -249,6 +319,27 @@ def compile_filter(
     if spec.any_of is not None:
         return _AnyOf(_compile_list("http_filter.any_of", spec.any_of, t))
     return None
+
+
+_HEADER_FLAGS = int(regex.IGNORECASE | regex.VERSION1)
+_PATH_FLAGS = int(regex.VERSION1)
+
+
+def patterns_of(spec: HttpFilterSpec) -> list[tuple[str, str, int]]:
+    """(key, pattern, flags) of every regex `compile_filter` would compile."""
+    key = "http_filter"
+    if spec.header_filter is not None:
+        return [(f"{key}.header_filter", spec.header_filter, _HEADER_FLAGS)]
+    if spec.path_filter is not None:
+        return [(f"{key}.path_filter", spec.path_filter, _PATH_FLAGS)]
+    found = []
+    for name in ("all_of", "any_of"):
+        for i, clause in enumerate(getattr(spec, name) or ()):
+            if clause.header is not None:
+                found.append((f"{key}.{name}[{i}].header", clause.header, _HEADER_FLAGS))
+            elif clause.path is not None:
+                found.append((f"{key}.{name}[{i}].path", clause.path, _PATH_FLAGS))
+    return found
 
 
 def literal_header(predicate: Predicate | None) -> tuple[str, str] | None:

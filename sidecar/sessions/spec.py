@@ -11,7 +11,11 @@ config file means the same thing here:
 `all_of` and `any_of` are lists of one-key objects: `{"header": REGEX}`,
 `{"path": REGEX}` or `{"method": NAME}`.
 
-The spec is validated here for shape only; the regexes are compiled (and refused
+A spec is bounded: at most MAX_CLAUSES items in all_of/any_of and MAX_PATTERN
+characters in any pattern (a filter is a few short patterns; these bounds keep
+what a session costs the proxy small).
+
+The spec is validated here for shape and size only; the regexes are compiled (and refused
 with the offending position) by `sidecar.sessions.filters.compile_filter`.
 """
 
@@ -22,7 +26,20 @@ from typing import Self
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-__all__ = ["FilterClause", "HttpFilterSpec", "Mode", "SessionSpec"]
+__all__ = ["MAX_CLAUSES", "MAX_PATTERN", "FilterClause", "HttpFilterSpec", "Mode", "SessionSpec"]
+
+MAX_CLAUSES = 32
+"""Items all_of or any_of may list."""
+MAX_PATTERN = 1024
+"""Characters a header or path pattern may have."""
+
+
+def _check_length(key: str, pattern: str | None) -> None:
+    if pattern is not None and len(pattern) > MAX_PATTERN:
+        raise ValueError(
+            f"{key} is {len(pattern)} characters long; a pattern may have at most "
+            f"{MAX_PATTERN}. Match a shorter, distinctive part of the value"
+        )
 
 
 class Mode(StrEnum):
@@ -47,6 +64,7 @@ class FilterClause(BaseModel):
                 "each all_of/any_of item takes exactly one of 'header', 'path' or 'method', "
                 f'got {given or "none"}; write e.g. {{"header": "^x-preview: alice$"}}'
             )
+        _check_length(given[0], self.header if self.header is not None else self.path)
         return self
 
 
@@ -75,6 +93,16 @@ class HttpFilterSpec(BaseModel):
                 f"any_of, but got {', '.join(given)}; to require several, list them under "
                 "all_of, e.g. all_of: [{header: ...}, {path: ...}]"
             )
+        _check_length("http_filter.header_filter", self.header_filter)
+        _check_length("http_filter.path_filter", self.path_filter)
+        for name in ("all_of", "any_of"):
+            clauses = getattr(self, name)
+            if clauses is not None and len(clauses) > MAX_CLAUSES:
+                raise ValueError(
+                    f"http_filter.{name} lists {len(clauses)} items; at most {MAX_CLAUSES} are "
+                    "allowed. Combine patterns with | (e.g. one header regex "
+                    "'^x-preview: (alice|bob)$') instead of one item each"
+                )
         for port in self.ports or ():
             if not 1 <= port <= 65535:
                 raise ValueError(f"http_filter.ports: {port} is not a TCP port (1-65535)")

@@ -451,19 +451,25 @@ class WindowUpdate:
 
 @dataclass(frozen=True, slots=True)
 class Stats:
-    """Counters the sidecar reports to the client (e.g. mirror copies it dropped)."""
+    """Counters the sidecar reports to the client: mirror copies it dropped, and
+    matches of the session's filter that ran out of time (those requests went to
+    the app). `match_timeouts` may be absent (older sidecars): 0."""
 
     TYPE: ClassVar[FrameType] = FrameType.STATS
     mirror_dropped: int
+    match_timeouts: int = 0
     stream_id: int = 0
 
     def payload(self) -> bytes:
-        return _json({"mirror_dropped": self.mirror_dropped})
+        return _json({"mirror_dropped": self.mirror_dropped, "match_timeouts": self.match_timeouts})
 
     @classmethod
     def parse(cls, stream_id: int, payload: bytes) -> Self:
         obj = _unjson(cls.TYPE, payload)
-        return cls(_field(cls.TYPE, obj, "mirror_dropped", int))
+        timeouts = obj.get("match_timeouts", 0)
+        if not isinstance(timeouts, int) or isinstance(timeouts, bool):
+            raise ProtocolError(f"{cls.TYPE.name}.match_timeouts not int")
+        return cls(_field(cls.TYPE, obj, "mirror_dropped", int), timeouts)
 
 
 @dataclass(frozen=True, slots=True)

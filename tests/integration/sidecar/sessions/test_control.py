@@ -17,8 +17,8 @@ import pytest
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed
 
-from sidecar.tunnel.protocol import PROTOCOL_VERSION, Connection, Hello, Role
-from tests.support import HttpApp, SidecarProcess, open_session
+from sidecar.tunnel.protocol import PROTOCOL_VERSION, Connection, HandshakeRefused, Hello, Role
+from tests.support import HttpApp, SidecarProcess, open_session, raw_exchange
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -138,3 +138,47 @@ async def test_wrong_tokens_are_slowed_down_and_logged_in_aggregate(
         assert time.monotonic() - started < 3
     lines = [line for line in sidecar.log().splitlines() if GUESSER in line]
     assert 1 <= len(lines) <= 3, lines
+
+
+@pytest.mark.parametrize(
+    ("http_filter", "code", "says"),
+    [
+        ({"any_of": [{"header": f"^x-{i}: (a|b)+$"} for i in range(1000)]}, "bad_spec",
+         "http_filter.any_of lists 1000 items; at most 32"),
+        ({"header_filter": "^x: " + "a" * 5000}, "bad_spec",
+         "http_filter.header_filter is 5004 characters long; a pattern may have at most 1024"),
+        ({"all_of": [{"path": "^/"}, {"header": "((a{100}){100}){100}"}]}, "bad_filter",
+         "http_filter.all_of[1].header: this pattern is too costly to compile"),
+    ],
+    ids=["1000 clauses", "long pattern", "costly pattern"],
+)  # fmt: skip
+async def test_a_spec_too_large_or_too_costly_is_refused_and_the_proxy_keeps_serving(
+    sidecar: SidecarProcess, http_filter: dict[str, object], code: str, says: str
+) -> None:
+    conn = Connection(Role.CLIENT)
+    conn.send(Hello(PROTOCOL_VERSION, sidecar.token, {"http_filter": http_filter}))
+    served: list[float] = []
+
+    async def keep_asking() -> None:  # the app's traffic while the spec is looked at
+        while True:
+            start = time.perf_counter()
+            answer = await asyncio.to_thread(
+                raw_exchange, sidecar.listen_port, b"GET / HTTP/1.1\r\nHost: a\r\n"
+                b"Connection: close\r\n\r\n",
+            )  # fmt: skip
+            assert answer.startswith(b"HTTP/1.1 200")
+            served.append(time.perf_counter() - start)
+
+    asking = asyncio.create_task(keep_asking())
+    try:
+        async with websocket(sidecar, source="127.0.0.1") as ws:
+            await ws.send(conn.data_to_send())
+            with pytest.raises(HandshakeRefused) as refused:
+                conn.receive_data(await asyncio.wait_for(ws.recv(), 15))
+            assert (await closed_with(ws))[1] == code
+        await asyncio.sleep(0.1)
+    finally:
+        asking.cancel()
+    assert refused.value.code == code
+    assert says in str(refused.value)
+    assert served and max(served) < 1.0, served

@@ -2,11 +2,34 @@
 
 from __future__ import annotations
 
+import asyncio
+import resource
+import time
+
 import pytest
 import regex
+from pydantic import ValidationError
 
-from sidecar.sessions.filters import FilterError, RequestView, TimeoutCounter, compile_filter
-from sidecar.sessions.spec import FilterClause, HttpFilterSpec
+from sidecar.sessions import filters
+from sidecar.sessions.compile_check import check_cost
+from sidecar.sessions.filters import (
+    REQUEST_BUDGET,
+    FilterError,
+    LoopBudget,
+    RequestView,
+    TimeoutCounter,
+    compile_filter,
+    patterns_of,
+)
+from sidecar.sessions.spec import (
+    MAX_CLAUSES,
+    MAX_PATTERN,
+    FilterClause,
+    HttpFilterSpec,
+    SessionSpec,
+)
+from sidecar.settings import describe_validation_error
+from tests.support import Clock
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -208,3 +231,82 @@ def test_first_gives_a_headers_first_value_with_or_without_the_index() -> None:
     odd = RequestView("GET", "/", ["User-Agent: kube-probe/1.30", "x-name: café"])
     assert odd.by_name is None  # a non-ASCII line: no index
     assert odd.first("user-agent") == "kube-probe/1.30"
+
+
+def test_a_request_gets_a_few_milliseconds_of_regex_time_in_all() -> None:
+    """Ten sessions with the same backtracking filter cost one request about
+    REQUEST_BUDGET, not ten times a per-match timeout."""
+    counters = [TimeoutCounter() for _ in range(10)]
+    predicates = [compile_filter(HttpFilterSpec(header_filter="^x: (a|aa)+$"), c) for c in counters]
+    crafted = req(headers={"x": "a" * 60 + "!"})
+    start = time.perf_counter()
+    assert not any(p(crafted) for p in predicates if p is not None)
+    spent = time.perf_counter() - start
+    assert spent < REQUEST_BUDGET * 4, spent  # 4x: scheduling on a shared machine
+    assert sum(c.count for c in counters) == 10  # each session's miss is counted
+
+
+def test_when_the_loop_budget_is_spent_regex_filters_fail_open_and_count(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    clock = Clock()
+    budget = LoopBudget(share=0.1, burst=0.02, clock=clock)
+    monkeypatch.setattr(filters, "SHARED_BUDGET", budget)
+    counter = TimeoutCounter()
+    regex_filter = compile_filter(HttpFilterSpec(header_filter="^x: a+$"), counter)
+    literal = compile_filter(HttpFilterSpec(header_filter="^x: aaa$"), counter)
+    assert regex_filter is not None and literal is not None
+    matching = req(headers={"x": "aaa"})
+    assert regex_filter(matching)
+    budget.spend(budget.available())  # someone else used it all
+    assert not regex_filter(matching)
+    assert counter.count == 1
+    assert literal(matching)  # a comparison costs no budget
+    clock.now += 0.5  # refills at 10% of the time passed: 50 ms, capped at the burst
+    assert budget.available() == pytest.approx(0.02)
+    assert regex_filter(matching)
+
+
+@pytest.mark.parametrize(
+    ("http_filter", "message"),
+    [
+        ({"any_of": [{"header": f"^x: {i}$"} for i in range(MAX_CLAUSES + 1)]},
+         f"http_filter.any_of lists {MAX_CLAUSES + 1} items; at most {MAX_CLAUSES}"),
+        ({"header_filter": "a" * (MAX_PATTERN + 1)},
+         f"http_filter.header_filter is {MAX_PATTERN + 1} characters long; a pattern may "
+         f"have at most {MAX_PATTERN}"),
+        ({"all_of": [{"method": "GET"}, {"path": "/" * (MAX_PATTERN + 1)}]},
+         f"http_filter.all_of.1: path is {MAX_PATTERN + 1} characters long"),
+    ],
+)  # fmt: skip
+def test_a_spec_is_bounded_and_says_the_limit_and_the_value(
+    http_filter: dict[str, object], message: str
+) -> None:
+    with pytest.raises(ValidationError) as caught:
+        SessionSpec.model_validate({"http_filter": http_filter})
+    said = describe_validation_error(caught.value)
+    assert message in said
+    assert "Value error" not in said
+
+
+@pytest.mark.parametrize("pattern", ["((a{100}){100}){100}", "(x{1000}){1000}", "a{65535}" * 8])
+def test_a_pattern_too_costly_to_compile_is_refused_without_compiling_it_here(
+    pattern: str,
+) -> None:
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    spec = HttpFilterSpec(all_of=(FilterClause(method="GET"), FilterClause(header=pattern)))
+    with pytest.raises(FilterError, match=r"all_of\[1\]\.header: this pattern is too costly"):
+        asyncio.run(check_cost(patterns_of(spec)))
+    # This process never held the compiled pattern (some 250 MiB for the first).
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 20 * 1024
+
+
+def test_ordinary_patterns_pass_the_cost_check() -> None:
+    spec = HttpFilterSpec(
+        any_of=(
+            FilterClause(header="^x-preview: (alice|bob)$"),
+            FilterClause(path=r"^/api/v[0-9]+/users/\d{1,12}(?!/admin)"),
+            FilterClause(header=r"^user-agent: \p{L}{1,50}"),
+        )
+    )
+    asyncio.run(check_cost(patterns_of(spec)))

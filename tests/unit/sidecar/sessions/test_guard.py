@@ -7,16 +7,9 @@ import logging
 import pytest
 
 from sidecar.sessions.guard import MAX_ADDRESSES, HandshakeGuard
+from tests.support import Clock
 
 pytestmark = pytest.mark.timeout(10)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def test_a_burst_then_one_try_a_second_per_address() -> None:

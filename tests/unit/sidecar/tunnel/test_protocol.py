@@ -15,6 +15,7 @@ from sidecar.tunnel.protocol import (
     Data,
     End,
     FlowControlError,
+    FrameType,
     Goodbye,
     HandshakeRefused,
     Hello,
@@ -49,6 +50,7 @@ MESSAGES: list[Message] = [
     Reset(9, ResetCode.TIMEOUT, "slow"),
     WindowUpdate(11, 1234),
     Stats(42),
+    Stats(42, 7),
     Goodbye("bye"),
 ]
 
@@ -280,3 +282,10 @@ def test_messages_hold_whole_frames_up_to_the_limit() -> None:
         assert not client._inbuf  # each message ends on a frame boundary
     events = drain(client)
     assert sum(len(e.data) for e in events if isinstance(e, Data)) == 40 * INITIAL_WINDOW
+
+
+def test_stats_from_a_sidecar_that_counts_no_filter_timeouts_reads_as_zero() -> None:
+    payload = b'{"mirror_dropped": 3}'
+    frame = (len(payload) + 5).to_bytes(4, "big") + bytes([FrameType.STATS]) + bytes(4) + payload
+    decoded = decode_frame(frame)
+    assert decoded is not None and decoded[0] == Stats(3, 0)
