@@ -116,7 +116,7 @@ class _MirrorCopy:
 
 def _count_drop(session: Session) -> None:
     session.mirror_dropped += 1
-    session.tunnel.send(Stats(session.mirror_dropped, session.timeouts.count))
+    session.tunnel.send(Stats(session.mirror_dropped, session.timeouts.total))
 
 
 class _Tee:

@@ -49,8 +49,7 @@ from sidecar.proxy.workers import (
     reuse_port_listeners,
 )
 from sidecar.sessions.control import ControlServer
-from sidecar.sessions.registry import SessionRegistry
-from sidecar.sessions.spec import SessionSpec
+from sidecar.sessions.registry import Session, SessionRegistry
 from sidecar.settings import Capture, SidecarSettings
 
 __all__ = ["Sidecar", "run"]
@@ -141,16 +140,21 @@ class Sidecar:
             drain_timeout=s.drain_timeout,
             log_level=logging.getLevelName(logging.getLogger().level).lower(),
         )
-        workers = WorkerPool(s.workers, config)
+        workers = WorkerPool(s.workers, config, self._worker_timeouts)
         await workers.start()
         self.workers = workers
-        self.registry.watch(lambda sessions: workers.update([x.spec for x in sessions]))
+        self.registry.watch(lambda sessions: workers.update([(x.id, x.spec) for x in sessions]))
 
-        async def announce(specs: list[SessionSpec]) -> None:
-            workers.update(specs)
+        async def announce(sessions: list[Session]) -> None:
+            workers.update([(x.id, x.spec) for x in sessions])
             await workers.synced()
 
         self.control.announce = announce
+
+    def _worker_timeouts(self, worker: int, counts: dict[str, int]) -> None:
+        for session in self.registry.sessions:
+            if session.id in counts:
+                session.timeouts.elsewhere[worker] = counts[session.id]
 
     def _on_port_change(self, port: int, sessions: int) -> None:
         if sessions:

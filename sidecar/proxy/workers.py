@@ -20,6 +20,11 @@ so the kernel spreads new connections over them:
   A session that closed in between finds the primary sending the request to the
   app, as for a request that arrives just after a session ends.
 
+A worker counts its own filter timeouts (see `sidecar.sessions.filters`) per
+session and, when they grew, writes them (`timeouts {"s1": 3}`) at most every
+TIMEOUT_REPORT_EVERY seconds; the primary adds them to the session's count, so
+the developer hears of every process's.
+
 A worker ends when its stdin closes (the primary exited, however it died) or on
 SIGTERM: it stops listening, lets its requests finish for up to the drain
 timeout, and exits. On SIGTERM the primary stops its own proxy listeners,
@@ -42,7 +47,7 @@ import secrets
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -60,7 +65,13 @@ from sidecar.proxy.flows import (
     request_view,
 )
 from sidecar.proxy.h2c import ProtocolDetect
-from sidecar.sessions.filters import FilterError, Predicate, TimeoutCounter, compile_filter
+from sidecar.sessions.filters import (
+    TIMEOUT_REPORT_EVERY,
+    FilterError,
+    Predicate,
+    TimeoutCounter,
+    compile_filter,
+)
 from sidecar.sessions.router import SessionIndex, decide, is_probe
 from sidecar.sessions.spec import Mode, SessionSpec
 
@@ -80,6 +91,7 @@ HANDOFF_HEADER = "x-offramp-handoff"
 """Set by a worker on a request it hands to the primary: `SECRET PEER`."""
 
 _APPLIED = "applied"
+_TIMEOUTS = "timeouts"
 _START_TIMEOUT = 30.0
 _RESTART_DELAY = 1.0
 
@@ -148,10 +160,19 @@ class WorkerPool:
     """The primary's N-1 worker processes: start them, keep them running, tell
     them the sessions (and hear that they applied them), stop them."""
 
-    def __init__(self, count: int, config: WorkerConfig):
+    def __init__(
+        self,
+        count: int,
+        config: WorkerConfig,
+        on_timeouts: Callable[[int, dict[str, int]], None] | None = None,
+    ):
+        """`on_timeouts(worker index, {session id: count})` hears a worker's
+        filter timeouts so far, each time they grow."""
         self.config = config
+        self.on_timeouts = on_timeouts
         self._slots = [_Slot(i) for i in range(1, count)]
         self._sessions: list[dict[str, Any]] = []
+        self._ids: list[str] = []
         self._generation = 0
         self._changed = asyncio.Condition()
         self._stopping = False
@@ -199,10 +220,13 @@ class WorkerPool:
         proc.stdin.write(self._sessions_line())
         if self._stopping:
             proc.stdin.close()
-        # Each line: "applied GENERATION", the first once the worker listens.
+        # Each line: "applied GENERATION", the first once the worker listens;
+        # or "timeouts {JSON}".
         while line := await proc.stdout.readline():
             word, _, number = line.decode().partition(" ")
-            if word == _APPLIED and number.strip().isdigit():
+            if word == _TIMEOUTS:
+                self._heard_timeouts(slot, number)
+            elif word == _APPLIED and number.strip().isdigit():
                 async with self._changed:
                     slot.applied = int(number)
                     slot.started = True
@@ -211,14 +235,23 @@ class WorkerPool:
         slot.applied = -1
         return code
 
+    def _heard_timeouts(self, slot: _Slot, text: str) -> None:
+        try:
+            counts = json.loads(text)
+        except ValueError:
+            return
+        if self.on_timeouts is not None and isinstance(counts, dict):
+            self.on_timeouts(slot.index, {str(k): int(v) for k, v in counts.items()})
+
     def _sessions_line(self) -> bytes:
-        message = {"generation": self._generation, "sessions": self._sessions}
+        message = {"generation": self._generation, "sessions": self._sessions, "ids": self._ids}
         return json.dumps(message).encode() + b"\n"
 
-    def update(self, specs: Sequence[SessionSpec]) -> None:
-        """The open sessions changed: `specs` oldest first, as the router sees them."""
+    def update(self, sessions: Sequence[tuple[str, SessionSpec]]) -> None:
+        """The open sessions changed: (id, spec) oldest first, as the router sees them."""
         self._generation += 1
-        self._sessions = [spec.model_dump(mode="json") for spec in specs]
+        self._ids = [sid for sid, _ in sessions]
+        self._sessions = [spec.model_dump(mode="json") for _, spec in sessions]
         line = self._sessions_line()
         for slot in self._slots:
             stdin = slot.proc.stdin if slot.proc is not None else None
@@ -280,18 +313,23 @@ class HandoffAddon:
         self.handoff = {app: handoff for app, _, handoff in config.ports}
         self.by_port: dict[int, SessionIndex[_Known]] = {}
         self.in_flight = InFlight()
+        self.timeouts: dict[str, TimeoutCounter] = {}
+        """Each open session's filter timeouts in this process."""
 
     def apply(self, line: bytes) -> int:
         """A sessions line from the primary; returns its generation."""
         message = json.loads(line)
-        self.set_sessions([SessionSpec.model_validate(s) for s in message["sessions"]])
+        specs = [SessionSpec.model_validate(s) for s in message["sessions"]]
+        ids = message.get("ids") or [f"?{i}" for i in range(len(specs))]
+        self.set_sessions(list(zip(ids, specs, strict=True)))
         return int(message["generation"])
 
-    def set_sessions(self, specs: list[SessionSpec]) -> None:
+    def set_sessions(self, sessions: list[tuple[str, SessionSpec]]) -> None:
         known = []
-        for spec in specs:
+        self.timeouts = {sid: self.timeouts.get(sid) or TimeoutCounter() for sid, _ in sessions}
+        for sid, spec in sessions:
             try:
-                predicate = compile_filter(spec.http_filter, TimeoutCounter())
+                predicate = compile_filter(spec.http_filter, self.timeouts[sid])
             except FilterError as e:  # the primary compiled it; it cannot fail here
                 log.error("a session's filter does not compile here: %s", e)
                 continue
@@ -333,6 +371,16 @@ async def _read_sessions(addon: HandoffAddon, stdin: asyncio.StreamReader, out: 
         os.write(out, f"{_APPLIED} {generation}\n".encode())
 
 
+async def _report_timeouts(addon: HandoffAddon, out: int) -> None:
+    said: dict[str, int] = {}
+    while True:
+        await asyncio.sleep(TIMEOUT_REPORT_EVERY)
+        counts = {sid: c.count for sid, c in addon.timeouts.items() if c.count}
+        if any(n > said.get(sid, 0) for sid, n in counts.items()):
+            os.write(out, f"{_TIMEOUTS} {json.dumps(counts)}\n".encode())
+            said = counts
+
+
 async def _serve(stdin: asyncio.StreamReader, out: int) -> int:
     config = WorkerConfig.model_validate_json(await stdin.readline())
     logging.basicConfig(
@@ -371,8 +419,10 @@ async def _serve(stdin: asyncio.StreamReader, out: int) -> int:
         loop.add_signal_handler(sig, stop.set)
     reading = asyncio.create_task(_read_sessions(addon, stdin, out))
     reading.add_done_callback(lambda _: stop.set())
+    reporting = asyncio.create_task(_report_timeouts(addon, out))
     await stop.wait()
     reading.cancel()
+    reporting.cancel()
     await server.servers.update([])
     await addon.in_flight.drain(config.drain_timeout)
     await close_client_connections(server)

@@ -40,7 +40,13 @@ from websockets.http11 import Request, Response
 from sidecar import __version__
 from sidecar.capture import CaptureError
 from sidecar.sessions.compile_check import check_cost
-from sidecar.sessions.filters import FilterError, TimeoutCounter, compile_filter, patterns_of
+from sidecar.sessions.filters import (
+    TIMEOUT_REPORT_EVERY,
+    FilterError,
+    TimeoutCounter,
+    compile_filter,
+    patterns_of,
+)
 from sidecar.sessions.guard import HandshakeGuard
 from sidecar.sessions.registry import Session, SessionRegistry
 from sidecar.sessions.spec import SessionSpec
@@ -73,8 +79,6 @@ MAX_HANDSHAKES_PER_ADDRESS = 8
 """The same from one address, so that one caller cannot hold all of them."""
 _QUEUE = 4
 """Messages websockets reads ahead per connection (its default is 16)."""
-TIMEOUT_REPORT_EVERY = 1.0
-"""Seconds between reports of a session's filter timeouts (only when there are new ones)."""
 
 
 class ControlServer:
@@ -93,10 +97,10 @@ class ControlServer:
         self.port = port
         self._server: Server | None = None
         self.serving = True
-        self.announce: Callable[[list[SessionSpec]], Awaitable[None]] | None = None
+        self.announce: Callable[[list[Session]], Awaitable[None]] | None = None
         """Given the open sessions and the one about to open, before it opens:
         proxy workers learn its filter before it is welcomed."""
-        self._opening: list[SessionSpec] = []
+        self._opening: list[Session] = []
         self.guard = HandshakeGuard()
         self._handshaking: dict[str, int] = {}
 
@@ -173,7 +177,7 @@ class ControlServer:
                 "ports": list(self.registry.covered_ports(s.spec)),
                 "stolen": s.stolen,
                 "mirrored": s.mirrored,
-                "match_timeouts": s.timeouts.count,
+                "match_timeouts": s.timeouts.total,
             }
             for s in self.registry.sessions
         ]
@@ -288,14 +292,14 @@ class ControlServer:
             session.stolen,
             session.mirrored,
             session.mirror_dropped,
-            session.timeouts.count,
+            session.timeouts.total,
         )
 
     async def _report_timeouts(self, session: Session) -> None:
         reported = 0
         while not session.tunnel.closed:
             await asyncio.sleep(TIMEOUT_REPORT_EVERY)
-            count = session.timeouts.count
+            count = session.timeouts.total
             if count > reported:
                 log.warning(
                     "%s: %d match(es) of its filter ran out of time so far; those requests "
@@ -307,11 +311,11 @@ class ControlServer:
                 reported = count
 
     async def _announce(self, session: Session) -> None:
-        self._opening.append(session.spec)
+        self._opening.append(session)
         try:
-            specs = [s.spec for s in self.registry.sessions] + self._opening
+            sessions = [*self.registry.sessions, *self._opening]
             assert self.announce is not None
-            await asyncio.wait_for(self.announce(specs), WORKER_SYNC_TIMEOUT)
+            await asyncio.wait_for(self.announce(sessions), WORKER_SYNC_TIMEOUT)
         except TimeoutError:
             log.warning(
                 "%s: not every proxy worker confirmed it within %.0f s; until they do, "
@@ -320,7 +324,7 @@ class ControlServer:
                 WORKER_SYNC_TIMEOUT,
             )
         finally:
-            self._opening.remove(session.spec)
+            self._opening.remove(session)
 
     async def _admit(
         self, hello: Hello, conn: Connection, ws: ServerConnection

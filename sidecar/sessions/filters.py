@@ -42,6 +42,7 @@ __all__ = [
     "LOOP_SHARE",
     "REQUEST_BUDGET",
     "SHARED_BUDGET",
+    "TIMEOUT_REPORT_EVERY",
     "FilterError",
     "LoopBudget",
     "Predicate",
@@ -87,6 +88,9 @@ class LoopBudget:
     def spend(self, seconds: float) -> None:
         self._left -= seconds
 
+
+TIMEOUT_REPORT_EVERY = 1.0
+"""Seconds between reports of a session's filter timeouts (only when they grew)."""
 
 SHARED_BUDGET = LoopBudget()
 """This process's budget; every request's matching draws on it."""
@@ -147,9 +151,15 @@ class RequestView:
 
 @dataclass(slots=True)
 class TimeoutCounter:
-    """Matches of one session that ran out of budget (and so went to the app)."""
+    """Matches of one session that ran out of budget (and so went to the app):
+    `count` in this process, `elsewhere` as other processes reported theirs."""
 
     count: int = 0
+    elsewhere: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def total(self) -> int:
+        return self.count + sum(self.elsewhere.values())
 
 
 def _search(pattern: regex.Pattern[str], text: str, req: RequestView) -> bool:

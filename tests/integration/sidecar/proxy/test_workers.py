@@ -133,6 +133,35 @@ async def test_each_process_steals_what_matches_and_passes_the_rest(
     assert {h.get("x-forwarded-for") for h in passed} == {"127.0.0.1"}
 
 
+async def test_filter_timeouts_in_every_process_reach_the_developer(
+    workers: SidecarProcess, app: HttpApp, local: HttpApp
+) -> None:
+    lines: list[str] = []
+    crafted = {"x-who": "a" * 40 + "!"}
+    async with open_session(workers, local.port, header_spec("^x-who: (a|aa)+$"), lines=lines):
+        conns = await asyncio.to_thread(connections, workers, 24)
+        try:
+            for i, c in enumerate(conns):  # fail open: the app serves each
+                assert (await asyncio.to_thread(get, c, f"/{i}", crafted))["served_by"] == "app"
+        finally:
+            for c in conns:
+                c.close()
+        deadline = time.monotonic() + 10
+        while True:
+            status = await asyncio.to_thread(
+                httpx.get,
+                f"http://127.0.0.1:{workers.control_port}/v1/status",
+                headers={"Authorization": f"Bearer {workers.token}"},
+            )
+            (session,) = status.json()["sessions"]
+            told = any("matching your filter took too long" in line for line in lines)
+            if session["match_timeouts"] == len(conns) and told:
+                break
+            assert session["match_timeouts"] <= len(conns)
+            assert time.monotonic() < deadline, (session, len(conns), lines)
+            await asyncio.sleep(0.2)
+
+
 async def test_a_session_opens_once_every_process_knows_it(
     workers: SidecarProcess, local: HttpApp
 ) -> None:
