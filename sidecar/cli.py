@@ -14,6 +14,7 @@ from pydantic import ValidationError
 
 from sidecar import __version__
 from sidecar.settings import (
+    HEADER_TIMEOUT,
     AppPort,
     Capture,
     SidecarSettings,
@@ -108,6 +109,22 @@ def parser() -> argparse.ArgumentParser:
         metavar="N",
         help="proxy processes that share each listen port (SO_REUSEPORT), so throughput "
         "grows with the pod's cores; give about one per core (default %(default)s)",
+    )
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=HEADER_TIMEOUT,
+        metavar="SECONDS",
+        help="seconds a caller may take to send an HTTP/1 request head, from its first "
+        "byte; later ones get 408 (0: no limit; default %(default)s)",
+    )
+    p.add_argument(
+        "--app-connect",
+        choices=["request", "accept"],
+        default="request",
+        help="when a caller's connection to the app opens: when a request needs it (or "
+        "after 0.2 s of silence, for protocols where the server speaks first), or as soon "
+        "as the caller connects (default %(default)s)",
     )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--version", action="version", version=f"offramp-sidecar {__version__}")
@@ -245,6 +262,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             probe_paths=frozenset(args.probe_path),
             drain_timeout=args.drain_timeout,
             workers=args.workers,
+            header_timeout=args.header_timeout,
+            app_connect=args.app_connect,
         )
     except TokenError as e:
         print(f"offramp-sidecar: {e}", file=sys.stderr)

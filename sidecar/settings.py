@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from enum import StrEnum
 from pathlib import Path
-from typing import Self
+from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -77,6 +77,11 @@ def loose_token_file(path: Path) -> str | None:
     )
 
 
+HEADER_TIMEOUT = 20.0
+"""Seconds a request head may take from its first byte (nginx allows 60, Apache's
+mod_reqtimeout 20); see sidecar.proxy.connections."""
+
+
 class SidecarSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
@@ -96,6 +101,10 @@ class SidecarSettings(BaseModel):
     drain_timeout: float = Field(default=10.0, ge=0)
     workers: int = Field(default=1, ge=1, le=64)
     """Proxy processes sharing each listen port (sidecar.proxy.workers)."""
+    header_timeout: float = Field(default=HEADER_TIMEOUT, ge=0)
+    """0: request heads are not timed."""
+    app_connect: Literal["request", "accept"] = "request"
+    """When the app connection opens (sidecar.proxy.connections)."""
 
     @model_validator(mode="after")
     def _ports_differ(self) -> Self:

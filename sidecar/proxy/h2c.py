@@ -16,11 +16,11 @@ each before moving the pin):
   `context.client.alpn == b"h2"`, and `HttpClient` picks `Http2Client` for a
   server connection whose `alpn == b"h2"`. Neither looks at whether TLS
   actually negotiated it;
-- with `connection_strategy="eager"` the server connection (`context.server`)
-  is already open when the first bytes arrive, so its `alpn` is set here too;
-  a server connection opened later (to the gateway, or to the app after it
-  closed one) gets it in the `server_connect` hook, before `HttpClient`
-  starts;
+- where the server connection (`context.server`) is already open when the
+  first bytes arrive (`--app-connect accept`, or a caller silent for a moment:
+  `sidecar.proxy.connections`), its `alpn` is set here too; a server
+  connection opened later (by the request, to the gateway or to the app) gets
+  it in the `server_connect` hook, before `HttpClient` starts;
 - `HttpLayer.get_connection` does not reuse a server connection for an h2
   client unless that connection's `alpn` is also h2; with both set, the
   streams of one client connection share one connection per destination;

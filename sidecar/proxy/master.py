@@ -38,6 +38,7 @@ from mitmproxy.master import Master
 from mitmproxy.proxy.mode_specs import ProxyMode
 
 from sidecar.capture import IptablesCapture, NoCapture
+from sidecar.proxy import connections
 from sidecar.proxy.addon import OfframpAddon
 from sidecar.proxy.gateway import Gateway
 from sidecar.proxy.h2c import ProtocolDetect
@@ -89,12 +90,12 @@ class Sidecar:
         self.master.addons.add(core.Core(), self._proxyserver, ProtocolDetect(self.addon))
         if self.handoff is not None:
             reuse_port_listeners()
+        # When the app connection opens, and how long a request head may take.
+        connections.install(s.header_timeout)
         self.master.options.update(
             mode=self._modes(),
             keep_host_header=True,
-            # Connect to the app as soon as a caller connects, so that a protocol in
-            # which the server speaks first is seen at once and passed as raw TCP.
-            connection_strategy="eager",
+            connection_strategy=connections.connection_strategy(s.app_connect),
         )
         self._master_task = asyncio.create_task(self.master.run())
         await self._wait_listening()
@@ -138,6 +139,8 @@ class Sidecar:
             secret=self.handoff.secret,
             probe_paths=s.probe_paths,
             drain_timeout=s.drain_timeout,
+            header_timeout=s.header_timeout,
+            app_connect=s.app_connect,
             log_level=logging.getLevelName(logging.getLogger().level).lower(),
         )
         workers = WorkerPool(s.workers, config, self._worker_timeouts)

@@ -57,6 +57,8 @@ from mitmproxy.master import Master
 from mitmproxy.proxy import mode_servers
 from pydantic import BaseModel, ConfigDict
 
+from sidecar.proxy import connections
+from sidecar.proxy.connections import AppConnect
 from sidecar.proxy.flows import (
     InFlight,
     add_forwarded_for,
@@ -138,6 +140,8 @@ class WorkerConfig(BaseModel):
     probe_paths: frozenset[str]
     drain_timeout: float
     log_level: str
+    header_timeout: float
+    app_connect: AppConnect
 
 
 # -- the primary's side ----------------------------------------------------------
@@ -390,6 +394,7 @@ async def _serve(stdin: asyncio.StreamReader, out: int) -> int:
     for name in ("mitmproxy", "hpack"):
         logging.getLogger(name).setLevel(logging.WARNING)
     reuse_port_listeners()
+    connections.install(config.header_timeout)
     addon = HandoffAddon(config)
     first = await stdin.readline()
     generation = addon.apply(first)
@@ -402,7 +407,7 @@ async def _serve(stdin: asyncio.StreamReader, out: int) -> int:
             for app, listen, _ in config.ports
         ],
         keep_host_header=True,
-        connection_strategy="eager",  # as the primary: see sidecar.proxy.master
+        connection_strategy=connections.connection_strategy(config.app_connect),
     )
     running = asyncio.create_task(master.run())
     deadline = time.monotonic() + 10

@@ -1,7 +1,8 @@
 """The floor of our engine: mitmproxy in reverse mode with no addons of ours.
 
 A bare `Master` with only `core`, `proxyserver` and `next_layer`, and the same
-options the sidecar sets (reverse mode, keep_host_header, eager connections),
+options the sidecar sets (reverse mode, keep_host_header, app connections opened
+when a request needs them),
 so the difference to the sidecar is exactly what offramp adds.
 
     python -m tests.bench.bare_mitmproxy APP_PORT LISTEN_PORT
@@ -24,7 +25,7 @@ async def serve(app_port: int, listen_port: int) -> None:
     master.options.update(
         mode=[f"reverse:http://127.0.0.1:{app_port}@127.0.0.1:{listen_port}"],
         keep_host_header=True,
-        connection_strategy="eager",
+        connection_strategy="lazy",
     )
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -368,12 +368,13 @@ def test_non_http_on_a_captured_port_passes_through_promptly(pod: Pod, laptop: H
                     return waited, greeting, s.recv(4096)
 
             waited, greeting, echo = pod.bed.caller.call(talk)
-            # Through the sidecar (the server sees 127.0.0.1), with no detection delay.
+            # Through the sidecar (the server sees 127.0.0.1), once the caller has
+            # been silent for SERVER_FIRST_WAIT (0.2 s; sidecar.proxy.connections).
             assert greeting == b"220 hello 127.0.0.1\r\n"
             assert echo == b"\x00\x01binary\xff"
             # Without the raw-TCP decision a server-first protocol waits forever for
-            # the client; the bound only separates "at once" from "stuck", since
-            # speed is for the benchmarks (measured here: 2-5 ms on an idle machine).
+            # the client; the bound only separates "soon" from "stuck", since
+            # speed is for the benchmarks.
             assert waited < 1.0, f"the greeting took {waited * 1000:.0f} ms"
 
             def client_first() -> bytes:
