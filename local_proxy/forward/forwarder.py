@@ -25,7 +25,7 @@ from yarl import URL
 
 from local_proxy.forward.http2 import H2Forwarder
 from local_proxy.forward.upgrade import forward_upgrade
-from local_proxy.forward.verbatim import forward_verbatim, pooled_client_keeps
+from local_proxy.forward.verbatim import MAY_HAVE_RUN, forward_verbatim, pooled_client_keeps
 from sidecar.tunnel.driver import Lost, StreamHandle
 from sidecar.tunnel.protocol import (
     HOP_BY_HOP,
@@ -193,7 +193,10 @@ class Forwarder:
                 return "abandoned by the caller"
             self.counters.failed += 1
             return self._fail(
-                stream, ResetCode.UNREACHABLE, f"the local process broke the exchange: {e}", "502"
+                stream,
+                ResetCode.UNREACHABLE,
+                f"the local process broke the exchange: {e}{MAY_HAVE_RUN}",
+                "502",
             )
         try:
             out_headers = tuple(

@@ -19,6 +19,7 @@ import contextlib
 import h2.errors
 import h2.events
 
+from local_proxy.forward.verbatim import MAY_HAVE_RUN
 from sidecar.tunnel.driver import Lost, StreamHandle
 from sidecar.tunnel.h2bridge import h2_fields, h2_to_tunnel, tunnel_to_h2
 from sidecar.tunnel.h2conn import H2Closed, H2Endpoint, H2Stream
@@ -178,9 +179,9 @@ async def _request_half(stream: StreamHandle, local: H2Stream, ended: bool) -> o
 
 def _broke(event: object) -> str:
     if isinstance(event, h2.events.StreamReset):
-        return f"the local process reset the stream (error code {event.error_code!r})"
+        return f"the local process reset the stream (error code {event.error_code!r}){MAY_HAVE_RUN}"
     if isinstance(event, H2Closed):
-        return f"the local process's HTTP/2 connection ended: {event.reason}"
+        return f"the local process's HTTP/2 connection ended: {event.reason}{MAY_HAVE_RUN}"
     return f"unexpected HTTP/2 event {event!r}"
 
 

@@ -23,6 +23,7 @@ from sidecar.tunnel.protocol import ResponseHead as TunnelResponseHead
 from sidecar.tunnel.splice import next_h11_event
 
 __all__ = [
+    "MAY_HAVE_RUN",
     "answer_reader",
     "connect",
     "encode_head",
@@ -30,6 +31,9 @@ __all__ = [
     "pooled_client_keeps",
     "relay_answer",
 ]
+
+MAY_HAVE_RUN = "; your local process may already have run the request"
+"""Said when the exchange broke after the request reached the local process."""
 
 # What the pooled client sends unchanged: printable ASCII targets, token names and
 # values of visible ASCII, space and tab.
@@ -120,11 +124,14 @@ async def forward_verbatim(
         except (h11.ProtocolError, ConnectionError) as e:
             if not stream.active:
                 return "abandoned by the caller"
-            why = f"the local process broke the exchange: {e}"
+            why = f"the local process broke the exchange: {e}{MAY_HAVE_RUN}"
             stream.reset(ResetCode.UNREACHABLE, why)
             return f"502 ({why})"
         if not isinstance(event, h11.Response):
-            why = f"the local process closed the connection without answering ({event!r})"
+            why = (
+                f"the local process closed the connection without answering ({event!r})"
+                + MAY_HAVE_RUN
+            )
             stream.reset(ResetCode.UNREACHABLE, why)
             return f"502 ({why})"
         if head.mirror:

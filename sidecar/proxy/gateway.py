@@ -25,6 +25,7 @@ import contextlib
 import logging
 import secrets
 from dataclasses import dataclass
+from http import HTTPStatus
 
 import h11
 
@@ -301,6 +302,7 @@ async def _simple(
                     ("content-length", str(len(body))),
                     ("x-offramp", "error"),
                 ],
+                reason=HTTPStatus(status).phrase,
             )
         )
         or b""

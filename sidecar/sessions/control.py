@@ -1,6 +1,7 @@
 """The session server on the control port.
 
-`GET /healthz` answers 200 while the sidecar serves. `GET /v1/status` gives the
+`GET /healthz` answers 200 while the sidecar serves; other methods get 405
+there, at /v1/status and at /v1/tunnel. `GET /v1/status` gives the
 version and the open sessions to a caller with the token (Authorization:
 Bearer). `/v1/tunnel` is a websocket:
 the client's first message is HELLO; the token is compared in constant time, the
@@ -143,6 +144,13 @@ class ControlServer:
 
     def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
         path = request.path.partition("?")[0]
+        if path in ("/healthz", STATUS_PATH) and request.method != "GET":
+            # (websockets itself answers a non-GET /v1/tunnel with 405.)
+            response = ws.respond(
+                HTTPStatus.METHOD_NOT_ALLOWED, f"offramp sidecar: {path} answers GET only\n"
+            )
+            response.headers["Allow"] = "GET"
+            return response
         if path == "/healthz":
             if self.serving:
                 return ws.respond(HTTPStatus.OK, "ok\n")

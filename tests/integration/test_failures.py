@@ -72,6 +72,32 @@ async def test_local_app_refusing_connections_gives_502(sidecar: SidecarProcess)
     assert f"127.0.0.1:{nobody}" in r.text and "--to" in r.text, r.text
 
 
+async def test_a_local_process_that_hangs_up_gives_502_saying_it_may_have_run_the_request(
+    sidecar: SidecarProcess,
+) -> None:
+    """It read the whole request, then closed without answering."""
+    heard: list[bytes] = []
+
+    async def hang_up(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        heard.append(await reader.readuntil(b"\r\n\r\n") + await reader.readexactly(4))
+        writer.close()
+
+    local = await asyncio.start_server(hang_up, "127.0.0.1", 0)
+    port = local.sockets[0].getsockname()[1]
+    try:
+        async with (
+            open_session(sidecar, port, header_spec("^x-preview: alice$")),
+            httpx.AsyncClient(base_url=sidecar.url) as client,
+        ):
+            r = await client.post("/order", headers=ALICE, content=b"body")
+    finally:
+        local.close()
+    assert heard and heard[0].endswith(b"body")
+    assert r.status_code == 502
+    assert r.text.startswith("offramp: "), r.text  # offramp's page, not mitmproxy's
+    assert "your local process may already have run the request" in r.text, r.text
+
+
 async def test_local_app_too_slow_gives_504(sidecar: SidecarProcess, local: HttpApp) -> None:
     async with (
         open_session(sidecar, local.port, header_spec("^x-preview: alice$"), answer_timeout=0.5),

@@ -16,8 +16,10 @@ from sidecar.tunnel.protocol import PROTOCOL_VERSION, Connection, HandshakeRefus
 from tests.support import (
     HttpApp,
     SidecarProcess,
+    free_port,
     header_spec,
     open_session,
+    raw_exchange,
     start_sidecar,
     stop_cleanly,
 )
@@ -268,3 +270,35 @@ async def test_a_second_ctrl_c_abandons_the_held_requests_and_says_so(
     assert proc.returncode == 0, err
     assert text.count("cut off: the session ended") == 2, text
     assert "abandoned by the caller" not in text
+
+
+async def test_requests_the_local_side_cannot_take_end_with_a_reason_and_no_traceback(
+    sidecar: SidecarProcess,
+) -> None:
+    import signal
+
+    nobody = free_port()
+    proc = await asyncio.create_subprocess_exec(
+        str(BIN / "offramp"), "steal", "--sidecar-url", sidecar.control_url,
+        "--token-file", str(sidecar_token_file(sidecar)), "--to", str(nobody),
+        "--header", "^x-preview: alice$",
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    assert proc.stdout is not None
+    assert b"open" in await asyncio.wait_for(proc.stdout.readline(), 30)
+    alice = b"X-Preview: alice\r\n"
+    for raw in (
+        b"GET /plain HTTP/1.1\r\nHost: a\r\n" + alice,
+        b"GET /caf\xe9 HTTP/1.1\r\nHost: a\r\n" + alice,
+        b"POST /odd HTTP/1.1\r\nHost: a\r\nX-Odd: \x01\x7f\r\nContent-Length: 2\r\n" + alice,
+    ):
+        data = raw + b"Connection: close\r\n\r\n" + (b"ok" if raw.startswith(b"POST") else b"")
+        answer = await asyncio.to_thread(raw_exchange, sidecar.listen_port, data, 15)
+        status, _, rest = answer.partition(b"\r\n")
+        assert status == b"HTTP/1.1 502 Bad Gateway", answer
+        body = rest.partition(b"\r\n\r\n")[2]
+        assert body.startswith(b"offramp: ") and b"--to" in body, answer
+    proc.send_signal(signal.SIGINT)
+    out, err = await asyncio.wait_for(proc.communicate(), 20)
+    assert proc.returncode == 0, err
+    assert b"Traceback" not in out + err and b"exception" not in (out + err).lower(), out + err

@@ -182,3 +182,17 @@ async def test_a_spec_too_large_or_too_costly_is_refused_and_the_proxy_keeps_ser
     assert refused.value.code == code
     assert says in str(refused.value)
     assert served and max(served) < 1.0, served
+
+
+@pytest.mark.parametrize("path", ["/v1/tunnel", "/healthz", "/v1/status"])
+def test_a_request_that_is_not_get_gets_405_not_a_closed_connection(
+    sidecar: SidecarProcess, path: str
+) -> None:
+    answer = raw_exchange(
+        sidecar.control_port,
+        f"POST {path} HTTP/1.1\r\nHost: sidecar\r\nContent-Length: 0\r\n\r\n".encode(),
+        10,
+    )
+    head = answer.partition(b"\r\n\r\n")[0].lower()
+    assert head.startswith(b"http/1.1 405"), answer
+    assert b"\r\nallow: get" in head
