@@ -20,6 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sidecar.sessions.filters import FilterError, compile_filter
 from sidecar.sessions.spec import FilterClause, HttpFilterSpec, Mode, SessionSpec
+from sidecar.settings import validation_problems
 
 __all__ = ["ConfigError", "FilterFlags", "LocalSettings", "build_spec", "load_incoming"]
 
@@ -167,13 +168,7 @@ def build_spec(incoming: Incoming, flags: FilterFlags, client: str) -> SessionSp
             client=client,
         )
     except ValidationError as e:
-        problems = "; ".join(
-            f"http_filter.{'.'.join(map(str, p['loc']))}: {p['msg']}".replace(
-                "http_filter.:", "http_filter:"
-            )
-            for p in e.errors()
-        )
-        raise ConfigError(problems) from e
+        raise ConfigError("; ".join(validation_problems(e, "http_filter"))) from e
     try:
         compile_filter(spec.http_filter)
     except FilterError as e:

@@ -117,11 +117,14 @@ class SidecarSettings(BaseModel):
         return self
 
 
-def describe_validation_error(error: ValidationError, what: str = "session spec") -> str:
-    """One line per problem: where it is, what is wrong."""
+def validation_problems(error: ValidationError, prefix: str = "") -> list[str]:
+    """Each problem as `where: what is wrong`; `prefix` goes before each location."""
     lines = []
     for problem in error.errors():
-        where = ".".join(str(p) for p in problem["loc"]) or "(top level)"
+        where = ".".join(
+            [prefix, *map(str, problem["loc"])] if prefix else map(str, problem["loc"])
+        )
+        where = where or "(top level)"
         message = problem["msg"]
         if problem["type"] == "value_error":
             # Our own validators' messages: without pydantic's prefix, and without
@@ -131,4 +134,9 @@ def describe_validation_error(error: ValidationError, what: str = "session spec"
                 lines.append(message)
                 continue
         lines.append(f"{where}: {message}")
-    return f"invalid {what}: " + "; ".join(lines)
+    return lines
+
+
+def describe_validation_error(error: ValidationError, what: str = "session spec") -> str:
+    """One line per problem: where it is, what is wrong."""
+    return f"invalid {what}: " + "; ".join(validation_problems(error))
