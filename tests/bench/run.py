@@ -32,6 +32,11 @@ Rows:
                   unary calls to a grpcio server (h2c) with h2load: straight to it,
                   through the sidecar with one session that matches nothing, and
                   stolen to a second grpcio server; compared with gRPC direct
+  per-req. conn, lazy / eager
+                  through the sidecar with no session, each request on a new
+                  connection (Connection: close), with the app connection opened
+                  when the request needs it (--app-connect request, the default)
+                  and when the caller connects (--app-connect accept)
   1 session, W workers
                   the 1-session row with `--workers W` (W proxy processes share
                   the listen port): how throughput scales with processes. CPU
@@ -43,6 +48,16 @@ Python calls per request
                   Python function calls over the difference in requests. Unlike
                   CPU time on a shared machine this count does not drift between
                   runs, so the CPU targets are also checked on it
+
+Hostile callers (part "hostile", printed after the table)
+  memory          the sidecar's peak RSS while 1,000 websockets sit on the control
+                  port without a HELLO and 300 callers dribble a request head a
+                  byte a second, for --hostile-hold seconds (header timeout half
+                  of that)
+  backtracking    p50 and p99 of plain requests (wrk, 1 connection) alone, beside
+                  100 connections of requests that a session's backtracking
+                  filter rejects at once, and beside 100 of crafted ones that make
+                  it backtrack (the filter budget bounds what they cost)
 
 Reported: requests/s, p50 and p99 latency, the proxy's CPU seconds per 1,000
 requests and its peak RSS, with ratios to direct and to bare mitmproxy; then
@@ -95,8 +110,12 @@ PREVIEW = "x-preview: bench"
 BENCH_SESSION = SessionSpec(http_filter=HttpFilterSpec(header_filter=f"^{PREVIEW}$"))
 PARTS = (
     "direct", "bare", "idle", "no_session", "one_session", "many_sessions", "cpu_rounds",
-    "stolen", "mirror", "c_proxies", "grpc", "workers", "calls", "rss",
+    "stolen", "mirror", "c_proxies", "grpc", "workers", "connections", "calls", "rss",
+    "hostile",
 )  # fmt: skip
+BACKTRACKS = SessionSpec(http_filter=HttpFilterSpec(header_filter="^x-name: (a|aa)+$"))
+CRAFTED = "X-Name: " + "a" * 40 + "!"
+BENIGN = "X-Name: b"
 GRPC_UNARY = "/offramp.test.Echo/Unary"
 GRPC_MESSAGE = b"bench"
 
@@ -444,6 +463,9 @@ class Results:
     cpu_rounds: dict[str, dict[str, Any]] = field(default_factory=dict)
     """key -> label and CPU s/1k at 16 connections of each round (bare, 1 and N sessions)."""
     targets: list[dict[str, Any]] = field(default_factory=list)
+    hostile: dict[str, Any] = field(default_factory=dict)
+    """Peak RSS under idle unauthenticated websockets and slow callers; latency of
+    plain requests beside benign and crafted (backtracking) ones."""
     not_measured: list[dict[str, str]] = field(default_factory=list)
 
 
@@ -488,6 +510,7 @@ class Bench:
         self.calls: dict[str, dict[str, Any]] = {}
         self.idle_ab: dict[str, list[float]] = {}
         self.cpu_rounds: dict[str, dict[str, Any]] = {}
+        self.hostile: dict[str, Any] = {}
 
     def start_apps(self) -> None:
         servers = "\n".join(
@@ -546,7 +569,11 @@ class Bench:
             )
 
     def sidecar(
-        self, app_port: int | None = None, workers: int = 1, profile: Path | None = None
+        self,
+        app_port: int | None = None,
+        workers: int = 1,
+        profile: Path | None = None,
+        extra: tuple[str, ...] = (),
     ) -> tuple[Proc, int, str]:
         listen, control = free_ports(2, avoid=(self.app_port, self.local_port))
         proc = self.bed.start(
@@ -563,6 +590,7 @@ class Bench:
                 "--capture=none",
                 "--log-level=warning",
                 f"--workers={workers}",
+                *extra,
             ],
             with_children=workers > 1,
         )
@@ -727,6 +755,59 @@ class Bench:
             self.measure(f"workers_{n}", f"1 session, {n} workers", listen, proc)
             self.end_sidecar(proc)
 
+    def _run_connections(self) -> None:
+        for key, label, connect in (
+            ("conn_request", "per-req. conn, lazy", "request"),
+            ("conn_accept", "per-req. conn, eager", "accept"),
+        ):
+            proc, listen, _ = self.sidecar(extra=(f"--app-connect={connect}",))
+            headers = (*COMMON_HEADERS, "Connection: close")
+            self.measure(key, label, listen, proc, headers=headers)
+            self.bed.stop(proc)
+
+    def _run_hostile(self) -> None:
+        hold = self.args.hostile_hold
+        proc, listen, control_url = self.sidecar(extra=(f"--header-timeout={hold / 2:g}",))
+        control = int(control_url.rsplit(":", 1)[1])
+        idle = proc.memory_kib("VmRSS")
+        crowd = asyncio.run(_hostile_crowd(listen, control, hold, 1000, 300))
+        peak = proc.memory_kib("VmHWM")
+        self.bed.stop(proc)
+        memory = {
+            "idle_rss_mib": idle / 1024, "peak_rss_mib": peak / 1024, "hold_s": hold,
+            "header_timeout_s": hold / 2, **crowd,
+        }  # fmt: skip
+        self.log(
+            f"  hostile: RSS {idle / 1024:.0f} MiB idle, peak {peak / 1024:.0f} MiB with "
+            f"{crowd['websockets']} websockets without HELLO ({crowd['websockets_closed']} "
+            f"closed by the sidecar) and {crowd['slow']} slow callers "
+            f"({crowd['slow_408']} answered 408) for {hold:g} s"
+        )
+
+        proc, listen = self.with_sessions([BACKTRACKS])
+        if _answer(listen, (CRAFTED,)) != "app":
+            raise RuntimeError("hostile: a crafted request was not served by the app")
+        latency: dict[str, dict[str, float]] = {}
+        for name, beside in (("alone", None), ("benign", BENIGN), ("crafted", CRAFTED)):
+            flood = None
+            if beside is not None:
+                argv = ["wrk", "-t1", "-c100", f"-d{self.args.duration + 2}s", "--timeout=10s",
+                        "-H", beside, f"http://127.0.0.1:{listen}/"]  # fmt: skip
+                flood = subprocess.Popen(argv, stdout=subprocess.DEVNULL)
+                time.sleep(0.5)
+            r = wrk(listen, 1, self.args.duration, COMMON_HEADERS)
+            if flood is not None:
+                flood.wait(self.args.duration + 30)
+            latency[name] = {"p50_ms": r.p50_ms, "p99_ms": r.p99_ms, "rps": r.rps}
+        self.end_sidecar(proc)
+        ratio = latency["crafted"]["p99_ms"] / latency["benign"]["p99_ms"]
+        self.log(
+            "  backtracking: plain requests p50/p99 "
+            + ", ".join(f"{k} {v['p50_ms']:.2f}/{v['p99_ms']:.2f} ms" for k, v in latency.items())
+            + f"; p99 beside crafted / beside benign {ratio:.2f}x"
+        )
+        self.hostile = {"memory": memory, "backtracking": latency, "p99_ratio": ratio}
+
     def _run_stolen(self) -> None:
         proc, listen = self.with_sessions([BENCH_SESSION])
         headers = (*COMMON_HEADERS, PREVIEW)
@@ -838,6 +919,65 @@ backend local
             f" {samples[-1][1] / 1024:.1f} MiB ({growth:+.1f}%)"
         )
         self.rss = {"samples": samples, "requests": total, "growth_percent": growth}
+
+
+async def _hostile_crowd(
+    listen: int, control: int, hold: float, websockets: int, slow: int
+) -> dict[str, int]:
+    """Open `websockets` upgrades on the control port that never send a HELLO and
+    `slow` connections that send a request head a byte a second, for `hold`
+    seconds; count how many of each the sidecar closed (and answered 408)."""
+    upgrade = (
+        b"GET /v1/tunnel HTTP/1.1\r\nHost: sidecar\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n"
+        b"Sec-WebSocket-Version: 13\r\n\r\n"
+    )
+    end = time.monotonic() + hold
+
+    async def idle_websocket() -> bool:
+        """True once the sidecar closed it or began its closing handshake."""
+        with contextlib.suppress(OSError):
+            reader, writer = await asyncio.open_connection("127.0.0.1", control)
+            try:
+                writer.write(upgrade)
+                got = b""
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(0.0, end - time.monotonic())):
+                        while piece := await reader.read(4096):
+                            got += piece
+                            after_head = got.partition(b"\r\n\r\n")[2]
+                            if after_head.startswith(b"\x88") or not got.startswith(
+                                b"HTTP/1.1 101"
+                            ):
+                                return True
+                        return True
+            finally:
+                writer.close()
+        return False
+
+    async def slow_caller() -> bool:
+        with contextlib.suppress(OSError):
+            reader, writer = await asyncio.open_connection("127.0.0.1", listen)
+            try:
+                writer.write(b"GET /slow HTTP/1.1\r\nHost: app\r\n")
+                while time.monotonic() < end and not reader.at_eof():
+                    with contextlib.suppress(TimeoutError):
+                        if answer := await asyncio.wait_for(reader.read(4096), 1.0):
+                            return answer.startswith(b"HTTP/1.1 408 ")
+                    with contextlib.suppress(OSError):
+                        writer.write(b"x")
+            finally:
+                writer.close()
+        return False
+
+    closed = asyncio.gather(*(idle_websocket() for _ in range(websockets)))
+    answered = asyncio.gather(*(slow_caller() for _ in range(slow)))
+    return {
+        "websockets": websockets,
+        "websockets_closed": sum(await closed),
+        "slow": slow,
+        "slow_408": sum(await answered),
+    }
 
 
 # --- report ------------------------------------------------------------------
@@ -960,6 +1100,18 @@ def table(results: Results) -> str:
     if results.calls:
         counts = ", ".join(f"{c['label']} {c['per_request']:.0f}" for c in results.calls.values())
         lines.append(f"Python calls per request (cProfile): {counts}")
+    if hostile := results.hostile:
+        m, lat = hostile["memory"], hostile["backtracking"]
+        lines.append(
+            f"hostile callers: sidecar RSS {m['idle_rss_mib']:.0f} MiB idle, peak "
+            f"{m['peak_rss_mib']:.0f} MiB with {m['websockets']} websockets without HELLO and "
+            f"{m['slow']} slow-header callers held {m['hold_s']:g} s"
+        )
+        lines.append(
+            "plain requests, p50/p99 ms: "
+            + ", ".join(f"{k} {v['p50_ms']:.2f}/{v['p99_ms']:.2f}" for k, v in lat.items())
+            + f"; p99 beside 100 crafted / beside 100 benign: {hostile['p99_ratio']:.2f}x"
+        )
     for item in results.not_measured:
         lines.append(f"{item['label']:<22} not measured: {item['why']}")
     if results.targets:
@@ -1063,6 +1215,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--out", type=Path, default=Path("bench-results"), help="folder for the results")
     p.add_argument(
+        "--hostile-hold",
+        type=float,
+        default=10.0,
+        help="seconds the hostile part holds its idle websockets and slow callers",
+    )
+    p.add_argument(
         "--tiny",
         action="store_true",
         help="a quick run that only shows the benchmark works (numbers mean nothing)",
@@ -1093,6 +1251,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.rss_requests, args.rss_max_seconds = 1000, 20.0
         args.workers = [1, 2]
         args.rounds = 1
+        args.hostile_hold = 3.0
     return args
 
 
@@ -1124,6 +1283,7 @@ def main(argv: list[str] | None = None) -> int:
     results.calls = bench.calls
     results.idle_ab = bench.idle_ab
     results.cpu_rounds = bench.cpu_rounds
+    results.hostile = bench.hostile
     results.targets = targets(
         results.rows, results.rss, results.calls, results.idle_ab, results.cpu_rounds
     )
