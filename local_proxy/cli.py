@@ -11,7 +11,7 @@ import os
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,8 +25,14 @@ from local_proxy.config import (
     build_spec,
     load_incoming,
 )
+from local_proxy.outgoing.filter import OutgoingFilter
+from local_proxy.outgoing.netns import Namespace, NamespaceError
+from local_proxy.outgoing.netns import prepare as prepare_namespace
+from local_proxy.outgoing.runner import LocalProcess, Outgoing
 from local_proxy.session import LocalSession, SessionError
 from sidecar import __version__
+from sidecar.outgoing.rules import RuleError
+from sidecar.sessions.spec import OutgoingSpec
 from sidecar.settings import TokenError, describe_validation_error, loose_token_file, read_token
 
 if TYPE_CHECKING:
@@ -156,6 +162,23 @@ def parser() -> argparse.ArgumentParser:
         default=64,
         help="mirror copies handled at once; more are dropped and counted (default %(default)s)",
     )
+    _outgoing_flags(steal)
+
+    proxy = sub.add_parser(
+        "proxy",
+        help="a local SOCKS5 and HTTP proxy whose connections leave from the pod",
+        description="Serves SOCKS5 (hostnames resolved in the pod) and HTTP (CONNECT, and "
+        "plain http:// requests) on 127.0.0.1, for curl, a browser or an IDE's run "
+        "configuration; prints the variables to export. Takes no requests from the pod.",
+    )
+    proxy.add_argument("--sidecar-url", required=True,
+                       help="the sidecar's session server, e.g. ws://127.0.0.1:15081")  # fmt: skip
+    proxy.add_argument("--token-file", type=Path, required=True, help="the sidecar's token")
+    proxy.add_argument("--listen", type=int, default=1080, metavar="PORT",
+                       help="port on 127.0.0.1 (default %(default)s; 0: any free one)")  # fmt: skip
+    proxy.add_argument("-f", "--config-file", type=Path,
+                       help="mirrord-style JSON config; its feature.network.outgoing")  # fmt: skip
+    _outgoing_flags(proxy, namespace=False)
 
     status = sub.add_parser(
         "status",
@@ -196,6 +219,38 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _outgoing_flags(p: argparse.ArgumentParser, namespace: bool = True) -> None:
+    p.add_argument(
+        "--local",
+        action="append",
+        default=[],
+        metavar="DEST",
+        help="with -- CMD: connections to DEST leave from this machine, all others from the "
+        "pod; DEST is [tcp://][NAME|ADDRESS|SUBNET/MASK][:PORT] as in mirrord's outgoing "
+        "filter (a NAME matches itself and NAME.anything). Repeatable",
+    )
+    p.add_argument(
+        "--remote",
+        action="append",
+        default=[],
+        metavar="DEST",
+        help="the other way round: only connections to DEST leave from the pod (not with "
+        "--local). Naming the pod's loopback or a link-local address here lets it through",
+    )
+    p.add_argument("--no-outgoing", action="store_true",
+                   help="CMD's connections leave from this machine")  # fmt: skip
+    p.add_argument("--no-dns", action="store_true",
+                   help="CMD's DNS is answered by this machine's resolver")  # fmt: skip
+    if namespace:
+        p.add_argument(
+            "--no-namespace",
+            action="store_true",
+            help="run CMD as a plain child with ALL_PROXY/HTTP(S)_PROXY pointing at offramp, "
+            "instead of in a network namespace of its own (chosen by itself where user "
+            "namespaces are not available)",
+        )
+
+
 def _kube_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--namespace", help="namespace (default: the context's, as kubectl)")
     p.add_argument("--context", help="kubeconfig context (default: the current one)")
@@ -215,6 +270,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return asyncio.run(run_demo(quiet=args.quiet))
     if command and args.command != "steal":
         return _fail("only 'offramp steal' takes a command after --")
+    if args.command == "proxy":
+        return _proxy(args)
     if args.command in ("status", "uninject"):
         return _target_command(args)
     if args.command == "set-image":
@@ -333,9 +390,195 @@ def _steal(args: argparse.Namespace, command: list[str]) -> int:
             sidecar_workers=args.sidecar_workers,
         )  # fmt: skip
         return asyncio.run(_run_target(steal, command, args.to))
-    if command:
-        return _fail("a command after -- needs KIND/NAME")
-    return asyncio.run(_run(settings))
+    if not command:
+        return asyncio.run(_run(settings))
+    try:
+        outgoing = _outgoing_filter(args, incoming)
+    except ConfigError as e:
+        return _fail(str(e))
+    namespace = _namespace(outgoing, command, args.no_namespace)
+    return asyncio.run(_run_command(settings, command, outgoing, namespace))
+
+
+def _outgoing_filter(args: argparse.Namespace, incoming: Incoming) -> OutgoingFilter:
+    """Flags over the config file's feature.network.outgoing / dns."""
+    from_file = incoming.outgoing
+    local, remote = list(args.local), list(args.remote)
+    if not local and not remote:
+        local, remote = list(from_file.local), list(from_file.remote)
+    try:
+        return OutgoingFilter.build(
+            local,
+            remote,
+            tcp=not args.no_outgoing and from_file.tcp is not False,
+            dns=not args.no_dns and from_file.dns is not False,
+        )
+    except RuleError as e:
+        raise ConfigError(str(e)) from e
+
+
+def _namespace(outgoing: OutgoingFilter, command: list[str], plain: bool) -> Namespace | None:
+    """The namespace for CMD, made before any thread starts; None for a plain child
+    (outgoing off, --no-namespace, or none can be had here: then said why)."""
+    if not outgoing.enabled or plain:
+        return None
+    try:
+        return prepare_namespace(outgoing.loopback_ports)
+    except NamespaceError as e:
+        print(
+            f"offramp: warning: cannot run {command[0]} in a network namespace of its own: "
+            f"{e}. It runs with ALL_PROXY/HTTP(S)_PROXY pointing at offramp instead; "
+            "programs that ignore those (most database drivers, Java, raw sockets) and UDP "
+            "leave from this machine",
+            file=sys.stderr,
+        )
+        return None
+
+
+def _outgoing_settings(settings: LocalSettings, outgoing: OutgoingFilter) -> LocalSettings:
+    """The settings of the session that carries outgoing traffic only."""
+    spec = settings.spec.model_copy(
+        update={
+            "incoming": False,
+            "outgoing": OutgoingSpec(tcp=outgoing.tcp, dns=outgoing.dns, named=outgoing.named),
+        }
+    )
+    return settings.model_copy(update={"spec": spec})
+
+
+async def _run_command(
+    settings: LocalSettings,
+    command: list[str],
+    outgoing_filter: OutgoingFilter,
+    namespace: Namespace | None,
+) -> int:
+    """`offramp steal --sidecar-url ... -- CMD`: outgoing first, then CMD, then the
+    session that steals once CMD listens."""
+    factory = namespace.make_socket if namespace is not None else None
+    outgoing = None
+    if outgoing_filter.enabled:
+        outgoing = Outgoing(
+            outgoing_filter,
+            LocalSession(_outgoing_settings(settings, outgoing_filter), report=_say),
+            namespace,
+            _say,
+        )
+        try:
+            await outgoing.start()
+        except SessionError as e:
+            await outgoing.aclose()
+            return _fail(str(e), 1)
+    session = LocalSession(settings, report=_say, factory=factory)
+    try:
+        try:
+            process = await LocalProcess.start(
+                command,
+                namespace,
+                outgoing.resolv_conf() if outgoing else None,
+                outgoing.environment() if outgoing and namespace is None else None,
+            )
+        except (OSError, NamespaceError) as e:
+            return _fail(f"cannot start {command[0]!r}: {e}")
+        waiter = asyncio.create_task(process.wait())
+        if not await _listening_via(process.connect, waiter, settings.to_port):
+            if not waiter.done():
+                process.terminate()
+                await waiter
+                return _fail(f"{command[0]} did not listen on 127.0.0.1:{settings.to_port} "
+                             f"within {LISTEN_WAIT:.0f} s", 1)  # fmt: skip
+            return _fail(f"{command[0]} exited with {waiter.result()} before listening on "
+                         f"port {settings.to_port}", 1)  # fmt: skip
+        _say(f"offramp: {command[0]} listens on 127.0.0.1:{settings.to_port}")
+        waiter.add_done_callback(lambda _: session.stop())
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, session.stop)
+        try:
+            await session.run()
+        except SessionError as e:
+            return _fail(str(e), 1)
+        finally:
+            if not waiter.done():
+                process.terminate()
+                try:
+                    await asyncio.wait_for(asyncio.shield(waiter), 10)
+                except TimeoutError:
+                    process.kill()
+                    await waiter
+        c = session.forwarder.counters
+        _say(f"offramp: session ended: {c.stolen} stolen, {c.mirrored} mirrored")
+        code = waiter.result()
+        _say(f"offramp: {command[0]} exited with {code}")
+        return code if code >= 0 else 128 - code
+    finally:
+        if outgoing is not None:
+            _say(f"offramp: {outgoing.summary()}")
+            await outgoing.aclose()
+        if namespace is not None:
+            namespace.close()
+
+
+async def _listening_via(
+    connect: Callable[[str, int], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]],
+    exited: asyncio.Task[int],
+    port: int,
+) -> bool:
+    deadline = asyncio.get_running_loop().time() + LISTEN_WAIT
+    while not exited.done() and asyncio.get_running_loop().time() < deadline:
+        try:
+            _, writer = await connect("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.1)
+            continue
+        writer.close()
+        return True
+    return False
+
+
+def _proxy(args: argparse.Namespace) -> int:
+    try:
+        incoming = load_incoming(args.config_file) if args.config_file else Incoming()
+        outgoing = _outgoing_filter(args, incoming)
+        settings = LocalSettings(
+            sidecar_url=args.sidecar_url,
+            token=read_token(args.token_file),
+            to_port=1,
+            spec=build_spec(Incoming(), FilterFlags(),
+                            f"{getpass.getuser()}@{socket.gethostname()}"),
+        )  # fmt: skip
+    except (ConfigError, TokenError) as e:
+        return _fail(str(e))
+    except ValidationError as e:
+        return _fail(describe_validation_error(e, "option"))
+    if not outgoing.tcp:
+        return _fail("with --no-outgoing this proxy would carry nothing")
+    return asyncio.run(_serve_proxy(settings, outgoing, args.listen))
+
+
+async def _serve_proxy(settings: LocalSettings, outgoing_filter: OutgoingFilter, port: int) -> int:
+    outgoing = Outgoing(
+        outgoing_filter,
+        LocalSession(_outgoing_settings(settings, outgoing_filter), report=_say),
+        None,
+        _say,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await outgoing.start(proxy_port=port)
+    except (SessionError, OSError) as e:
+        await outgoing.aclose()
+        return _fail(str(e), 1)
+    _say("offramp: proxy ready; for a shell, export:")
+    for name, value in outgoing.environment().items():
+        if name.isupper():
+            _say(f"export {name}={value}")
+    await stop.wait()
+    _say(f"offramp: {outgoing.summary()}")
+    await outgoing.aclose()
+    return 0
 
 
 def _say(line: str) -> None:

@@ -1,12 +1,14 @@
 """The local proxy's settings: a mirrord-style config file, then flags on top.
 
-From a config file only `feature.network.incoming` is read; it is either a mode
-string (`"steal"`, `"mirror"`) or an object with `mode`, `http_filter` and
-`ports`. Files are JSON as mirrord writes it, trailing commas and comments
-allowed (JSON5); typographic quotes pasted from a web page are read as plain
-quotes, with a note. Keys offramp does not use are reported as ignored, never
-silently dropped. Flags override the file: any filter flag replaces the file's
-filter.
+From a config file `feature.network.incoming` is read (a mode string, `"steal"`
+or `"mirror"`, or an object with `mode`, `http_filter` and `ports`), and
+`feature.network.outgoing` (true/false, or an object with `tcp`, `udp` and
+`filter: {local: [...]}` or `{remote: [...]}`) and `feature.network.dns`
+(true/false, or an object with `enabled`). Files are JSON as mirrord writes
+it, trailing commas and comments allowed (JSON5); typographic quotes pasted
+from a web page are read as plain quotes, with a note. Keys offramp does not
+use are reported as ignored, never silently dropped. Flags override the file:
+any filter flag replaces the file's filter.
 """
 
 from __future__ import annotations
@@ -22,7 +24,14 @@ from sidecar.sessions.filters import FilterError, compile_filter
 from sidecar.sessions.spec import FilterClause, HttpFilterSpec, Mode, SessionSpec
 from sidecar.settings import validation_problems
 
-__all__ = ["ConfigError", "FilterFlags", "LocalSettings", "build_spec", "load_incoming"]
+__all__ = [
+    "ConfigError",
+    "FilterFlags",
+    "LocalSettings",
+    "OutgoingConfig",
+    "build_spec",
+    "load_incoming",
+]
 
 
 class ConfigError(ValueError):
@@ -33,12 +42,23 @@ _INCOMING_KEYS = {"mode", "http_filter", "ports"}
 
 
 @dataclass(frozen=True)
+class OutgoingConfig:
+    """mirrord's `feature.network.outgoing` and `.dns`; None: not in the file."""
+
+    tcp: bool | None = None
+    local: tuple[str, ...] = ()
+    remote: tuple[str, ...] = ()
+    dns: bool | None = None
+
+
+@dataclass(frozen=True)
 class Incoming:
     mode: Mode | None = None
     http_filter: dict[str, Any] = field(default_factory=dict)
     ports: tuple[int, ...] | None = None
     ignored: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
+    outgoing: OutgoingConfig = field(default_factory=OutgoingConfig)
 
 
 # Typographic double quotes, as pasted from blogs and chat, and the same quotes
@@ -74,14 +94,20 @@ def load_incoming(path: Path) -> Incoming:
     doc, notes = _parse(text, path)
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: the top level must be an object")
+    network = (
+        doc.get("feature", {}).get("network") if isinstance(doc.get("feature"), dict) else None
+    )
+    outgoing, ignored_out = _outgoing(network if isinstance(network, dict) else {}, path)
     incoming: Any = doc
     for key in ("feature", "network", "incoming"):
         if not isinstance(incoming, dict) or key not in incoming:
-            return Incoming(ignored=_ignored_top(doc), notes=notes)
+            return Incoming(ignored=_ignored_top(doc) + ignored_out, notes=notes,
+                            outgoing=outgoing)  # fmt: skip
         incoming = incoming[key]
     where = f"{path}: feature.network.incoming"
     if isinstance(incoming, str):
-        return Incoming(mode=_mode(incoming, where), ignored=_ignored_top(doc), notes=notes)
+        return Incoming(mode=_mode(incoming, where), ignored=_ignored_top(doc) + ignored_out,
+                        notes=notes, outgoing=outgoing)  # fmt: skip
     if not isinstance(incoming, dict):
         raise ConfigError(f'{where} must be "steal", "mirror" or an object')
     mode = _mode(incoming["mode"], f"{where}.mode") if "mode" in incoming else None
@@ -95,8 +121,65 @@ def load_incoming(path: Path) -> Incoming:
         raise ConfigError(f"{where}.ports must be a list of port numbers")
     ignored = tuple(f"feature.network.incoming.{k}" for k in incoming if k not in _INCOMING_KEYS)
     return Incoming(
-        mode, http_filter, tuple(ports) if ports else None, ignored + _ignored_top(doc), notes
-    )
+        mode, http_filter, tuple(ports) if ports else None,
+        ignored + _ignored_top(doc) + ignored_out, notes, outgoing,
+    )  # fmt: skip
+
+
+_OUTGOING_KEYS = {"tcp", "udp", "filter"}
+
+
+def _outgoing(network: dict[str, Any], path: Path) -> tuple[OutgoingConfig, tuple[str, ...]]:
+    """`feature.network.outgoing` and `.dns`, and the keys of them offramp ignores."""
+    where = f"{path}: feature.network.outgoing"
+    ignored: list[str] = []
+    tcp: bool | None = None
+    local: tuple[str, ...] = ()
+    remote: tuple[str, ...] = ()
+    value = network.get("outgoing")
+    if isinstance(value, bool):
+        tcp = value
+    elif isinstance(value, dict):
+        tcp = _bool(value.get("tcp", True), f"{where}.tcp")
+        if value.get("udp") is True:
+            ignored.append("feature.network.outgoing.udp (offramp carries only DNS over UDP)")
+        ignored += [f"feature.network.outgoing.{k}" for k in value if k not in _OUTGOING_KEYS]
+        filt = value.get("filter", {})
+        if not isinstance(filt, dict):
+            raise ConfigError(f'{where}.filter must be an object: {{"local": [...]}} or '
+                              '{"remote": [...]}')  # fmt: skip
+        if "local" in filt and "remote" in filt:
+            raise ConfigError(f"{where}.filter has both local and remote; give one of them")
+        for key in filt:
+            if key not in ("local", "remote"):
+                raise ConfigError(f"{where}.filter.{key}: offramp takes local or remote")
+            entries = filt[key]
+            if isinstance(entries, str):
+                entries = [entries]
+            if not isinstance(entries, list) or not all(isinstance(e, str) for e in entries):
+                raise ConfigError(f"{where}.filter.{key} must be a list of destinations")
+            if key == "local":
+                local = tuple(entries)
+            else:
+                remote = tuple(entries)
+    elif value is not None:
+        raise ConfigError(f"{where} must be true, false or an object")
+    dns_value = network.get("dns")
+    dns: bool | None = None
+    if isinstance(dns_value, bool):
+        dns = dns_value
+    elif isinstance(dns_value, dict):
+        dns = _bool(dns_value.get("enabled", True), f"{path}: feature.network.dns.enabled")
+        ignored += [f"feature.network.dns.{k}" for k in dns_value if k != "enabled"]
+    elif dns_value is not None:
+        raise ConfigError(f"{path}: feature.network.dns must be true, false or an object")
+    return OutgoingConfig(tcp, local, remote, dns), tuple(ignored)
+
+
+def _bool(value: object, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{where} must be true or false, not {value!r}")
+    return value
 
 
 def _mode(value: object, where: str) -> Mode:
@@ -113,7 +196,9 @@ def _ignored_top(doc: dict[str, Any]) -> tuple[str, ...]:
         ignored += [f"feature.{k}" for k in feature if k != "network"]
         network = feature.get("network")
         if isinstance(network, dict):
-            ignored += [f"feature.network.{k}" for k in network if k != "incoming"]
+            ignored += [
+                f"feature.network.{k}" for k in network if k not in ("incoming", "outgoing", "dns")
+            ]
     return tuple(ignored)
 
 

@@ -23,6 +23,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import InvalidHandshake, InvalidURI, WebSocketException
 
 from local_proxy.config import LocalSettings
+from local_proxy.forward.dial import SocketFactory
 from local_proxy.forward.forwarder import Forwarder
 from sidecar.tunnel.driver import Tunnel
 from sidecar.tunnel.protocol import (
@@ -75,9 +76,11 @@ class LocalSession:
         settings: LocalSettings,
         report: Callable[[str], None] = print,
         dial: Callable[[], Awaitable[socket.socket]] | None = None,
+        factory: SocketFactory | None = None,
     ):
         """`dial`, if given, opens the connection the websocket runs over (a
-        Kubernetes port-forward); the URL then only names the sidecar."""
+        Kubernetes port-forward); the URL then only names the sidecar. `factory`,
+        if given, makes the sockets to the local process (it runs in a namespace)."""
         self.settings = settings
         self._dial = dial
         self.report = report
@@ -87,6 +90,7 @@ class LocalSession:
             settings.timeout,
             settings.mirror_queue,
             report,
+            factory,
         )
         self.welcome: Welcome | None = None
         self.ready = asyncio.Event()
@@ -94,6 +98,12 @@ class LocalSession:
         self._abandon = asyncio.Event()
         self._tunnel: Tunnel | None = None
         self._timeouts_said = -TIMEOUT_SAY_EVERY
+
+    async def current_tunnel(self, wait: float = 10.0) -> Tunnel | None:
+        """The open tunnel, waiting up to `wait` seconds for one; None if none opens."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.ready.wait(), wait)
+        return self._tunnel if self._tunnel is not None and not self._tunnel.closed else None
 
     def stop(self) -> None:
         """End the session: the sidecar sends no more, and the requests held are
@@ -179,6 +189,11 @@ class LocalSession:
 
     def _announce(self, welcome: Welcome) -> None:
         spec = self.settings.spec
+        if not spec.incoming:
+            granted = " and ".join(welcome.outgoing) or "nothing (the sidecar granted none)"
+            self.report(f"offramp: session {welcome.session_id} open: outgoing {granted} "
+                        "through the pod")  # fmt: skip
+            return
         what = spec.http_filter.model_dump(exclude_none=True, exclude={"ports"}) or "every request"
         ports = ", ".join(map(str, welcome.app_ports))
         self.report(

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -13,6 +14,8 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from sidecar import __version__
+from sidecar.outgoing.policy import ALLOW_ENV as OUTGOING_ALLOW_ENV
+from sidecar.outgoing.rules import RuleError, parse_rules
 from sidecar.settings import (
     HEADER_TIMEOUT,
     AppPort,
@@ -126,6 +129,22 @@ def parser() -> argparse.ArgumentParser:
         "after 0.2 s of silence, for protocols where the server speaks first), or as soon "
         "as the caller connects (default %(default)s)",
     )
+    p.add_argument(
+        "--resolv-conf",
+        type=Path,
+        default=Path("/etc/resolv.conf"),
+        help="the pod's resolver configuration, whose nameservers answer sessions' DNS "
+        "queries (default %(default)s)",
+    )
+    p.add_argument(
+        "--outgoing-allow",
+        default=os.environ.get(OUTGOING_ALLOW_ENV) or None,
+        metavar="LIST",
+        help="comma-separated destinations sessions may reach from the pod, in mirrord's "
+        "outgoing filter syntax (e.g. 'payment-service, 10.96.0.0/12:443'); unset: any "
+        f"but the guarded ones (default: ${OUTGOING_ALLOW_ENV}, set by injection from the pod "
+        "annotation offramp.dev/outgoing-allow)",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--version", action="version", version=f"offramp-sidecar {__version__}")
     return p
@@ -228,6 +247,17 @@ def webhook_main(argv: Sequence[str]) -> int:
         return 1
 
 
+def _allow_list(text: str | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    entries = tuple(e.strip() for e in text.split(",") if e.strip())
+    try:
+        parse_rules(entries)
+    except RuleError as e:
+        raise RuleError(f"--outgoing-allow: {e}") from None
+    return entries
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["webhook"]:
@@ -264,8 +294,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             workers=args.workers,
             header_timeout=args.header_timeout,
             app_connect=args.app_connect,
+            resolv_conf=args.resolv_conf,
+            outgoing_allow=_allow_list(args.outgoing_allow),
         )
-    except TokenError as e:
+    except (TokenError, RuleError) as e:
         print(f"offramp-sidecar: {e}", file=sys.stderr)
         return 2
     except ValidationError as e:

@@ -105,6 +105,11 @@ class SidecarSettings(BaseModel):
     """0: request heads are not timed."""
     app_connect: Literal["request", "accept"] = "request"
     """When the app connection opens (sidecar.proxy.connections)."""
+    resolv_conf: Path = Path("/etc/resolv.conf")
+    """The pod's resolver, for sessions' outgoing DNS (sidecar.outgoing.resolver)."""
+    outgoing_allow: tuple[str, ...] | None = None
+    """The admin's allow-list of outgoing destinations (sidecar.outgoing.policy);
+    None: no list. Checked by the CLI with sidecar.outgoing.rules."""
 
     @model_validator(mode="after")
     def _ports_differ(self) -> Self:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import aiohttp
 from yarl import URL
 
+from local_proxy.forward.dial import SocketFactory
 from local_proxy.forward.http2 import H2Forwarder
 from local_proxy.forward.upgrade import forward_upgrade
 from local_proxy.forward.verbatim import MAY_HAVE_RUN, forward_verbatim, pooled_client_keeps
@@ -71,7 +72,10 @@ class Forwarder:
         timeout: float,
         mirror_queue: int,
         report: Callable[[str], None],
+        factory: SocketFactory | None = None,
     ):
+        self.factory = factory
+        """Where the local process runs in a namespace of its own: makes sockets there."""
         self.host = host
         self.port = port
         self.timeout = timeout
@@ -84,14 +88,21 @@ class Forwarder:
         """The developer ended the session with requests still held: a stream that
         goes away now was cut off by us, not abandoned by its caller."""
         self._client: aiohttp.ClientSession | None = None
-        self._h2 = H2Forwarder(host, port, timeout)
+        self._h2 = H2Forwarder(host, port, timeout, factory)
 
     def _session(self) -> aiohttp.ClientSession:
         # Made on first use: an aiohttp session belongs to the running event loop.
         if self._client is None:
             limit = self.timeout or None
+            factory = self.factory
             self._client = aiohttp.ClientSession(
-                connector=aiohttp.TCPConnector(limit=256, force_close=False),
+                connector=aiohttp.TCPConnector(
+                    limit=256,
+                    force_close=False,
+                    socket_factory=(lambda ai: factory(ai[0]))
+                    if (factory := self.factory)
+                    else None,
+                ),
                 timeout=aiohttp.ClientTimeout(total=None, connect=5.0, sock_read=limit),
                 auto_decompress=False,
                 skip_auto_headers=_AUTO_HEADERS,
@@ -148,9 +159,13 @@ class Forwarder:
         if head.http2:
             return await self._h2.forward(head, stream)
         if head.upgrade:
-            return await forward_upgrade(self.host, self.port, self.timeout, head, stream)
+            return await forward_upgrade(
+                self.host, self.port, self.timeout, head, stream, self.factory
+            )
         if not pooled_client_keeps(head):
-            return await forward_verbatim(self.host, self.port, self.timeout, head, stream)
+            return await forward_verbatim(
+                self.host, self.port, self.timeout, head, stream, self.factory
+            )
         headers = [
             (n.decode("latin-1"), v.decode("latin-1"))
             for n, v in head.headers

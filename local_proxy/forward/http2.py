@@ -19,6 +19,7 @@ import contextlib
 import h2.errors
 import h2.events
 
+from local_proxy.forward.dial import SocketFactory, open_connection
 from local_proxy.forward.verbatim import MAY_HAVE_RUN
 from sidecar.tunnel.driver import Lost, StreamHandle
 from sidecar.tunnel.h2bridge import h2_fields, h2_to_tunnel, tunnel_to_h2
@@ -36,7 +37,8 @@ class _Failed(Exception):
 
 
 class H2Forwarder:
-    def __init__(self, host: str, port: int, timeout: float):
+    def __init__(self, host: str, port: int, timeout: float, factory: SocketFactory | None = None):
+        self.factory = factory
         self.host = host
         self.port = port
         self.timeout = timeout
@@ -57,7 +59,7 @@ class H2Forwarder:
                 return self._endpoint
             try:
                 reader, writer = await asyncio.wait_for(
-                    asyncio.open_connection(self.host, self.port), 5
+                    open_connection(self.host, self.port, self.factory), 5
                 )
             except (OSError, TimeoutError) as e:
                 raise _Failed(

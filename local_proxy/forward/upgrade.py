@@ -14,6 +14,7 @@ import contextlib
 
 import h11
 
+from local_proxy.forward.dial import SocketFactory
 from local_proxy.forward.verbatim import answer_reader, connect, encode_head, relay_answer
 from sidecar.tunnel.driver import StreamHandle
 from sidecar.tunnel.protocol import HOP_BY_HOP, RequestHead, ResetCode, ResponseHead
@@ -23,10 +24,15 @@ __all__ = ["forward_upgrade"]
 
 
 async def forward_upgrade(
-    host: str, port: int, answer_timeout: float, head: RequestHead, stream: StreamHandle
+    host: str,
+    port: int,
+    answer_timeout: float,
+    head: RequestHead,
+    stream: StreamHandle,
+    factory: SocketFactory | None = None,
 ) -> str:
     """Returns what to report: the status, or what went wrong."""
-    connected = await connect(host, port, stream)
+    connected = await connect(host, port, stream, factory)
     if isinstance(connected, str):
         return connected
     reader, writer = connected

@@ -17,6 +17,7 @@ import re
 
 import h11
 
+from local_proxy.forward.dial import SocketFactory, open_connection
 from sidecar.tunnel.driver import Lost, StreamHandle
 from sidecar.tunnel.protocol import HOP_BY_HOP, Data, End, RequestHead, Reset, ResetCode
 from sidecar.tunnel.protocol import ResponseHead as TunnelResponseHead
@@ -79,12 +80,12 @@ def answer_reader(method: str, upgrade: str = "") -> h11.Connection:
 
 
 async def connect(
-    host: str, port: int, stream: StreamHandle
+    host: str, port: int, stream: StreamHandle, factory: SocketFactory | None = None
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter] | str:
     """A connection of the stream's own to the local process, or (the stream reset)
     what to report."""
     try:
-        return await asyncio.wait_for(asyncio.open_connection(host, port), 5)
+        return await asyncio.wait_for(open_connection(host, port, factory), 5)
     except (OSError, TimeoutError) as e:
         why = (
             f"nothing accepts connections on {host}:{port} ({e}); "
@@ -95,11 +96,16 @@ async def connect(
 
 
 async def forward_verbatim(
-    host: str, port: int, answer_timeout: float, head: RequestHead, stream: StreamHandle
+    host: str,
+    port: int,
+    answer_timeout: float,
+    head: RequestHead,
+    stream: StreamHandle,
+    factory: SocketFactory | None = None,
 ) -> str:
     """Returns what to report: the status, or what went wrong."""
     where = f"{host}:{port}"
-    connected = await connect(host, port, stream)
+    connected = await connect(host, port, stream, factory)
     if isinstance(connected, str):
         return connected
     reader, writer = connected

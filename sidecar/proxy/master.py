@@ -27,9 +27,12 @@ up to `drain_timeout` seconds, end the sessions, exit 0.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
 import logging
 import secrets
 import signal
+import socket
 import time
 
 from mitmproxy import options
@@ -38,6 +41,9 @@ from mitmproxy.master import Master
 from mitmproxy.proxy.mode_specs import ProxyMode
 
 from sidecar.capture import IptablesCapture, NoCapture
+from sidecar.outgoing.policy import OutgoingPolicy
+from sidecar.outgoing.resolver import ResolvConf
+from sidecar.outgoing.rules import IpAddress, parse_rules
 from sidecar.proxy import connections
 from sidecar.proxy.addon import OfframpAddon
 from sidecar.proxy.gateway import Gateway
@@ -58,6 +64,18 @@ __all__ = ["Sidecar", "run"]
 log = logging.getLogger("offramp.sidecar")
 
 
+def outgoing_policy(settings: SidecarSettings) -> OutgoingPolicy:
+    """The guards for sessions' outgoing traffic: the sidecar's own ports (on
+    loopback and the pod's addresses) and the admin's allow-list."""
+    ports = {p.listen for p in settings.app_ports if p.listen} | {settings.control_port}
+    own: set[IpAddress] = set()
+    with contextlib.suppress(OSError):
+        for *_, sockaddr in socket.getaddrinfo(socket.gethostname(), None):
+            own.add(ipaddress.ip_address(sockaddr[0]))
+    allow = parse_rules(settings.outgoing_allow) if settings.outgoing_allow is not None else None
+    return OutgoingPolicy(frozenset(ports - {0}), frozenset(own), allow)
+
+
 class Sidecar:
     """All the parts of a running sidecar, started and stopped together."""
 
@@ -71,6 +89,8 @@ class Sidecar:
             settings.token_file,
             settings.control_host,
             settings.control_port,
+            outgoing_policy(settings),
+            ResolvConf.read(settings.resolv_conf),
         )
         # With workers, requests they hand over carry this secret (sidecar.proxy.workers).
         self.handoff = Handoff(secrets.token_hex(16)) if settings.workers > 1 else None

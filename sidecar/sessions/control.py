@@ -40,6 +40,10 @@ from websockets.http11 import Request, Response
 
 from sidecar import __version__
 from sidecar.capture import CaptureError
+from sidecar.outgoing.dialer import OutgoingService
+from sidecar.outgoing.policy import OutgoingPolicy
+from sidecar.outgoing.resolver import ResolvConf
+from sidecar.outgoing.rules import parse_rules
 from sidecar.sessions.compile_check import check_cost
 from sidecar.sessions.filters import (
     TIMEOUT_REPORT_EVERY,
@@ -90,8 +94,12 @@ class ControlServer:
         token_file: Path | None,
         host: str,
         port: int,
+        policy: OutgoingPolicy | None = None,
+        resolv: ResolvConf | None = None,
     ):
         self.registry = registry
+        self.policy = policy or OutgoingPolicy(frozenset())
+        self.resolv = resolv or ResolvConf()
         self._token = token.encode() if token is not None else None
         self._token_file = token_file
         self.host = host
@@ -266,7 +274,13 @@ class ControlServer:
         assert session is not None
         ws.protocol.max_message_size = MAX_MESSAGE
         ports = self.registry.covered_ports(session.spec)
-        conn.send(Welcome(PROTOCOL_VERSION, session.id, __version__, ports))
+        outgoing = self._outgoing(session)
+        granted = tuple(k for k in ("tcp", "dns") if outgoing and getattr(outgoing, k))
+        welcome = Welcome(
+            PROTOCOL_VERSION, session.id, __version__, ports, granted,
+            self.resolv.search, self.resolv.ndots,
+        )  # fmt: skip
+        conn.send(welcome)
         try:
             await ws.send(conn.data_to_send())
         except Exception:
@@ -277,8 +291,11 @@ class ControlServer:
             session.describe(),
             peer,
             session.spec.mode.value,
-            ",".join(map(str, ports)),
+            ",".join(map(str, ports)) or "none",
         )
+        if outgoing is not None:
+            session.tunnel.on_outgoing = outgoing.on_stream
+            log.info("%s: outgoing %s through the pod", session.describe(), "+".join(granted))
 
         def on_goodbye(reason: str) -> None:
             # New requests go to the app from now on; open ones finish. Answering
@@ -293,6 +310,8 @@ class ControlServer:
         finally:
             reporter.cancel()
             self.registry.remove(session)
+            if outgoing is not None:
+                await outgoing.aclose()
         log.info(
             "%s closed (%s): %d stolen, %d mirrored, %d mirror copies dropped, %d filter timeouts",
             session.describe(),
@@ -302,6 +321,15 @@ class ControlServer:
             session.mirror_dropped,
             session.timeouts.total,
         )
+
+    def _outgoing(self, session: Session) -> OutgoingService | None:
+        asked = session.spec.outgoing
+        if asked is None or not (asked.tcp or asked.dns):
+            return None
+        return OutgoingService(
+            session.describe(), self.policy, self.resolv, parse_rules(asked.named),
+            asked.tcp, asked.dns,
+        )  # fmt: skip
 
     async def _report_timeouts(self, session: Session) -> None:
         reported = 0
@@ -370,7 +398,7 @@ class ControlServer:
         except FilterError as e:
             return Refused("bad_filter", str(e)), None
         ports = self.registry.covered_ports(spec)
-        if not ports:
+        if not ports and spec.incoming:
             return Refused(
                 "no_port",
                 f"http_filter.ports {list(spec.http_filter.ports or ())} names none of the "

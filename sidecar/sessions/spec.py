@@ -15,6 +15,12 @@ A spec is bounded: at most MAX_CLAUSES items in all_of/any_of and MAX_PATTERN
 characters in any pattern (a filter is a few short patterns; these bounds keep
 what a session costs the proxy small).
 
+`outgoing` (absent: none) asks for the local process's connections and DNS to
+leave from the pod; `named` lists the destinations the developer named in the
+outgoing filter's remote list, which the sidecar's guards then let through
+(sidecar.outgoing.policy). `incoming: false` takes no requests at all (a session
+that only sends outgoing traffic, as `offramp proxy` opens).
+
 The spec is validated here for shape and size only; the regexes are compiled (and refused
 with the offending position) by `sidecar.sessions.filters.compile_filter`.
 """
@@ -24,9 +30,19 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Self
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-__all__ = ["MAX_CLAUSES", "MAX_PATTERN", "FilterClause", "HttpFilterSpec", "Mode", "SessionSpec"]
+from sidecar.outgoing.rules import RuleError, parse_rules
+
+__all__ = [
+    "MAX_CLAUSES",
+    "MAX_PATTERN",
+    "FilterClause",
+    "HttpFilterSpec",
+    "Mode",
+    "OutgoingSpec",
+    "SessionSpec",
+]
 
 MAX_CLAUSES = 32
 """Items all_of or any_of may list."""
@@ -117,6 +133,25 @@ class HttpFilterSpec(BaseModel):
         )
 
 
+class OutgoingSpec(BaseModel):
+    """What outgoing traffic the session asks the pod to carry."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    tcp: bool = True
+    dns: bool = True
+    named: tuple[str, ...] = Field(default=(), max_length=MAX_CLAUSES)
+
+    @field_validator("named")
+    @classmethod
+    def _rules(cls, named: tuple[str, ...]) -> tuple[str, ...]:
+        try:
+            parse_rules(named)
+        except RuleError as e:
+            raise ValueError(str(e)) from None
+        return named
+
+
 class SessionSpec(BaseModel):
     """Everything a session asks of the sidecar. Sent in the tunnel's HELLO."""
 
@@ -129,7 +164,9 @@ class SessionSpec(BaseModel):
     make kubelet restart the pod."""
     client: str = Field(default="", max_length=200)
     """Free text shown in the sidecar's log, e.g. user@host."""
+    incoming: bool = True
+    outgoing: OutgoingSpec | None = None
 
     def covers_port(self, port: int) -> bool:
         ports = self.http_filter.ports
-        return ports is None or port in ports
+        return self.incoming and (ports is None or port in ports)

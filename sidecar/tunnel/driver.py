@@ -23,8 +23,12 @@ from websockets.exceptions import ConnectionClosed
 
 from sidecar.tunnel.protocol import (
     MAX_DATA,
+    Connect,
+    Connected,
     Connection,
     Data,
+    DnsAnswer,
+    DnsQuery,
     End,
     Goodbye,
     Message,
@@ -37,7 +41,7 @@ from sidecar.tunnel.protocol import (
     WindowUpdate,
 )
 
-__all__ = ["Lost", "StreamEvent", "StreamHandle", "Tunnel", "WebSocketLike"]
+__all__ = ["Lost", "OpeningHead", "StreamEvent", "StreamHandle", "Tunnel", "WebSocketLike"]
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +64,8 @@ class Lost:
     reason: str
 
 
-StreamEvent = RequestHead | ResponseHead | Data | End | Reset | Lost
+StreamEvent = RequestHead | ResponseHead | Connected | DnsAnswer | Data | End | Reset | Lost
+OpeningHead = RequestHead | Connect | DnsQuery
 
 
 class StreamHandle:
@@ -123,12 +128,14 @@ class Tunnel:
         ws: WebSocketLike,
         *,
         on_request: Callable[[RequestHead, StreamHandle], None] | None = None,
+        on_outgoing: Callable[[Connect | DnsQuery, StreamHandle], None] | None = None,
         on_stats: Callable[[Stats], None] | None = None,
         on_goodbye: Callable[[str], None] | None = None,
     ):
         self.conn = conn
         self.ws = ws
         self._on_request = on_request
+        self.on_outgoing = on_outgoing
         self._on_stats = on_stats
         self.on_goodbye = on_goodbye
         self.goodbye_received = asyncio.Event()
@@ -150,8 +157,9 @@ class Tunnel:
         self._wake.set()
         return sent
 
-    def open_stream(self, make_head: Callable[[int], RequestHead]) -> StreamHandle | None:
-        """Sidecar side: hand a request over. None if the session is ending."""
+    def open_stream(self, make_head: Callable[[int], OpeningHead]) -> StreamHandle | None:
+        """Open a stream: the sidecar hands a request over, the client asks for a
+        connection or a DNS answer. None if the session is ending."""
         if self.closed or not self.conn.accepting_streams:
             return None
         stream_id = self.conn.next_stream_id()
@@ -239,18 +247,28 @@ class Tunnel:
                 return
             self._on_request(event, handle)
             return
+        if isinstance(event, Connect | DnsQuery):
+            handle = StreamHandle(self, event.stream_id)
+            self._streams[event.stream_id] = handle
+            if self.on_outgoing is None:
+                self.send(Reset(event.stream_id, ResetCode.DENIED, "this end dials nothing"))
+                return
+            self.on_outgoing(event, handle)
+            return
         found = self._streams.get(event.stream_id)
         if found is None:
             return
         if isinstance(event, WindowUpdate):
             found._wake_window()
             return
-        if isinstance(event, ResponseHead | Data | End | Reset):
+        if isinstance(event, ResponseHead | Connected | DnsAnswer | Data | End | Reset):
             found._deliver(event)
         # The connection has already read every frame of this websocket message, so
         # its state may be ahead of this event: only an event that ends the peer's
         # half (or the whole stream) may retire the handle.
-        ends_peer = isinstance(event, End) or (isinstance(event, ResponseHead) and event.end_stream)
+        ends_peer = isinstance(event, End | DnsAnswer) or (
+            isinstance(event, ResponseHead) and event.end_stream
+        )
         if isinstance(event, Reset) or (ends_peer and not self.conn.is_active(event.stream_id)):
             self._streams.pop(event.stream_id, None)
             found._wake_window()

@@ -1,8 +1,18 @@
 """The offramp tunnel protocol, without I/O.
 
 One tunnel joins one session of one developer to one sidecar. It carries many
-concurrent HTTP exchanges as *streams*. The sidecar opens every stream (a request
-taken from the pod), the client (the local proxy) answers on it.
+concurrent exchanges as *streams*, of three kinds:
+
+- HTTP: the sidecar opens it with REQUEST_HEAD (a request taken from the pod), the
+  client (the local proxy) answers with RESPONSE_HEAD;
+- CONNECT: the client asks for a TCP connection from the pod to a host and port;
+  the sidecar answers CONNECTED once it is open (or RESET with why not), then
+  DATA and END carry the bytes and half-closes both ways;
+- DNS: the client sends one DNS_QUERY (a DNS message as on the wire), the sidecar
+  answers one DNS_ANSWER from the pod's nameservers (or RESET).
+
+The sidecar opens odd stream ids, the client even ones, so neither waits for
+the other to pick an id.
 
 This module owns framing, the message types, stream ids, stream state and flow
 control. It takes bytes in (`receive_data`) and hands bytes (`data_to_send`) and
@@ -24,9 +34,9 @@ stream, but streams already open finish normally. A sidecar that receives
 GOODBYE answers with its own, so the client knows that no request can follow;
 the client closes the websocket when its streams are done.
 
-Per stream, each direction is a *half* (the request half is sent by the sidecar,
-the response half by the client) that goes IDLE -> OPEN (HEAD) -> DONE (END);
-RESET ends both halves at once. See `_HALF_TRANSITIONS`.
+Per stream, each direction is a *half* (the opener's and the answerer's) that goes
+IDLE -> OPEN (its head) -> DONE (END); a DNS head ends its half at once; RESET
+ends both halves at once. See `_HALF_TRANSITIONS` and `_KIND_OF`.
 
 Flow control: each half starts with `INITIAL_WINDOW` bytes of credit. DATA spends
 credit; the receiver returns it with WINDOW_UPDATE once the bytes have left its
@@ -52,13 +62,18 @@ __all__ = [
     "HOP_BY_HOP",
     "INITIAL_WINDOW",
     "MAX_DATA",
+    "MAX_DNS",
     "MAX_FRAME",
     "MAX_HELLO",
     "MAX_MESSAGE",
     "PROTOCOL_VERSION",
     "TUNNEL_PATH",
+    "Connect",
+    "Connected",
     "Connection",
     "Data",
+    "DnsAnswer",
+    "DnsQuery",
     "End",
     "FlowControlError",
     "Goodbye",
@@ -80,8 +95,10 @@ __all__ = [
     "encode",
 ]
 
-PROTOCOL_VERSION = 2
-"""2: request heads say whether the request came as HTTP/2 and whether it upgrades."""
+PROTOCOL_VERSION = 3
+"""2: request heads say whether the request came as HTTP/2 and whether it upgrades.
+3: the client opens CONNECT and DNS streams (even ids); WELCOME says what outgoing
+traffic the sidecar grants and the pod's DNS search list."""
 TUNNEL_PATH = "/v1/tunnel"
 """Where the sidecar's control port serves the tunnel's websocket."""
 INITIAL_WINDOW = 256 * 1024
@@ -138,6 +155,10 @@ class FrameType(IntEnum):
     END = 0x13
     RESET = 0x14
     WINDOW_UPDATE = 0x15
+    CONNECT = 0x16
+    CONNECTED = 0x17
+    DNS_QUERY = 0x18
+    DNS_ANSWER = 0x19
     STATS = 0x20
     GOODBYE = 0x21
 
@@ -151,6 +172,10 @@ class ResetCode(IntEnum):
     MIRROR_DROPPED = 3  # a mirror copy was dropped because the queue was full
     INTERNAL = 4  # a bug or an unexpected failure on the sender's side
     UPSTREAM_BROKEN = 5  # the local app's response broke off part-way
+    REFUSED = 6  # CONNECT: the destination refused the connection
+    NXDOMAIN = 7  # CONNECT: the name does not resolve in the pod
+    DENIED = 8  # CONNECT/DNS: the sidecar's policy does not allow it
+    NETWORK_UNREACHABLE = 9  # CONNECT: no route from the pod to the destination
 
 
 # --- encoding helpers -------------------------------------------------------------
@@ -225,6 +250,11 @@ class Welcome:
     session_id: str
     sidecar_version: str
     app_ports: tuple[int, ...]
+    outgoing: tuple[str, ...] = ()
+    """What outgoing traffic this session may send through the pod: "tcp", "dns"."""
+    dns_search: tuple[str, ...] = ()
+    """The pod's resolver search list and ndots, for the local process's resolv.conf."""
+    dns_ndots: int = 1
     stream_id: int = 0
 
     def payload(self) -> bytes:
@@ -234,6 +264,9 @@ class Welcome:
                 "session_id": self.session_id,
                 "sidecar_version": self.sidecar_version,
                 "app_ports": list(self.app_ports),
+                "outgoing": list(self.outgoing),
+                "dns_search": list(self.dns_search),
+                "dns_ndots": self.dns_ndots,
             }
         )
 
@@ -243,11 +276,22 @@ class Welcome:
         ports = obj.get("app_ports")
         if not isinstance(ports, list) or not all(isinstance(p, int) for p in ports):
             raise ProtocolError("WELCOME.app_ports missing or not a list of ports")
+        outgoing = obj.get("outgoing", [])
+        search = obj.get("dns_search", [])
+        ndots = obj.get("dns_ndots", 1)
+        if not all(isinstance(x, list) and all(isinstance(v, str) for v in x)
+                   for x in (outgoing, search)):  # fmt: skip
+            raise ProtocolError("WELCOME.outgoing and .dns_search must be lists of strings")
+        if not isinstance(ndots, int) or isinstance(ndots, bool):
+            raise ProtocolError("WELCOME.dns_ndots not int")
         return cls(
             _field(cls.TYPE, obj, "version", int),
             _field(cls.TYPE, obj, "session_id", str),
             _field(cls.TYPE, obj, "sidecar_version", str),
             tuple(ports),
+            tuple(outgoing),
+            tuple(search),
+            ndots,
         )
 
 
@@ -450,6 +494,105 @@ class WindowUpdate:
 
 
 @dataclass(frozen=True, slots=True)
+class Connect:
+    """The client asks for a TCP connection from the pod to `host`:`port`; `host`
+    is a name (resolved in the pod) or an IP address."""
+
+    TYPE: ClassVar[FrameType] = FrameType.CONNECT
+    stream_id: int
+    host: str
+    port: int
+
+    def __post_init__(self) -> None:
+        if not self.host or len(self.host) > 255:
+            raise ValueError("CONNECT needs a host of 1 to 255 characters")
+        if not 1 <= self.port <= 65535:
+            raise ValueError(f"CONNECT port {self.port} is not a TCP port")
+
+    def payload(self) -> bytes:
+        return _json({"host": self.host, "port": self.port})
+
+    @classmethod
+    def parse(cls, stream_id: int, payload: bytes) -> Self:
+        obj = _unjson(cls.TYPE, payload)
+        try:
+            return cls(
+                stream_id,
+                _field(cls.TYPE, obj, "host", str),
+                _field(cls.TYPE, obj, "port", int),
+            )
+        except ValueError as e:
+            raise ProtocolError(str(e)) from e
+
+
+@dataclass(frozen=True, slots=True)
+class Connected:
+    """The sidecar's connection for a CONNECT is open; `address` is where it went
+    (the resolved IP address and port)."""
+
+    TYPE: ClassVar[FrameType] = FrameType.CONNECTED
+    stream_id: int
+    address: str
+
+    def payload(self) -> bytes:
+        return _json({"address": self.address})
+
+    @classmethod
+    def parse(cls, stream_id: int, payload: bytes) -> Self:
+        return cls(stream_id, str(_unjson(cls.TYPE, payload).get("address", "")))
+
+
+MAX_DNS = 65535
+"""Largest DNS message (the TCP length prefix's limit)."""
+
+
+@dataclass(frozen=True, slots=True)
+class DnsQuery:
+    """One DNS message, as on the wire, for the pod's nameservers."""
+
+    TYPE: ClassVar[FrameType] = FrameType.DNS_QUERY
+    stream_id: int
+    message: bytes
+
+    def __post_init__(self) -> None:
+        if not 12 <= len(self.message) <= MAX_DNS:
+            raise ValueError(f"a DNS message has 12 to {MAX_DNS} bytes, got {len(self.message)}")
+
+    def payload(self) -> bytes:
+        return self.message
+
+    @classmethod
+    def parse(cls, stream_id: int, payload: bytes) -> Self:
+        try:
+            return cls(stream_id, payload)
+        except ValueError as e:
+            raise ProtocolError(str(e)) from e
+
+
+@dataclass(frozen=True, slots=True)
+class DnsAnswer:
+    """The pod's nameserver's answer to a DNS_QUERY, as on the wire."""
+
+    TYPE: ClassVar[FrameType] = FrameType.DNS_ANSWER
+    stream_id: int
+    message: bytes
+
+    def __post_init__(self) -> None:
+        if not 12 <= len(self.message) <= MAX_DNS:
+            raise ValueError(f"a DNS message has 12 to {MAX_DNS} bytes, got {len(self.message)}")
+
+    def payload(self) -> bytes:
+        return self.message
+
+    @classmethod
+    def parse(cls, stream_id: int, payload: bytes) -> Self:
+        try:
+            return cls(stream_id, payload)
+        except ValueError as e:
+            raise ProtocolError(str(e)) from e
+
+
+@dataclass(frozen=True, slots=True)
 class Stats:
     """Counters the sidecar reports to the client: mirror copies it dropped, and
     matches of the session's filter that ran out of time (those requests went to
@@ -498,6 +641,10 @@ Message = (
     | End
     | Reset
     | WindowUpdate
+    | Connect
+    | Connected
+    | DnsQuery
+    | DnsAnswer
     | Stats
     | Goodbye
 )
@@ -514,6 +661,10 @@ _PARSERS: dict[FrameType, Any] = {
         End,
         Reset,
         WindowUpdate,
+        Connect,
+        Connected,
+        DnsQuery,
+        DnsAnswer,
         Stats,
         Goodbye,
     )
@@ -568,18 +719,45 @@ class Half(Enum):
     DONE = "done"
 
 
+class StreamKind(Enum):
+    HTTP = "http"
+    CONNECT = "connect"
+    DNS = "dns"
+
+
 # (half state, frame type) -> next half state. A RESET ends both halves and is
 # handled apart; anything not in this table is a protocol error.
 _HALF_TRANSITIONS: dict[tuple[Half, FrameType], Half] = {
     (Half.IDLE, FrameType.REQUEST_HEAD): Half.OPEN,
     (Half.IDLE, FrameType.RESPONSE_HEAD): Half.OPEN,
+    (Half.IDLE, FrameType.CONNECT): Half.OPEN,
+    (Half.IDLE, FrameType.CONNECTED): Half.OPEN,
+    (Half.IDLE, FrameType.DNS_QUERY): Half.DONE,
+    (Half.IDLE, FrameType.DNS_ANSWER): Half.DONE,
     (Half.OPEN, FrameType.DATA): Half.OPEN,
     (Half.OPEN, FrameType.END): Half.DONE,
 }
 
+# Head frame -> (the stream kind it belongs to, the role that sends it, whether it
+# opens the stream). The opener of a stream id is fixed by its parity.
+_HEADS: dict[FrameType, tuple[StreamKind, Role, bool]] = {
+    FrameType.REQUEST_HEAD: (StreamKind.HTTP, Role.SIDECAR, True),
+    FrameType.RESPONSE_HEAD: (StreamKind.HTTP, Role.CLIENT, False),
+    FrameType.CONNECT: (StreamKind.CONNECT, Role.CLIENT, True),
+    FrameType.CONNECTED: (StreamKind.CONNECT, Role.SIDECAR, False),
+    FrameType.DNS_QUERY: (StreamKind.DNS, Role.CLIENT, True),
+    FrameType.DNS_ANSWER: (StreamKind.DNS, Role.SIDECAR, False),
+}
+_OPENERS = {t for t, (_, _, opens) in _HEADS.items() if opens}
+
+
+def _opener(stream_id: int) -> Role:
+    return Role.SIDECAR if stream_id % 2 else Role.CLIENT
+
 
 @dataclass(slots=True)
 class _Stream:
+    kind: StreamKind
     sent: Half = Half.IDLE
     received: Half = Half.IDLE
     send_window: int = INITIAL_WINDOW
@@ -601,21 +779,24 @@ class Connection:
     _inbuf: bytearray = field(default_factory=bytearray)
     _out: list[bytes] = field(default_factory=list)
     _events: deque[Message] = field(default_factory=deque)
-    _last_stream_id: int = 0
+    _last_ids: dict[Role, int] = field(default_factory=lambda: {Role.SIDECAR: 0, Role.CLIENT: 0})
     goodbye_sent: bool = False
     goodbye_received: bool = False
 
     @property
     def accepting_streams(self) -> bool:
-        """Whether the sidecar may still open streams on this connection."""
+        """Whether this end may still open streams on this connection."""
         return self.state is ConnState.OPEN and not (self.goodbye_sent or self.goodbye_received)
 
     # -- sending ----------------------------------------------------------------
 
     def next_stream_id(self) -> int:
-        if self.role is not Role.SIDECAR:
-            raise ProtocolError("only the sidecar opens streams")
-        return self._last_stream_id + 1
+        """The id of the next stream this end opens: odd for the sidecar, even for
+        the client."""
+        last = self._last_ids[self.role]
+        if last:
+            return last + 2
+        return 1 if self.role is Role.SIDECAR else 2
 
     def send(self, message: Message) -> bool:
         """Queue `message` for sending, checking state and flow control.
@@ -715,20 +896,18 @@ class Connection:
             return
         if kind in (FrameType.HELLO, FrameType.WELCOME, FrameType.REFUSED):
             raise ProtocolError(f"{kind.name} after the handshake")
-        if kind is FrameType.REQUEST_HEAD and sender is not Role.SIDECAR:
-            raise ProtocolError("only the sidecar sends REQUEST_HEAD")
-        if kind is FrameType.RESPONSE_HEAD and sender is not Role.CLIENT:
-            raise ProtocolError("only the client sends RESPONSE_HEAD")
+        if kind in _HEADS and _HEADS[kind][1] is not sender:
+            raise ProtocolError(f"only the {_HEADS[kind][1].value} sends {kind.name}")
         if kind is FrameType.STATS and sender is not Role.SIDECAR:
             raise ProtocolError("only the sidecar sends STATS")
-        if kind is FrameType.REQUEST_HEAD:
+        if kind in _OPENERS:
             if outgoing and (self.goodbye_sent or self.goodbye_received):
-                raise ProtocolError("the sidecar opens no stream after GOODBYE")
+                raise ProtocolError(f"the {sender.value} opens no stream after GOODBYE")
             if not outgoing and self.goodbye_received:
-                # Frames arrive in order, so this head came after the sidecar's
-                # GOODBYE. (One that arrives after the client's own GOODBYE merely
-                # crossed it, and is served.)
-                raise ProtocolError("REQUEST_HEAD after the sidecar's GOODBYE")
+                # Frames arrive in order, so this head came after the peer's
+                # GOODBYE. (One that arrives after our own GOODBYE merely crossed
+                # it; the application answers it.)
+                raise ProtocolError(f"{kind.name} after the {sender.value}'s GOODBYE")
         if kind is FrameType.GOODBYE:
             if outgoing:
                 if self.goodbye_sent:
@@ -745,13 +924,20 @@ class Connection:
         sid = message.stream_id
         kind = message.TYPE
         stream = self._streams.get(sid)
+        opener = _opener(sid)
         if stream is None:
-            if kind is FrameType.REQUEST_HEAD:
-                if sid <= self._last_stream_id:
+            if kind in _OPENERS:
+                sender = self.role if outgoing else _other(self.role)
+                if opener is not sender:
+                    raise ProtocolError(
+                        f"{kind.name} on stream {sid}: the {sender.value} opens "
+                        f"{'odd' if sender is Role.SIDECAR else 'even'} stream ids"
+                    )
+                if sid <= self._last_ids[opener]:
                     raise ProtocolError(f"stream id {sid} reused or out of order")
-                self._last_stream_id = sid
-                stream = self._streams[sid] = _Stream()
-            elif sid <= self._last_stream_id:
+                self._last_ids[opener] = sid
+                stream = self._streams[sid] = _Stream(_HEADS[kind][0])
+            elif sid <= self._last_ids[opener]:
                 # The stream ended (or was reset) while this frame was in flight.
                 return False
             else:
@@ -764,6 +950,8 @@ class Connection:
             if not outgoing:
                 stream.send_window += message.increment
             return True
+        if kind in _HEADS and _HEADS[kind][0] is not stream.kind:
+            raise ProtocolError(f"{kind.name} on {stream.kind.value} stream {sid}")
 
         half = "sent" if outgoing else "received"
         current: Half = getattr(stream, half)

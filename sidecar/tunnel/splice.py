@@ -13,15 +13,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from dataclasses import dataclass
 
 import h11
 
 from sidecar.tunnel.driver import StreamHandle
 from sidecar.tunnel.protocol import Data, End, ResetCode
 
-__all__ = ["next_h11_event", "splice"]
+__all__ = ["Transferred", "next_h11_event", "splice"]
 
 _READ = 64 * 1024
+
+
+@dataclass
+class Transferred:
+    """Bytes a splice has moved: from the socket into the tunnel, and back."""
+
+    to_tunnel: int = 0
+    to_socket: int = 0
 
 
 async def splice(
@@ -29,11 +38,14 @@ async def splice(
     reader: asyncio.StreamReader,
     writer: asyncio.StreamWriter,
     first: bytes = b"",
+    counts: Transferred | None = None,
 ) -> str | None:
     """Returns None if both directions ended cleanly, else why they did not.
-    `first`: bytes already read from the socket after the upgrade."""
-    outbound = asyncio.create_task(_socket_to_tunnel(handle, reader, first))
-    inbound = asyncio.create_task(_tunnel_to_socket(handle, writer))
+    `first`: bytes already read from the socket after the upgrade. `counts`, if
+    given, is kept up to date."""
+    counts = counts if counts is not None else Transferred()
+    outbound = asyncio.create_task(_socket_to_tunnel(handle, reader, first, counts))
+    inbound = asyncio.create_task(_tunnel_to_socket(handle, writer, counts))
     try:
         pending: set[asyncio.Task[str | None]] = {outbound, inbound}
         while pending:
@@ -55,13 +67,14 @@ async def splice(
 
 
 async def _socket_to_tunnel(
-    handle: StreamHandle, reader: asyncio.StreamReader, first: bytes
+    handle: StreamHandle, reader: asyncio.StreamReader, first: bytes, counts: Transferred
 ) -> str | None:
     data = first
     try:
         while True:
             if data and not await handle.send_body(data):
                 return "the tunnel stream ended"
+            counts.to_tunnel += len(data)
             data = await reader.read(_READ)
             if not data:
                 handle.send(End(handle.id))
@@ -70,7 +83,9 @@ async def _socket_to_tunnel(
         return f"the connection broke: {e}"
 
 
-async def _tunnel_to_socket(handle: StreamHandle, writer: asyncio.StreamWriter) -> str | None:
+async def _tunnel_to_socket(
+    handle: StreamHandle, writer: asyncio.StreamWriter, counts: Transferred
+) -> str | None:
     while True:
         event = await handle.next()
         if isinstance(event, Data):
@@ -80,6 +95,7 @@ async def _tunnel_to_socket(handle: StreamHandle, writer: asyncio.StreamWriter) 
             except ConnectionError as e:
                 return f"the connection broke: {e}"
             handle.ack(len(event.data))
+            counts.to_socket += len(event.data)
         elif isinstance(event, End):
             if writer.can_write_eof() and not writer.is_closing():
                 with contextlib.suppress(OSError):

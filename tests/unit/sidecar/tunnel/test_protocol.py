@@ -7,6 +7,10 @@ import struct
 import pytest
 
 from sidecar.tunnel.protocol import (
+    Connect,
+    Connected,
+    DnsAnswer,
+    DnsQuery,
     INITIAL_WINDOW,
     MAX_DATA,
     MAX_MESSAGE,
@@ -40,6 +44,11 @@ HEADERS = ((b"Host", b"svc"), (b"x-bin", bytes(range(128, 256))))
 
 MESSAGES: list[Message] = [
     Hello(PROTOCOL_VERSION, "tok", {"mode": "steal"}),
+    Welcome(PROTOCOL_VERSION, "s1", "0.1.0", (80,), ("tcp", "dns"), ("default.svc",), 5),
+    Connect(2, "payment-service.default", 8080),
+    Connected(2, "10.96.0.7:8080"),
+    DnsQuery(4, bytes(12) + b"\x00"),
+    DnsAnswer(4, bytes(20)),
     Welcome(PROTOCOL_VERSION, "s1", "0.1.0", (8080, 9090)),
     Refused("unauthorized", "no"),
     RequestHead(1, "POST", "/a?b=1", HEADERS, 8080, "10.0.0.1:5555", True, True),
@@ -106,7 +115,7 @@ def test_full_exchange_closes_the_stream_on_both_sides() -> None:
     sidecar.receive_data(client.data_to_send())
     assert [type(e) for e in drain(sidecar)] == [ResponseHead, Data, End]
     assert not sidecar.is_active(1)
-    assert sidecar.next_stream_id() == 2
+    assert sidecar.next_stream_id() == 3  # the sidecar opens odd ids
 
 
 def test_refused_handshake_raises_with_code() -> None:
@@ -207,9 +216,12 @@ def test_rule_violations_after_handshake() -> None:
     with pytest.raises(ProtocolError, match="never opened"):
         client.receive_data(encode(Data(5, b"x")))
     _, client = pair()
-    client.receive_data(encode(RequestHead(2, "GET", "/", (), 80)))
+    client.receive_data(encode(RequestHead(3, "GET", "/", (), 80)))
     with pytest.raises(ProtocolError, match="reused or out of order"):
         client.receive_data(encode(RequestHead(1, "GET", "/", (), 80)))
+    _, client = pair()
+    with pytest.raises(ProtocolError, match="the sidecar opens odd stream ids"):
+        client.receive_data(encode(RequestHead(2, "GET", "/", (), 80)))
     _, client = pair()
     client.receive_data(encode(RequestHead(1, "GET", "/", (), 80)) + encode(End(1)))
     with pytest.raises(ProtocolError, match="half is done"):
@@ -240,7 +252,7 @@ def test_after_goodbye_no_new_streams_but_open_ones_finish() -> None:
     assert drain(sidecar) == [Goodbye("done")]
     assert not sidecar.accepting_streams
     with pytest.raises(ProtocolError, match="no stream after GOODBYE"):
-        sidecar.send(RequestHead(2, "GET", "/", (), 80))
+        sidecar.send(RequestHead(3, "GET", "/", (), 80))
     client.send(ResponseHead(1, 200, (), end_stream=True))  # the open stream finishes
     sidecar.receive_data(client.data_to_send())
     assert [type(e) for e in drain(sidecar)] == [ResponseHead]
@@ -289,3 +301,76 @@ def test_stats_from_a_sidecar_that_counts_no_filter_timeouts_reads_as_zero() -> 
     frame = (len(payload) + 5).to_bytes(4, "big") + bytes([FrameType.STATS]) + bytes(4) + payload
     decoded = decode_frame(frame)
     assert decoded is not None and decoded[0] == Stats(3, 0)
+
+
+def test_a_connect_stream_carries_bytes_and_half_closes_both_ways() -> None:
+    """The client opens even ids; the sidecar answers CONNECTED, then each side
+    sends DATA and END on its own half, independently."""
+    sidecar, client = pair()
+    sid = client.next_stream_id()
+    assert sid == 2
+    client.send(Connect(sid, "payment-service", 8080))
+    client.send(Data(sid, b"ping"))
+    client.send(End(sid))  # the client half-closes before the answer comes
+    sidecar.receive_data(client.data_to_send())
+    assert drain(sidecar) == [Connect(2, "payment-service", 8080), Data(2, b"ping"), End(2)]
+    sidecar.send(Connected(sid, "10.96.0.7:8080"))
+    sidecar.send(Data(sid, b"pong"))
+    sidecar.send(End(sid))
+    assert not sidecar.is_active(sid)
+    client.receive_data(sidecar.data_to_send())
+    assert [type(e) for e in drain(client)] == [Connected, Data, End]
+    assert not client.is_active(sid)
+    assert client.next_stream_id() == 4
+
+
+def test_a_dns_stream_is_one_query_and_one_answer() -> None:
+    sidecar, client = pair()
+    query = bytes(12) + b"\x07example\x00\x00\x01\x00\x01"
+    client.send(DnsQuery(2, query))
+    sidecar.receive_data(client.data_to_send())
+    assert drain(sidecar) == [DnsQuery(2, query)]
+    sidecar.send(DnsAnswer(2, query))
+    assert not sidecar.is_active(2)
+    client.receive_data(sidecar.data_to_send())
+    assert drain(client) == [DnsAnswer(2, query)]
+    assert not client.is_active(2)
+
+
+@pytest.mark.parametrize(
+    ("frames", "error"),
+    [
+        ([Connect(1, "h", 1)], "the client opens even stream ids"),
+        ([Connect(2, "h", 1), ResponseHead(2, 200, ())], "RESPONSE_HEAD on connect stream 2"),
+        ([DnsQuery(2, bytes(12)), Data(2, b"x")], "half is done"),
+    ],
+)
+def test_outgoing_stream_rules(frames: list[Message], error: str) -> None:
+    sidecar, _ = pair()
+    with pytest.raises(ProtocolError, match=error):
+        sidecar.receive_data(b"".join(encode(f) for f in frames))
+
+
+def test_the_wrong_answer_kind_is_an_error() -> None:
+    sidecar, client = pair()
+    client.send(Connect(2, "h", 1))
+    sidecar.receive_data(client.data_to_send())
+    drain(sidecar)
+    with pytest.raises(ProtocolError, match="DNS_ANSWER on connect stream 2"):
+        sidecar.send(DnsAnswer(2, bytes(12)))
+
+
+def test_outgoing_messages_validate_when_built() -> None:
+    with pytest.raises(ValueError):
+        Connect(2, "", 80)
+    with pytest.raises(ValueError):
+        Connect(2, "h", 70000)
+    with pytest.raises(ValueError):
+        DnsQuery(2, b"short")
+
+
+def test_no_connect_after_goodbye() -> None:
+    sidecar, client = pair()
+    client.send(Goodbye("leaving"))
+    with pytest.raises(ProtocolError, match="no stream after GOODBYE"):
+        client.send(Connect(client.next_stream_id(), "h", 80))

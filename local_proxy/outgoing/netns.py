@@ -1,0 +1,307 @@
+"""Run the local process in a namespace of its own whose TCP and DNS come to offramp.
+
+Linux only, and no root: an unprivileged user namespace with a network and a
+mount namespace of its own (`unshare`), set up by a small helper process:
+
+- `lo` up, 198.18.0.1/32 on it (else glibc's AI_ADDRCONFIG sends no DNS query)
+  and a default route through it (else connect() fails with ENETUNREACH before
+  netfilter sees the packet);
+- an nft `nat output` chain: every UDP packet to port 53 (hard-coded servers
+  too) goes to one DNS socket, every TCP connection not to loopback to one
+  listener, and loopback ones only to the ports the filter names;
+- both sockets are made inside and handed to offramp (SCM_RIGHTS), which
+  accepts on them outside and reads each connection's destination with
+  SO_ORIGINAL_DST;
+- /etc/resolv.conf is a bind mount with the pod's search list and ndots, so
+  `payment-service` is looked up as it would be in the pod;
+- the process runs in a nested user namespace that maps it back to your uid,
+  so it sees itself as you (and cannot change the rules).
+
+The helper also makes sockets inside on request (`make_socket`), marked so the
+rules let them through: offramp connects them to the process's own
+127.0.0.1:PORT to hand it stolen requests, which is otherwise unreachable from
+outside.
+
+The helper is forked before any thread or event loop exists (`prepare`); the
+process starts only when offramp says so (`run`), once the session is up.
+
+Errors::
+
+    NamespaceError       the namespace cannot be made; the message says which setting forbids it
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["MARK", "Namespace", "NamespaceError", "original_destination", "prepare"]
+
+RELAY_PORT = 15001
+"""The listener's port inside the namespace (the namespace is ours: any port is free)."""
+DNS_ADDRESS = "127.0.0.1"
+NAMESERVER = "198.18.0.53"
+"""What the process's resolv.conf names; any address would do, as all of UDP/53 is redirected."""
+MARK = 0x4F46
+"""Sockets offramp makes inside carry this mark; the rules leave them alone."""
+SO_ORIGINAL_DST = 80
+_MS_REC, _MS_PRIVATE, _MS_BIND = 0x4000, 1 << 18, 0x1000
+_PR_SET_PDEATHSIG = 1
+
+
+class NamespaceError(Exception):
+    """The namespace cannot be made here; the message says why and what to change."""
+
+
+def _tool(name: str) -> str:
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/sbin:/usr/bin:/bin")
+    if found is None:
+        package = {"nft": "nftables", "ip": "iproute2"}[name]
+        raise NamespaceError(f"{name} is not installed (install the {package} package)")
+    return found
+
+
+def why_forbidden(error: OSError | None = None) -> str:
+    """Which setting keeps this machine from making an unprivileged user namespace."""
+    checks = [
+        ("/proc/sys/user/max_user_namespaces", "0", "user.max_user_namespaces is 0"),
+        ("/proc/sys/kernel/unprivileged_userns_clone", "0",
+         "kernel.unprivileged_userns_clone is 0 (sysctl -w kernel.unprivileged_userns_clone=1)"),
+        ("/proc/sys/kernel/apparmor_restrict_unprivileged_userns", "1",
+         "AppArmor restricts unprivileged user namespaces "
+         "(kernel.apparmor_restrict_unprivileged_userns=1)"),
+    ]  # fmt: skip
+    for path, bad, what in checks:
+        with contextlib.suppress(OSError):
+            if Path(path).read_text().strip() == bad:
+                return what
+    return f"unshare failed: {error.strerror if error else 'unknown reason'}"
+
+
+@dataclass
+class Namespace:
+    pid: int
+    control: socket.socket
+    listener: socket.socket
+    dns: socket.socket
+
+    def make_socket(self, family: int = socket.AF_INET) -> socket.socket:
+        """A new TCP socket inside the namespace (not connected)."""
+        self.control.send(b"s6" if family == socket.AF_INET6 else b"s4")
+        _, fds, _, _ = socket.recv_fds(self.control, 16, 1)
+        if not fds:
+            raise OSError("the namespace helper has gone")
+        return socket.socket(fileno=fds[0])
+
+    def run(self, command: list[str], resolv_conf: str | None) -> None:
+        """Start `command` inside (its resolv.conf the given text, or the laptop's)."""
+        message = {"command": command, "resolv": resolv_conf, "cwd": os.getcwd()}
+        self.control.send(b"r" + json.dumps(message).encode())
+        answer = self.control.recv(4096)
+        if answer != b"ok":
+            raise NamespaceError(answer.decode(errors="replace").removeprefix("error: "))
+
+    def signal(self, signum: int) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(self.pid, signum)
+
+    def close(self) -> None:
+        for s in (self.control, self.listener, self.dns):
+            s.close()
+
+
+def prepare(loopback_ports: tuple[int, ...] = ()) -> Namespace:
+    """Fork the helper and make the namespace. Call before any thread starts."""
+    ip, nft = _tool("ip"), _tool("nft")
+    parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    uid, gid = os.getuid(), os.getgid()
+    pid = os.fork()
+    if pid == 0:  # the helper
+        parent.close()
+        code = 1
+        try:
+            code = _helper(child, uid, gid, ip, nft, loopback_ports)
+        except BaseException as e:
+            with contextlib.suppress(OSError):
+                child.send(f"error: {e}".encode())
+        finally:
+            os._exit(code)
+    child.close()
+    message, fds, _, _ = socket.recv_fds(parent, 4096, 2)
+    if message != b"ok" or len(fds) != 2:
+        os.waitpid(pid, 0)
+        raise NamespaceError(message.decode(errors="replace").removeprefix("error: ") or
+                             "the namespace helper ended without a word")  # fmt: skip
+    listener = socket.socket(fileno=fds[0])
+    dns = socket.socket(fileno=fds[1])
+    return Namespace(pid, parent, listener, dns)
+
+
+def original_destination(sock: socket.socket) -> tuple[str, int]:
+    """Where an accepted (redirected) IPv4 connection was going."""
+    raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    port, packed = struct.unpack_from("!2xH4s", raw)
+    return socket.inet_ntoa(packed), port
+
+
+# --- the helper ----------------------------------------------------------------------
+
+
+def _write(path: str, text: str) -> None:
+    with open(path, "w") as f:
+        f.write(text)
+
+
+def _helper(
+    control: socket.socket, uid: int, gid: int, ip: str, nft: str, loopback_ports: tuple[int, ...]
+) -> int:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    try:
+        os.unshare(os.CLONE_NEWUSER | os.CLONE_NEWNET | os.CLONE_NEWNS)
+    except OSError as e:
+        raise NamespaceError(why_forbidden(e)) from e
+    _write("/proc/self/setgroups", "deny")
+    _write("/proc/self/uid_map", f"0 {uid} 1")
+    _write("/proc/self/gid_map", f"0 {gid} 1")
+    for args in (
+        ["link", "set", "lo", "up"],
+        ["addr", "add", "198.18.0.1/32", "dev", "lo"],
+        ["route", "add", "default", "dev", "lo"],
+    ):
+        _run([ip, *args])
+    loopback = ""
+    if loopback_ports:
+        ports = ", ".join(map(str, loopback_ports))
+        loopback = f"ip daddr 127.0.0.0/8 tcp dport {{ {ports} }} redirect to :{RELAY_PORT}\n"
+    rules = f"""
+table ip offramp {{
+  chain output {{
+    type nat hook output priority -100; policy accept;
+    meta mark {MARK} return
+    udp dport 53 redirect to :53
+    {loopback}ip daddr 127.0.0.0/8 return
+    meta l4proto tcp redirect to :{RELAY_PORT}
+  }}
+}}
+"""
+    _run([nft, "-f", "-"], rules)
+    if libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None) != 0:
+        raise NamespaceError(f"cannot make mounts private: {os.strerror(ctypes.get_errno())}")
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    listener.bind(("127.0.0.1", RELAY_PORT))
+    listener.listen(1024)
+    dns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    dns.bind((DNS_ADDRESS, 53))
+    socket.send_fds(control, [b"ok"], [listener.fileno(), dns.fileno()])
+    listener.close()
+    dns.close()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal's Ctrl-C reaches the process
+    return _serve(control, libc, uid, gid)
+
+
+def _run(cmd: list[str], stdin: str | None = None) -> None:
+    done = subprocess.run(cmd, input=stdin, capture_output=True, text=True, timeout=30)
+    if done.returncode != 0:
+        raise NamespaceError(f"{' '.join(cmd)} failed: {done.stderr.strip()}")
+
+
+def _serve(control: socket.socket, libc: ctypes.CDLL, uid: int, gid: int) -> int:
+    child = 0
+    resolv_dir: str | None = None
+
+    def forward(signum: int, _frame: object) -> None:
+        if child:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(child, signum)
+        else:
+            os._exit(128 + signum)
+
+    signal.signal(signal.SIGTERM, forward)
+    signal.signal(signal.SIGHUP, forward)
+    try:
+        while True:
+            if child:
+                done, status = os.waitpid(child, os.WNOHANG)
+                if done:
+                    return os.waitstatus_to_exitcode(status) % 256
+            try:
+                ready, _, _ = select.select([control], [], [], 0.1)
+            except InterruptedError:
+                continue
+            if not ready:
+                continue
+            message = control.recv(65536)
+            if not message:  # offramp has gone
+                if child:
+                    os.kill(child, signal.SIGTERM)
+                    os.waitpid(child, 0)
+                return 1
+            if message[:1] == b"s":
+                family = socket.AF_INET6 if message == b"s6" else socket.AF_INET
+                sock = socket.socket(family, socket.SOCK_STREAM)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, MARK)
+                socket.send_fds(control, [b"s"], [sock.fileno()])
+                sock.close()
+            elif message[:1] == b"r" and not child:
+                request = json.loads(message[1:])
+                try:
+                    if request["resolv"] is not None:
+                        resolv_dir = tempfile.mkdtemp(prefix="offramp-resolv-")
+                        path = os.path.join(resolv_dir, "resolv.conf")
+                        _write(path, request["resolv"])
+                        target = os.path.realpath("/etc/resolv.conf")
+                        if libc.mount(path.encode(), target.encode(), None, _MS_BIND, None) != 0:
+                            raise OSError(ctypes.get_errno(), f"cannot bind-mount {target}")
+                    child = _start(request["command"], request["cwd"], uid, gid)
+                except OSError as e:
+                    control.send(f"error: cannot start {request['command'][0]!r}: {e}".encode())
+                    return 1
+                control.send(b"ok")
+    finally:
+        if resolv_dir is not None:
+            shutil.rmtree(resolv_dir, ignore_errors=True)
+
+
+def _start(command: list[str], cwd: str, uid: int, gid: int) -> int:
+    """Fork the process; it maps itself back to the user's uid in a nested user
+    namespace, then runs `command`. Errors before exec reach the helper as OSError."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        os.close(read)
+        try:
+            signal.signal(signal.SIGINT, signal.SIG_DFL)
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            signal.signal(signal.SIGHUP, signal.SIG_DFL)
+            os.unshare(os.CLONE_NEWUSER)
+            _write("/proc/self/setgroups", "deny")
+            _write("/proc/self/uid_map", f"{uid} 0 1")
+            _write("/proc/self/gid_map", f"{gid} 0 1")
+            os.chdir(cwd)
+            os.set_inheritable(write, False)
+            os.execvp(command[0], command)
+        except OSError as e:
+            os.write(write, f"{e.errno}:{e.strerror}".encode())
+        finally:
+            os._exit(127)
+    os.close(write)
+    with os.fdopen(read, "rb") as pipe:
+        failure = pipe.read()
+    if failure:
+        os.waitpid(pid, 0)
+        errno_text, _, text = failure.decode().partition(":")
+        raise OSError(int(errno_text), text)
+    return pid

@@ -1,0 +1,250 @@
+"""Outgoing traffic for one offramp command, put together: a session that only
+carries outgoing streams (it takes no requests), the relay and DNS handler on
+top of it, and either the namespace's sockets or a SOCKS/HTTP proxy to feed them.
+
+The outgoing session opens before the local process starts, so the process's
+first connections and lookups (a database at start-up) already go through the
+pod; the stealing sessions open once it listens.
+
+`LocalProcess` is the local process as `offramp steal -- CMD` runs it: in the
+namespace (its helper's exit status is the process's), or as a plain child.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+from pathlib import Path as FilePath
+
+from local_proxy.outgoing.dns import DnsHandler
+from local_proxy.outgoing.filter import NameBook, OutgoingFilter
+from local_proxy.outgoing.netns import NAMESERVER, Namespace, original_destination
+from local_proxy.outgoing.proxy import ProxyServer, proxy_environment
+from local_proxy.outgoing.relay import OutgoingRelay
+from local_proxy.session import LocalSession, SessionError
+from sidecar.outgoing.resolver import ResolvConf
+from sidecar.tunnel.driver import Tunnel
+
+__all__ = ["OPEN_WAIT", "LocalProcess", "Outgoing"]
+
+log = logging.getLogger(__name__)
+
+OPEN_WAIT = 30.0
+"""How long the first outgoing session may take to open before the command fails."""
+TUNNEL_WAIT = 10.0
+"""How long a connection or query waits for a tunnel while the session reconnects."""
+
+
+class Outgoing:
+    def __init__(
+        self,
+        outgoing: OutgoingFilter,
+        session: LocalSession,
+        namespace: Namespace | None,
+        report: Callable[[str], None],
+    ):
+        self.filter = outgoing
+        self.session = session
+        self.namespace = namespace
+        self.report = report
+        self.names = NameBook()
+        self.relay = OutgoingRelay(outgoing, self.names, self._tunnel)
+        self.dns = DnsHandler(
+            outgoing, self.names, self._tunnel, ResolvConf.read(FilePath("/etc/resolv.conf"))
+        )
+        self.proxy: ProxyServer | None = None
+        self._tasks: list[asyncio.Task[None]] = []
+        self._dns_transport: asyncio.DatagramTransport | None = None
+        self._tcp_dns: set[asyncio.Task[None]] = set()
+
+    async def _tunnel(self) -> Tunnel | None:
+        return await self.session.current_tunnel(TUNNEL_WAIT)
+
+    async def start(self, proxy_port: int | None = None) -> None:
+        """Open the session; then serve the namespace, or (without one, or with
+        `proxy_port`) a SOCKS/HTTP proxy. Raises SessionError."""
+        runner = asyncio.create_task(self.session.run())
+        self._tasks.append(runner)
+        ready = asyncio.create_task(self.session.ready.wait())
+        await asyncio.wait({runner, ready}, timeout=OPEN_WAIT, return_when="FIRST_COMPLETED")
+        ready.cancel()
+        if runner.done():
+            runner.result()  # raises the session's error
+            raise SessionError("the outgoing session ended before it opened")
+        if not self.session.ready.is_set():
+            raise SessionError(f"the outgoing session did not open within {OPEN_WAIT:g} s")
+        if self.namespace is not None:
+            self._tasks.append(asyncio.create_task(self._accept(self.namespace.listener)))
+            await self._serve_dns(self.namespace.dns)
+        if self.namespace is None or proxy_port is not None:
+            self.proxy = ProxyServer(self.relay, port=proxy_port or 0)
+            await self.proxy.start()
+
+    def resolv_conf(self) -> str | None:
+        """The process's resolv.conf: the pod's search list and ndots, our nameserver.
+        None with DNS off (the laptop's own file stays)."""
+        welcome = self.session.welcome
+        if not self.filter.dns or welcome is None:
+            return None
+        lines = [f"nameserver {NAMESERVER}"]
+        if welcome.dns_search:
+            lines.append("search " + " ".join(welcome.dns_search))
+        lines.append(f"options ndots:{welcome.dns_ndots}")
+        return "\n".join(lines) + "\n"
+
+    def environment(self) -> dict[str, str]:
+        """For a process without the namespace: the proxy variables."""
+        assert self.proxy is not None
+        return proxy_environment(self.proxy.host, self.proxy.port)
+
+    async def _accept(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        listener.setblocking(False)
+        while True:
+            conn, _ = await loop.sock_accept(listener)
+            try:
+                host, port = original_destination(conn)
+                reader, writer = await asyncio.open_connection(sock=conn)
+            except OSError as e:
+                log.info("an outgoing connection could not be read: %s", e)
+                conn.close()
+                continue
+            if (host, port) == (NAMESERVER, 53):  # the resolver retrying over TCP
+                task = asyncio.create_task(self._dns_over_tcp(reader, writer))
+                self._tcp_dns.add(task)
+                task.add_done_callback(self._tcp_dns.discard)
+                continue
+            self.relay.serve(reader, writer, host, port)
+
+    async def _dns_over_tcp(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            while True:
+                size = int.from_bytes(await reader.readexactly(2), "big")
+                answer = await self.dns.answer(await reader.readexactly(size))
+                if answer is None:
+                    break
+                writer.write(len(answer).to_bytes(2, "big") + answer)
+                await writer.drain()
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    async def _serve_dns(self, sock: socket.socket) -> None:
+        handler = self.dns
+        tasks: set[asyncio.Task[None]] = set()
+
+        class Server(asyncio.DatagramProtocol):
+            def connection_made(self, transport: asyncio.BaseTransport) -> None:
+                self.transport = transport
+
+            def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
+                async def reply() -> None:
+                    answer = await handler.answer(data)
+                    if answer is not None:
+                        self.transport.sendto(answer, addr)  # type: ignore[attr-defined]
+
+                task = asyncio.create_task(reply())
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
+
+        sock.setblocking(False)
+        transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(Server, sock=sock)
+        self._dns_transport = transport
+
+    async def aclose(self) -> None:
+        self.session.stop()
+        if self.proxy is not None:
+            await self.proxy.aclose()
+        if self._dns_transport is not None:
+            self._dns_transport.close()
+        await self.relay.aclose()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, SessionError):
+                await task
+
+    def summary(self) -> str:
+        c, d = self.relay.counters, self.dns
+        return (
+            f"outgoing: {c.remote} connection(s) through the pod, {c.local} from here, "
+            f"{c.failed} failed; DNS: {d.remote} through the pod, {d.local} here, {d.failed} failed"
+        )
+
+
+class LocalProcess:
+    """The developer's process: a plain child, or the namespace helper's."""
+
+    def __init__(self, child: asyncio.subprocess.Process | None, namespace: Namespace | None):
+        self._child = child
+        self._namespace = namespace
+        self.returncode: int | None = None
+
+    @classmethod
+    async def start(
+        cls, command: list[str], namespace: Namespace | None, resolv: str | None,
+        env: dict[str, str] | None,
+    ) -> LocalProcess:  # fmt: skip
+        """Raises OSError (or NamespaceError) if it cannot start."""
+        if namespace is not None:
+            await asyncio.to_thread(namespace.run, command, resolv)
+            return cls(None, namespace)
+        child = await asyncio.create_subprocess_exec(
+            *command, env=None if env is None else os.environ | env
+        )
+        return cls(child, None)
+
+    async def wait(self) -> int:
+        if self._child is not None:
+            self.returncode = await self._child.wait()
+            return self.returncode
+        assert self._namespace is not None
+        pid = self._namespace.pid
+        fd = os.pidfd_open(pid)
+        try:
+            done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+            def exited() -> None:
+                if not done.done():
+                    done.set_result(None)
+
+            asyncio.get_running_loop().add_reader(fd, exited)
+            try:
+                await done
+            finally:
+                asyncio.get_running_loop().remove_reader(fd)
+        finally:
+            os.close(fd)
+        _, status = os.waitpid(pid, os.WNOHANG)  # noqa: ASYNC222 (it has exited: no wait)
+        self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def terminate(self) -> None:
+        if self._child is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self._child.terminate()
+        elif self._namespace is not None:
+            self._namespace.signal(signal.SIGTERM)
+
+    def kill(self) -> None:
+        if self._child is not None:
+            with contextlib.suppress(ProcessLookupError):
+                self._child.kill()
+        elif self._namespace is not None:
+            self._namespace.signal(signal.SIGKILL)
+
+    @property
+    def connect(self) -> Callable[[str, int], Awaitable[tuple[asyncio.StreamReader,
+                                                              asyncio.StreamWriter]]]:  # fmt: skip
+        from local_proxy.forward.dial import open_connection
+
+        factory = self._namespace.make_socket if self._namespace is not None else None
+        return lambda host, port: open_connection(host, port, factory)
