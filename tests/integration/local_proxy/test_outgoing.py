@@ -1,0 +1,337 @@
+"""Outgoing traffic and DNS through the pod, with the laptop side as an unprivileged user.
+
+    laptop (root netns, run as nobody) ── veth ── pod ns: the real sidecar ── veth ── cluster ns
+      offramp steal --sidecar-url ... -- CMD                                  kube-dns, payment-service
+      CMD in offramp's user+net+mount namespace
+
+The pod's resolv.conf is the cluster's (`ip netns exec` mounts /etc/netns/POD/resolv.conf
+over /etc/resolv.conf for the sidecar): search list default.svc.cluster.local ..., ndots:5.
+Only addresses of the namespaces made here are used.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.netns import Netns, require_netns, sh
+
+REPO = Path(__file__).resolve().parents[3]
+NOBODY = 65534
+BULK = 256 * 1024 * 1024
+CMD_PORT = 9999
+
+
+@dataclass
+class Bed:
+    pod: Netns
+    cluster: Netns
+    pod_ip: str  # as the laptop reaches it
+    pod_cluster_ip: str  # as the cluster sees it
+    dns_ip: str
+    service_ip: str
+    hardcoded_dns: str
+    token_file: Path
+    sidecar_log: Path
+    tmp: Path
+
+    @property
+    def sidecar_url(self) -> str:
+        return f"ws://{self.pod_ip}:15081"
+
+
+def _unreachable_ancestors(paths: list[Path]) -> list[Path]:
+    """Directories on the way to `paths` that others may not traverse (/root, say)."""
+    found: list[Path] = []
+    for path in paths:
+        for parent in reversed(path.resolve().parents):
+            if parent != Path("/") and not parent.stat().st_mode & 0o001 and parent not in found:
+                found.append(parent)
+    return found
+
+
+def as_nobody(cmd: list[str]) -> list[str]:
+    """`cmd` as an unprivileged user. Where offramp's interpreter or this checkout sit
+    under a directory others may not enter (pyenv under /root), a private mount
+    namespace re-exposes that directory's entries, each with its own modes."""
+    hidden = _unreachable_ancestors([REPO, Path(sys.base_prefix), Path(sys.executable)])
+    script = "set -e\n"
+    for i, directory in enumerate(hidden):
+        keep = f"/tmp/ofr-keep-{os.getpid()}-{i}"
+        script += (
+            f"mkdir -p {keep}; mount --bind {directory} {keep}\n"
+            f"mount -t tmpfs -o mode=755 tmpfs {directory}\n"
+            f"for e in {keep}/* {keep}/.[!.]*; do [ -e \"$e\" ] || continue; "
+            f"n={directory}/$(basename \"$e\"); if [ -d \"$e\" ]; then mkdir -p \"$n\"; "
+            f"else touch \"$n\"; fi; mount --bind \"$e\" \"$n\"; done\n"
+        )
+    script += f'exec setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups -- "$@"\n'
+    return ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", *cmd]
+
+
+def _nobody_env() -> dict[str, str]:
+    keep = {k: v for k, v in os.environ.items() if k in ("PATH", "LANG", "CI")}
+    return keep | {"HOME": "/tmp", "USER": "nobody", "LOGNAME": "nobody",
+                   "PYTHONDONTWRITEBYTECODE": "1"}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def bed() -> Iterator[Bed]:
+    require_netns()
+    for tool in ("unshare", "setpriv", "nft", "curl"):
+        if shutil.which(tool) is None and shutil.which(tool, path="/usr/sbin:/sbin") is None:
+            pytest.fail(f"{tool} is missing (.ci/run installs it)")
+    # Not under pytest's own temporary directory: that one only root may enter.
+    tmp = Path(tempfile.mkdtemp(prefix="offramp-outgoing-"))
+    tmp.chmod(0o755)
+    tag = secrets.token_hex(3)
+    net = int(tag[:2], 16) % 250 + 1
+    pod, cluster = Netns(f"ofr-opod-{tag}"), Netns(f"ofr-oclu-{tag}")
+    created: list[Netns] = []
+    procs: list[subprocess.Popen[bytes]] = []
+    etc = Path(f"/etc/netns/{pod.name}")
+    try:
+        for ns in (pod, cluster):
+            sh("ip", "netns", "add", ns.name)
+            created.append(ns)
+            ns.sh("ip", "link", "set", "lo", "up")
+        sh("ip", "link", "add", f"oop{tag}", "netns", pod.name, "type", "veth",
+           "peer", "name", f"ooc{tag}", "netns", cluster.name)  # fmt: skip
+        sh("ip", "link", "add", f"ooh{tag}", "type", "veth", "peer", "name", f"ool{tag}",
+           "netns", pod.name)  # fmt: skip
+        pod_cluster_ip, pod_ip = f"10.214.{net}.2", f"10.215.{net}.2"
+        dns_ip, service_ip = f"10.214.{net}.53", f"10.214.{net}.100"
+        pod.sh("ip", "addr", "add", f"{pod_cluster_ip}/24", "dev", f"oop{tag}")
+        pod.sh("ip", "link", "set", f"oop{tag}", "up")
+        pod.sh("ip", "addr", "add", f"{pod_ip}/24", "dev", f"ool{tag}")
+        pod.sh("ip", "link", "set", f"ool{tag}", "up")
+        sh("ip", "addr", "add", f"10.215.{net}.1/24", "dev", f"ooh{tag}")
+        sh("ip", "link", "set", f"ooh{tag}", "up")
+        for address in (f"10.214.{net}.1", dns_ip, service_ip):
+            cluster.sh("ip", "addr", "add", f"{address}/24", "dev", f"ooc{tag}")
+        cluster.sh("ip", "link", "set", f"ooc{tag}", "up")
+        etc.mkdir(parents=True, exist_ok=True)
+        (etc / "resolv.conf").write_text(
+            f"nameserver {dns_ip}\n"
+            "search default.svc.cluster.local svc.cluster.local cluster.local\n"
+            "options ndots:5\n"
+        )
+        token_file = tmp / "token"
+        token_file.write_text(secrets.token_hex(32))
+        os.chown(token_file, NOBODY, NOBODY)
+        token_file.chmod(0o600)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+        services = subprocess.Popen(
+            cluster.cmd(sys.executable, "-m", "tests.outgoing_cluster", dns_ip, service_ip),
+            cwd=REPO, stdout=subprocess.PIPE, env=env,
+        )  # fmt: skip
+        procs.append(services)
+        assert services.stdout is not None and services.stdout.readline().strip() == b"ready"
+        sidecar_log = tmp / "sidecar.log"
+        with sidecar_log.open("wb") as log:
+            procs.append(subprocess.Popen(
+                pod.cmd(sys.executable, "-m", "sidecar", "--app-port=8080", "--listen-port=15080",
+                        "--control-port=15081", f"--token-file={token_file}", "--capture=none"),
+                stdout=log, stderr=subprocess.STDOUT, env=env,
+            ))  # fmt: skip
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"http://{pod_ip}:15081/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, sidecar_log.read_text()
+            time.sleep(0.1)
+        yield Bed(pod, cluster, pod_ip, pod_cluster_ip, dns_ip, service_ip,
+                  f"10.214.{net}.200", token_file, sidecar_log, tmp)  # fmt: skip
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait()
+            if proc.stdout is not None:
+                proc.stdout.close()
+        for ns in created:
+            for pid in subprocess.run(["ip", "netns", "pids", ns.name], capture_output=True,
+                                      text=True).stdout.split():  # fmt: skip
+                subprocess.run(["kill", "-9", pid], capture_output=True)
+            subprocess.run(["ip", "netns", "del", ns.name], capture_output=True)
+        shutil.rmtree(etc, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def result(self) -> dict[str, object]:
+        for line in self.out.splitlines():
+            if line.startswith("RESULT "):
+                return dict(json.loads(line[7:]))
+        raise AssertionError(f"no RESULT line\nstdout:\n{self.out}\nstderr:\n{self.err}")
+
+
+def steal(bed: Bed, flags: list[str], cmd: list[str], *, prefix: list[str] | None = None,
+          steal_after: bool = True, timeout: float = 60) -> Run:  # fmt: skip
+    """Run `offramp steal` as nobody with CMD; once CMD printed its RESULT, send it one
+    stolen request (`/done`) from the cluster, which also ends it."""
+    argv = [
+        str(Path(sys.executable).parent / "offramp"), "steal", "--sidecar-url", bed.sidecar_url,
+        "--token-file", str(bed.token_file), "--to", str(CMD_PORT), "--header", "^x-dev: me$",
+        *flags, "--", *cmd,
+    ]  # fmt: skip
+    proc = subprocess.Popen(as_nobody([*(prefix or []), *argv]), cwd=bed.tmp,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=_nobody_env())  # fmt: skip
+    out: list[str] = []
+    seen_result = threading.Event()
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            out.append(line)
+            if line.startswith("RESULT "):
+                seen_result.set()
+
+    reader = threading.Thread(target=read, daemon=True)  # stdout is read as it comes
+    reader.start()
+    try:
+        if steal_after:
+            deadline = time.monotonic() + timeout
+            while not seen_result.wait(0.2) and proc.poll() is None:
+                if time.monotonic() > deadline:
+                    break
+            if not seen_result.is_set():
+                proc.kill()
+                assert proc.stderr is not None
+                raise AssertionError("no RESULT from CMD\n" + "".join(out) + proc.stderr.read())
+            # Once CMD has reported, the stealing session opens: ask for /done until
+            # the local process answers it.
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                answer = bed.cluster.sh(
+                    "curl", "-s", "-m", "5", "-H", "x-dev: me",
+                    f"http://{bed.pod_cluster_ip}:15080/done",
+                )  # fmt: skip
+                if "the local process saw /done" in answer:
+                    break
+                time.sleep(0.2)
+            else:
+                raise AssertionError("the stolen request never reached CMD\n" + "".join(out))
+        proc.wait(timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        reader.join(5)
+    assert proc.stderr is not None and proc.stdout is not None
+    err = proc.stderr.read()
+    proc.stderr.close()
+    proc.stdout.close()
+    return Run(proc.returncode, "".join(out), err)
+
+
+def cmd(bed: Bed, checks: str, size: int = 0) -> list[str]:
+    return ["/usr/bin/python3", str(REPO / "tests" / "outgoing_cmd.py"), str(CMD_PORT),
+            bed.service_ip, bed.hardcoded_dns, str(size), checks]  # fmt: skip
+
+
+def test_cmd_resolves_and_connects_through_the_pod(bed: Bed) -> None:
+    """Short name, name.namespace and FQDN resolve with the pod's search list; an
+    unknown name is NXDOMAIN; a truncated answer is retried over TCP; a query sent
+    straight to a hard-coded server is answered by the pod's resolver; the
+    service sees the connection come from the pod; a stolen request reaches CMD
+    inside its namespace; CMD runs as the unprivileged user."""
+    run = steal(bed, [], cmd(bed, "resolve,http,hardcoded_dns"))
+    assert run.code == 0, run.err + run.out
+    result = run.result
+    names = result["resolve"]
+    assert isinstance(names, dict)
+    for name in ("payment-service", "payment-service.default",
+                 "payment-service.default.svc.cluster.local", "big"):  # fmt: skip
+        assert names[name] == [bed.service_ip], (name, result)
+    assert str(names["no-such-service"]).startswith("gaierror"), result
+    assert result["http"] == f"payment-service; you are {bed.pod_cluster_ip}\n", result
+    assert result["hardcoded_dns"] == bed.service_ip, result
+    assert "outgoing: 1 connection(s) through the pod" in run.out, run.out
+
+
+def test_refused_denied_and_half_close(bed: Bed) -> None:
+    """A refused destination and a metadata address (refused by the sidecar's policy)
+    reset the connection (ECONNRESET: the namespace accepted it before the pod could
+    try); a half-closed connection still gets its answer."""
+    run = steal(bed, [], cmd(bed, "refused,denied,half_close"))
+    result = run.result
+    assert result["refused"] == "ConnectionResetError", result
+    assert result["denied"] == "ConnectionResetError", result
+    assert result["half_close"].startswith("got 1048576 bytes"), result  # type: ignore[union-attr]
+    log = bed.sidecar_log.read_text()
+    assert "169.254.169.254:80 is a link-local (cloud metadata) address" in log, log
+    assert f"{bed.service_ip}:9 refused" in log, log
+
+
+def test_local_port_reaches_the_laptops_loopback(bed: Bed) -> None:
+    """--local :8888: CMD's 127.0.0.1:8888 is the laptop's."""
+    import socketserver
+
+    class Banner(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            self.request.recv(100)
+            self.request.sendall(b"laptop-8888")
+
+    with socketserver.TCPServer(("127.0.0.1", 8888), Banner) as server:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        run = steal(bed, ["--local", ":8888"], cmd(bed, "local_8888,http"))
+        server.shutdown()
+    assert run.result["local_8888"] == "read b'laptop-8888'", run.result
+    assert "payment-service; you are" in str(run.result["http"])
+
+
+@pytest.mark.timeout(400)
+def test_a_thousand_connections_and_256_mib_each_way(bed: Bed) -> None:
+    run = steal(bed, [], cmd(bed, "loop,bulk", BULK), timeout=300)
+    result = run.result
+    assert result["loop"] == 1000, result
+    bulk = result["bulk"]
+    assert isinstance(bulk, dict)
+    from tests.support import pattern_sha256
+
+    assert bulk["up"].startswith(f"got {BULK} bytes"), bulk
+    assert bulk["down_bytes"] == BULK and bulk["down_sha"] == pattern_sha256(BULK), bulk
+    print(f"256 MiB up in {bulk['up_s']:.2f} s, down in {bulk['down_s']:.2f} s; {run.out}")
+
+
+def test_curl_as_the_local_process(bed: Bed) -> None:
+    """A program that is not Python: curl resolves and connects through the pod."""
+    run = steal(bed, [], ["sh", "-c", "curl -s -m 20 http://payment-service:8080/; "
+                          "echo RESULT '{}'"], steal_after=False)  # fmt: skip
+    assert f"payment-service; you are {bed.pod_cluster_ip}" in run.out, run.out + run.err
+
+
+def test_proxy_variables_where_user_namespaces_are_forbidden(bed: Bed) -> None:
+    """With user namespaces off (user.max_user_namespaces=0 in a child user
+    namespace), offramp says which setting forbids them and runs CMD with the
+    proxy variables; curl honours them."""
+    forbid = ["unshare", "-Ur", "sh", "-c",
+              'echo 0 > /proc/sys/user/max_user_namespaces && exec "$@"', "sh"]  # fmt: skip
+    run = steal(bed, [], ["sh", "-c", "curl -s -m 20 http://payment-service:8080/; "
+                          "echo RESULT '{}'"], prefix=forbid, steal_after=False)  # fmt: skip
+    assert "user.max_user_namespaces is 0" in run.err, run.err
+    assert "ALL_PROXY" in run.err
+    assert f"payment-service; you are {bed.pod_cluster_ip}" in run.out, run.out + run.err

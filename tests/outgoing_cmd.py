@@ -1,0 +1,151 @@
+"""The local process of the outgoing tests: `offramp steal ... -- python3 this.py ARGS`.
+
+Standard library only (it runs under the system's python3, not offramp's). It
+listens on 127.0.0.1:PORT for stolen requests (answering "the local process",
+and ending on GET /done), runs the checks named in CHECKS, prints one line
+`RESULT {json}`, then waits for /done (at most 120 s).
+
+    python3 outgoing_cmd.py PORT SERVICE_IP HARDCODED_DNS BULK_BYTES CHECK,CHECK,...
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import struct
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+done = threading.Event()
+
+
+class Handler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        body = f"the local process saw {self.path}\n".encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+        if self.path == "/done":
+            done.set()
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def resolve(name: str) -> list[str] | str:
+    try:
+        return sorted({i[4][0] for i in socket.getaddrinfo(name, 80, socket.AF_INET)})
+    except socket.gaierror as e:
+        return f"gaierror {e.errno}"
+
+
+def http_get(host: str, port: int) -> str:
+    with socket.create_connection((host, port), timeout=10) as s:
+        s.sendall(f"GET / HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    return data.split(b"\r\n\r\n", 1)[-1].decode()
+
+
+def hardcoded_dns(server: str) -> str:
+    qname = b"".join(bytes([len(p)]) + p for p in b"payment-service.default.svc.cluster.local".split(b"."))
+    query = struct.pack("!HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0) + qname + b"\x00\x00\x01\x00\x01"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.settimeout(10)
+        s.sendto(query, (server, 53))
+        answer = s.recv(4096)
+    return socket.inet_ntoa(answer[-4:])  # the last record's A data
+
+
+def attempt(host: str, port: int) -> str:
+    """What a client sees when it connects and reads."""
+    try:
+        with socket.create_connection((host, port), timeout=15) as s:
+            s.sendall(b"hello")
+            data = s.recv(100)
+            return f"read {data!r}"
+    except OSError as e:
+        return type(e).__name__
+
+
+def half_close(host: str) -> str:
+    with socket.create_connection((host, 7000), timeout=30) as s:
+        s.sendall(b"x" * (1 << 20))
+        s.shutdown(socket.SHUT_WR)
+        return s.makefile("rb").readline().decode().strip()
+
+
+def loop(host: str, count: int) -> int:
+    ok = 0
+    deadline = time.monotonic() + 90
+    for _ in range(count):
+        if time.monotonic() > deadline:
+            break
+        if "payment-service" in http_get(host, 8080):
+            ok += 1
+    return ok
+
+
+def bulk(host: str, size: int) -> dict[str, object]:
+    started = time.monotonic()
+    with socket.create_connection((host, 7000), timeout=120) as s:
+        block = bytes(range(256)) * 256
+        sent = 0
+        while sent < size:
+            piece = block[: min(len(block), size - sent)]
+            s.sendall(piece)
+            sent += len(piece)
+        s.shutdown(socket.SHUT_WR)
+        up = s.makefile("rb").readline().decode().strip()
+    up_s = time.monotonic() - started
+    started = time.monotonic()
+    digest, got = hashlib.sha256(), 0
+    with socket.create_connection((host, 7001), timeout=120) as s:
+        s.sendall(f"{size}\n".encode())
+        while chunk := s.recv(1 << 16):
+            digest.update(chunk)
+            got += len(chunk)
+    return {"up": up, "up_s": up_s, "down_bytes": got, "down_sha": digest.hexdigest(),
+            "down_s": time.monotonic() - started}
+
+
+def main() -> None:
+    port, service_ip, hardcoded, size, checks = sys.argv[1:6]
+    server = ThreadingHTTPServer(("127.0.0.1", int(port)), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    results: dict[str, object] = {}
+    for check in checks.split(","):
+        try:
+            if check == "resolve":
+                results[check] = {n: resolve(n) for n in (
+                    "payment-service", "payment-service.default",
+                    "payment-service.default.svc.cluster.local", "big", "no-such-service")}
+            elif check == "http":
+                results[check] = http_get("payment-service", 8080)
+            elif check == "hardcoded_dns":
+                results[check] = hardcoded_dns(hardcoded)
+            elif check == "local_8888":
+                results[check] = attempt("127.0.0.1", 8888)
+            elif check == "refused":
+                results[check] = attempt(service_ip, 9)
+            elif check == "denied":
+                results[check] = attempt("169.254.169.254", 80)
+            elif check == "half_close":
+                results[check] = half_close(service_ip)
+            elif check == "loop":
+                results[check] = loop(service_ip, 1000)
+            elif check == "bulk":
+                results[check] = bulk(service_ip, int(size))
+        except Exception as e:  # reported, not raised: the test reads every result
+            results[check] = f"error {type(e).__name__}: {e}"
+    print("RESULT " + json.dumps(results), flush=True)
+    done.wait(120)
+
+
+if __name__ == "__main__":
+    main()
