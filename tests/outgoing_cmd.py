@@ -53,7 +53,9 @@ def http_get(host: str, port: int) -> str:
 
 
 def hardcoded_dns(server: str) -> str:
-    qname = b"".join(bytes([len(p)]) + p for p in b"payment-service.default.svc.cluster.local".split(b"."))
+    qname = b"".join(
+        bytes([len(p)]) + p for p in b"payment-service.default.svc.cluster.local".split(b".")
+    )
     query = struct.pack("!HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0) + qname + b"\x00\x00\x01\x00\x01"
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.settimeout(10)
@@ -110,8 +112,13 @@ def bulk(host: str, size: int) -> dict[str, object]:
         while chunk := s.recv(1 << 16):
             digest.update(chunk)
             got += len(chunk)
-    return {"up": up, "up_s": up_s, "down_bytes": got, "down_sha": digest.hexdigest(),
-            "down_s": time.monotonic() - started}
+    return {
+        "up": up,
+        "up_s": up_s,
+        "down_bytes": got,
+        "down_sha": digest.hexdigest(),
+        "down_s": time.monotonic() - started,
+    }
 
 
 def main() -> None:
@@ -122,9 +129,16 @@ def main() -> None:
     for check in checks.split(","):
         try:
             if check == "resolve":
-                results[check] = {n: resolve(n) for n in (
-                    "payment-service", "payment-service.default",
-                    "payment-service.default.svc.cluster.local", "big", "no-such-service")}
+                results[check] = {
+                    n: resolve(n)
+                    for n in (
+                        "payment-service",
+                        "payment-service.default",
+                        "payment-service.default.svc.cluster.local",
+                        "big",
+                        "no-such-service",
+                    )
+                }
             elif check == "http":
                 results[check] = http_get("payment-service", 8080)
             elif check == "hardcoded_dns":

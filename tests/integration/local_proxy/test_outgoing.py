@@ -1,8 +1,9 @@
 """Outgoing traffic and DNS through the pod, with the laptop side as an unprivileged user.
 
-    laptop (root netns, run as nobody) ── veth ── pod ns: the real sidecar ── veth ── cluster ns
-      offramp steal --sidecar-url ... -- CMD                                  kube-dns, payment-service
-      CMD in offramp's user+net+mount namespace
+    laptop (root netns) ── veth ── pod ns ── veth ── cluster ns
+      offramp steal ... -- CMD      the real    kube-dns,
+      as nobody; CMD in offramp's   sidecar     payment-service
+      user+net+mount namespace
 
 The pod's resolv.conf is the cluster's (`ip netns exec` mounts /etc/netns/POD/resolv.conf
 over /etc/resolv.conf for the sidecar): search list default.svc.cluster.local ..., ndots:5.
@@ -74,9 +75,9 @@ def as_nobody(cmd: list[str]) -> list[str]:
         script += (
             f"mkdir -p {keep}; mount --bind {directory} {keep}\n"
             f"mount -t tmpfs -o mode=755 tmpfs {directory}\n"
-            f"for e in {keep}/* {keep}/.[!.]*; do [ -e \"$e\" ] || continue; "
-            f"n={directory}/$(basename \"$e\"); if [ -d \"$e\" ]; then mkdir -p \"$n\"; "
-            f"else touch \"$n\"; fi; mount --bind \"$e\" \"$n\"; done\n"
+            f'for e in {keep}/* {keep}/.[!.]*; do [ -e "$e" ] || continue; '
+            f'n={directory}/$(basename "$e"); if [ -d "$e" ]; then mkdir -p "$n"; '
+            f'else touch "$n"; fi; mount --bind "$e" "$n"; done\n'
         )
     script += f'exec setpriv --reuid={NOBODY} --regid={NOBODY} --clear-groups -- "$@"\n'
     return ["unshare", "-m", "--propagation", "private", "sh", "-c", script, "sh", *cmd]

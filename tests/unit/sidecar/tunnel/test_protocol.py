@@ -7,16 +7,16 @@ import struct
 import pytest
 
 from sidecar.tunnel.protocol import (
-    Connect,
-    Connected,
-    DnsAnswer,
-    DnsQuery,
     INITIAL_WINDOW,
     MAX_DATA,
     MAX_MESSAGE,
     PROTOCOL_VERSION,
+    Connect,
+    Connected,
     Connection,
     Data,
+    DnsAnswer,
+    DnsQuery,
     End,
     FlowControlError,
     FrameType,
@@ -370,7 +370,7 @@ def test_outgoing_messages_validate_when_built() -> None:
 
 
 def test_no_connect_after_goodbye() -> None:
-    sidecar, client = pair()
+    _, client = pair()
     client.send(Goodbye("leaving"))
     with pytest.raises(ProtocolError, match="no stream after GOODBYE"):
         client.send(Connect(client.next_stream_id(), "h", 80))
