@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from local_proxy.cluster.kube import Forbidden, Kube, KubeError, NotFound
+from local_proxy.cluster.kube import Forbidden, Invalid, Kube, KubeError, NotFound
 from local_proxy.cluster.workload import (
     PodFailure,
     Target,
@@ -64,6 +64,10 @@ NO_IMAGE = (
     "image'), then pass --image IMAGE, set OFFRAMP_SIDECAR_IMAGE, or run "
     "'offramp set-image IMAGE' once. Nothing was changed in the cluster"
 )
+
+
+CONFLICT_RETRIES = 5
+"""Times the injection patch is computed anew when the workload changed under it."""
 
 
 class Failed(Exception):
@@ -170,7 +174,7 @@ class StealTarget:
                 self.report(
                     f"offramp: {verb} the sidecar ({why}{', port ' + named if named else ''})"
                 )
-                workload = await self._k(kube.patch, t.resource, t.name, ops)
+                workload = await self._patch_guarded(workload, options, ops)
             else:
                 self.report("offramp: the sidecar is already injected")
             workload = await self._wait_rollout(workload)
@@ -179,6 +183,25 @@ class StealTarget:
         except TargetError as e:
             raise Failed(f"{describe(t.resource, t.name)}: {e}") from e
         return workload, token
+
+    async def _patch_guarded(self, workload: Obj, options: InjectOptions, ops: list[Obj]) -> Obj:
+        """Apply the injection patch. Its guard fails when the object changed since it
+        was read (a controller writing status does that right after an apply): then
+        read it again and patch anew, a few times, as kubectl's retry on conflict does."""
+        assert self.kube is not None
+        t = self.target
+        for _ in range(CONFLICT_RETRIES):
+            try:
+                return dict(await self._k(self.kube.patch, t.resource, t.name, ops))
+            except Invalid:
+                fresh = await self._k(resolve, self.kube, t)
+                if fresh["metadata"]["resourceVersion"] == workload["metadata"]["resourceVersion"]:
+                    raise  # not a conflict: the patch itself was refused
+                workload = fresh
+                ops = injection_patch(workload, options)
+                if not ops:
+                    return workload
+        return dict(await self._k(self.kube.patch, t.resource, t.name, ops))
 
     def _choose_ports(self, fronted: list[int]) -> None:
         """Keep the ports to filter that the sidecar fronts; note the others."""

@@ -132,3 +132,38 @@ def test_typographic_quotes_are_read_as_plain_quotes_with_a_note(tmp_path: Path)
     incoming = load_incoming(write(tmp_path, text))
     assert incoming.mode is Mode.STEAL
     assert len(incoming.notes) == 1 and "typographic quotes" in incoming.notes[0]
+
+
+@pytest.mark.skipif(not SEEDS.is_dir(), reason=f"shared seeds not found at {SEEDS}")
+def test_the_seed_blogs_outgoing_filters_load_as_written(tmp_path: Path) -> None:
+    """outgoing-filter-blog.md: {"local": [":8888"]} loads (typographic quotes and
+    all); the first example lacks the opening quote of "feature" and is refused
+    with where."""
+    text = (SEEDS / "outgoing-filter-blog.md").read_text()
+    blocks = [b for b in json_blocks(text) if '"outgoing"' in b]
+    assert len(blocks) >= 2
+    found = []
+    for i, block in enumerate(blocks):
+        path = tmp_path / f"out{i}.json"
+        path.write_text(block)
+        if 'feature":' in block and '"feature"' not in block:
+            with pytest.raises(ConfigError, match=r"not valid JSON: .*:2 .* column 11"):
+                load_incoming(path)
+            continue
+        loaded = load_incoming(path)
+        assert not [k for k in loaded.ignored if "outgoing" in k], loaded.ignored
+        found.append(loaded.outgoing.local)
+    assert (":8888",) in found
+
+
+def test_outgoing_and_dns_keys(tmp_path: Path) -> None:
+    path = write(tmp_path, '{"feature": {"network": {"outgoing": {"tcp": true, "udp": true, '
+                 '"filter": {"remote": ["payment-service:8080"]}}, "dns": false}}}')  # fmt: skip
+    loaded = load_incoming(path)
+    assert loaded.outgoing.remote == ("payment-service:8080",)
+    assert loaded.outgoing.dns is False and loaded.outgoing.tcp is True
+    assert any("outgoing.udp" in k for k in loaded.ignored)
+    both = write(tmp_path, '{"feature": {"network": {"outgoing": {"filter": '
+                 '{"local": ["a"], "remote": ["b"]}}}}}')  # fmt: skip
+    with pytest.raises(ConfigError, match="both local and remote"):
+        load_incoming(both)
