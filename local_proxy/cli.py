@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import getpass
 import json
 import os
@@ -171,9 +170,17 @@ def parser() -> argparse.ArgumentParser:
         "plain http:// requests) on 127.0.0.1, for curl, a browser or an IDE's run "
         "configuration; prints the variables to export. Takes no requests from the pod.",
     )
-    proxy.add_argument("--sidecar-url", required=True,
-                       help="the sidecar's session server, e.g. ws://127.0.0.1:15081")  # fmt: skip
-    proxy.add_argument("--token-file", type=Path, required=True, help="the sidecar's token")
+    proxy.add_argument(
+        "target",
+        nargs="?",
+        metavar="KIND/NAME",
+        help="the workload whose pod the connections leave from (injected if needed)",
+    )
+    proxy.add_argument("--sidecar-url", help="instead of KIND/NAME: one sidecar's session "
+                       "server, e.g. ws://127.0.0.1:15081 (needs --token-file)")  # fmt: skip
+    proxy.add_argument("--token-file", type=Path, help="with --sidecar-url: the sidecar's token")
+    _kube_flags(proxy)
+    proxy.add_argument("--image", help="the sidecar image, if it must be injected (as for steal)")
     proxy.add_argument("--listen", type=int, default=1080, metavar="PORT",
                        help="port on 127.0.0.1 (default %(default)s; 0: any free one)")  # fmt: skip
     proxy.add_argument("-f", "--config-file", type=Path,
@@ -384,12 +391,21 @@ def _steal(args: argparse.Namespace, command: list[str]) -> int:
     if target is not None:
         from local_proxy.cluster.target import StealTarget
 
+        outgoing_filter, namespace = None, None
+        if command:
+            try:
+                outgoing_filter = _outgoing_filter(args, incoming)
+            except ConfigError as e:
+                return _fail(str(e))
+            namespace = _namespace(outgoing_filter, command, args.no_namespace)
         steal = StealTarget(
             target, settings, image=image, no_iptables=args.no_iptables,
             container=args.container, rollout_timeout=args.rollout_timeout, report=_say,
             sidecar_workers=args.sidecar_workers,
+            outgoing=_outgoing_spec(outgoing_filter) if outgoing_filter else None,
+            factory=namespace.make_socket if namespace is not None else None,
         )  # fmt: skip
-        return asyncio.run(_run_target(steal, command, args.to))
+        return asyncio.run(_run_target(steal, command, args.to, outgoing_filter, namespace))
     if not command:
         return asyncio.run(_run(settings))
     try:
@@ -435,13 +451,16 @@ def _namespace(outgoing: OutgoingFilter, command: list[str], plain: bool) -> Nam
         return None
 
 
+def _outgoing_spec(outgoing: OutgoingFilter) -> OutgoingSpec | None:
+    if not outgoing.enabled:
+        return None
+    return OutgoingSpec(tcp=outgoing.tcp, dns=outgoing.dns, named=outgoing.named)
+
+
 def _outgoing_settings(settings: LocalSettings, outgoing: OutgoingFilter) -> LocalSettings:
     """The settings of the session that carries outgoing traffic only."""
     spec = settings.spec.model_copy(
-        update={
-            "incoming": False,
-            "outgoing": OutgoingSpec(tcp=outgoing.tcp, dns=outgoing.dns, named=outgoing.named),
-        }
+        update={"incoming": False, "outgoing": _outgoing_spec(outgoing)}
     )
     return settings.model_copy(update={"spec": spec})
 
@@ -454,41 +473,20 @@ async def _run_command(
 ) -> int:
     """`offramp steal --sidecar-url ... -- CMD`: outgoing first, then CMD, then the
     session that steals once CMD listens."""
-    factory = namespace.make_socket if namespace is not None else None
     outgoing = None
     if outgoing_filter.enabled:
-        outgoing = Outgoing(
-            outgoing_filter,
-            LocalSession(_outgoing_settings(settings, outgoing_filter), report=_say),
-            namespace,
-            _say,
-        )
+        session = LocalSession(_outgoing_settings(settings, outgoing_filter), report=_say)
         try:
-            await outgoing.start()
+            outgoing = await _start_outgoing(outgoing_filter, session, namespace)
         except SessionError as e:
-            await outgoing.aclose()
             return _fail(str(e), 1)
+    factory = namespace.make_socket if namespace is not None else None
     session = LocalSession(settings, report=_say, factory=factory)
     try:
         try:
-            process = await LocalProcess.start(
-                command,
-                namespace,
-                outgoing.resolv_conf() if outgoing else None,
-                outgoing.environment() if outgoing and namespace is None else None,
-            )
-        except (OSError, NamespaceError) as e:
-            return _fail(f"cannot start {command[0]!r}: {e}")
-        waiter = asyncio.create_task(process.wait())
-        if not await _listening_via(process.connect, waiter, settings.to_port):
-            if not waiter.done():
-                process.terminate()
-                await waiter
-                return _fail(f"{command[0]} did not listen on 127.0.0.1:{settings.to_port} "
-                             f"within {LISTEN_WAIT:.0f} s", 1)  # fmt: skip
-            return _fail(f"{command[0]} exited with {waiter.result()} before listening on "
-                         f"port {settings.to_port}", 1)  # fmt: skip
-        _say(f"offramp: {command[0]} listens on 127.0.0.1:{settings.to_port}")
+            process, waiter = await _start_command(command, settings.to_port, namespace, outgoing)
+        except _CommandFailed as e:
+            return _fail(str(e), e.code)
         waiter.add_done_callback(lambda _: session.stop())
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -498,13 +496,7 @@ async def _run_command(
         except SessionError as e:
             return _fail(str(e), 1)
         finally:
-            if not waiter.done():
-                process.terminate()
-                try:
-                    await asyncio.wait_for(asyncio.shield(waiter), 10)
-                except TimeoutError:
-                    process.kill()
-                    await waiter
+            await _end_command(process, waiter)
         c = session.forwarder.counters
         _say(f"offramp: session ended: {c.stolen} stolen, {c.mirrored} mirrored")
         code = waiter.result()
@@ -536,12 +528,18 @@ async def _listening_via(
 
 
 def _proxy(args: argparse.Namespace) -> int:
+    if (args.target is None) == (args.sidecar_url is None):
+        return _fail("give either KIND/NAME (a workload in the cluster) or --sidecar-url")
+    if args.sidecar_url and args.token_file is None:
+        return _fail("--sidecar-url needs --token-file (the file with the sidecar's token)")
     try:
+        target = _target(args) if args.target else None
+        image = args.image or (_configured_image() if target else None)
         incoming = load_incoming(args.config_file) if args.config_file else Incoming()
         outgoing = _outgoing_filter(args, incoming)
         settings = LocalSettings(
-            sidecar_url=args.sidecar_url,
-            token=read_token(args.token_file),
+            sidecar_url=args.sidecar_url or "ws://pending",
+            token=read_token(args.token_file) if args.token_file else "",
             to_port=1,
             spec=build_spec(Incoming(), FilterFlags(),
                             f"{getpass.getuser()}@{socket.gethostname()}"),
@@ -552,16 +550,54 @@ def _proxy(args: argparse.Namespace) -> int:
         return _fail(describe_validation_error(e, "option"))
     if not outgoing.tcp:
         return _fail("with --no-outgoing this proxy would carry nothing")
-    return asyncio.run(_serve_proxy(settings, outgoing, args.listen))
+    if target is None:
+        session = LocalSession(_outgoing_settings(settings, outgoing), report=_say)
+        return asyncio.run(_serve_proxy(session, outgoing, args.listen))
+    from local_proxy.cluster.target import StealTarget
+
+    steal = StealTarget(target, settings, image=image, report=_say, incoming=False,
+                        outgoing=_outgoing_spec(outgoing))  # fmt: skip
+    return asyncio.run(_proxy_target(steal, outgoing, args.listen))
 
 
-async def _serve_proxy(settings: LocalSettings, outgoing_filter: OutgoingFilter, port: int) -> int:
-    outgoing = Outgoing(
-        outgoing_filter,
-        LocalSession(_outgoing_settings(settings, outgoing_filter), report=_say),
-        None,
-        _say,
-    )
+async def _proxy_target(steal: StealTarget, outgoing_filter: OutgoingFilter, port: int) -> int:
+    from local_proxy.cluster.target import Failed
+
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, steal.stop)
+    started: list[Outgoing] = []
+
+    async def serve(session: LocalSession | None) -> None:
+        assert session is not None
+        outgoing = Outgoing(outgoing_filter, session, None, _say)
+        started.append(outgoing)
+        try:
+            await outgoing.start(proxy_port=port)
+        except (SessionError, OSError) as e:
+            raise Failed(f"the proxy did not start: {e}") from e
+        _announce_proxy(outgoing)
+
+    try:
+        await steal.run(serve)
+    except Failed as e:
+        return _fail(str(e), 1)
+    finally:
+        for outgoing in started:
+            _say(f"offramp: {outgoing.summary()}")
+            await outgoing.aclose()
+    return 0
+
+
+def _announce_proxy(outgoing: Outgoing) -> None:
+    _say("offramp: proxy ready; for a shell, export:")
+    for name, value in outgoing.environment().items():
+        if name.isupper():
+            _say(f"export {name}={value}")
+
+
+async def _serve_proxy(session: LocalSession, outgoing_filter: OutgoingFilter, port: int) -> int:
+    outgoing = Outgoing(outgoing_filter, session, None, _say)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -571,10 +607,7 @@ async def _serve_proxy(settings: LocalSettings, outgoing_filter: OutgoingFilter,
     except (SessionError, OSError) as e:
         await outgoing.aclose()
         return _fail(str(e), 1)
-    _say("offramp: proxy ready; for a shell, export:")
-    for name, value in outgoing.environment().items():
-        if name.isupper():
-            _say(f"export {name}={value}")
+    _announce_proxy(outgoing)
     await stop.wait()
     _say(f"offramp: {outgoing.summary()}")
     await outgoing.aclose()
@@ -585,63 +618,130 @@ def _say(line: str) -> None:
     print(line, flush=True)
 
 
-async def _run_target(steal: StealTarget, command: list[str], port: int) -> int:
+class _CommandFailed(Exception):
+    def __init__(self, message: str, code: int = 1):
+        super().__init__(message)
+        self.code = code
+
+
+async def _start_command(
+    command: list[str], port: int, namespace: Namespace | None, outgoing: Outgoing | None
+) -> tuple[LocalProcess, asyncio.Task[int]]:
+    """Start CMD (in the namespace, or with the proxy variables, or plainly) and wait
+    until it listens on `port`. Raises _CommandFailed."""
+    try:
+        process = await LocalProcess.start(
+            command,
+            namespace,
+            outgoing.resolv_conf() if outgoing else None,
+            outgoing.environment() if outgoing and namespace is None else None,
+        )
+    except (OSError, NamespaceError) as e:
+        raise _CommandFailed(f"cannot start {command[0]!r}: {e}", 2) from e
+    waiter = asyncio.create_task(process.wait())
+    if not await _listening_via(process.connect, waiter, port):
+        if not waiter.done():
+            process.terminate()
+            await waiter
+            raise _CommandFailed(
+                f"{command[0]} did not listen on 127.0.0.1:{port} within {LISTEN_WAIT:.0f} s"
+            )
+        raise _CommandFailed(
+            f"{command[0]} exited with {waiter.result()} before listening on port {port}"
+        )
+    _say(f"offramp: {command[0]} listens on 127.0.0.1:{port}")
+    return process, waiter
+
+
+async def _end_command(process: LocalProcess, waiter: asyncio.Task[int]) -> None:
+    if not waiter.done():
+        process.terminate()
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), 10)
+        except TimeoutError:
+            process.kill()
+            await waiter
+
+
+async def _start_outgoing(
+    outgoing_filter: OutgoingFilter, session: LocalSession, namespace: Namespace | None
+) -> Outgoing:
+    """Raises SessionError if the session for outgoing traffic does not open."""
+    outgoing = Outgoing(outgoing_filter, session, namespace, _say)
+    try:
+        await outgoing.start()
+    except BaseException:
+        await outgoing.aclose()
+        raise
+    return outgoing
+
+
+async def _run_target(
+    steal: StealTarget,
+    command: list[str],
+    port: int,
+    outgoing_filter: OutgoingFilter | None = None,
+    namespace: Namespace | None = None,
+) -> int:
+    """`offramp steal KIND/NAME [-- CMD]`. With outgoing traffic, CMD starts once the
+    pods are ready and the outgoing session is open, before any request is stolen;
+    without, it starts first and the injection waits for it to listen."""
     from local_proxy.cluster.target import Failed
 
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, steal.stop)
-    child = None
-    if command:
+    running: list[tuple[LocalProcess, asyncio.Task[int]]] = []
+    outgoing: list[Outgoing] = []
+
+    async def before_sessions(session: LocalSession | None) -> None:
+        if session is not None:
+            assert outgoing_filter is not None
+            try:
+                outgoing.append(await _start_outgoing(outgoing_filter, session, namespace))
+            except SessionError as e:
+                raise Failed(f"the session for outgoing traffic did not open: {e}") from e
         try:
-            child = await asyncio.create_subprocess_exec(*command)
-        except OSError as e:
-            return _fail(f"cannot start {command[0]!r}: {e}")
-        if not await _listening(child, port):
-            code = child.returncode
-            if code is None:
-                child.terminate()
-                await child.wait()
-                return _fail(f"{command[0]} did not listen on 127.0.0.1:{port} within "
-                             f"{LISTEN_WAIT:.0f} s", 1)  # fmt: skip
-            return _fail(f"{command[0]} exited with {code} before listening on port {port}", 1)
-        _say(f"offramp: {command[0]} listens on 127.0.0.1:{port}")
-        watcher = asyncio.create_task(child.wait())
-        watcher.add_done_callback(lambda _: steal.stop())
+            process, waiter = await _start_command(
+                command, port, namespace, outgoing[0] if outgoing else None
+            )
+        except _CommandFailed as e:
+            raise Failed(str(e)) from e
+        waiter.add_done_callback(lambda _: steal.stop())
+        running.append((process, waiter))
+
+    hook = None
     try:
-        await steal.run()
-    except Failed as e:
-        return _fail(str(e), 1)
+        if command and steal.outgoing is not None:
+            hook = before_sessions
+        elif command:
+            try:
+                running.append(await _start_command(command, port, None, None))
+            except _CommandFailed as e:
+                return _fail(str(e), e.code)
+            running[0][1].add_done_callback(lambda _: steal.stop())
+        try:
+            await steal.run(hook)
+        except Failed as e:
+            return _fail(str(e), 1)
     finally:
-        if child is not None and child.returncode is None:
-            child.terminate()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(child.wait(), 10)
-            if child.returncode is None:
-                child.kill()
-                await child.wait()
+        for process, waiter in running:
+            await _end_command(process, waiter)
+        for each in outgoing:
+            _say(f"offramp: {each.summary()}")
+            await each.aclose()
+        if namespace is not None:
+            namespace.close()
     stolen, mirrored, timeouts = steal.counters()
     _say(
         f"offramp: session ended: {stolen} stolen, {mirrored} mirrored"
         + (f", {timeouts} went to the app as the filter timed out" if timeouts else "")
     )
-    if child is not None and child.returncode is not None:
-        _say(f"offramp: {command[0]} exited with {child.returncode}")
-        return child.returncode if child.returncode >= 0 else 128 - child.returncode
+    if running and running[0][1].done():
+        code = running[0][1].result()
+        _say(f"offramp: {command[0]} exited with {code}")
+        return code if code >= 0 else 128 - code
     return 0
-
-
-async def _listening(child: asyncio.subprocess.Process, port: int) -> bool:
-    deadline = asyncio.get_running_loop().time() + LISTEN_WAIT
-    while child.returncode is None and asyncio.get_running_loop().time() < deadline:
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-        except OSError:
-            await asyncio.sleep(0.1)
-            continue
-        writer.close()
-        return True
-    return False
 
 
 async def _run(settings: LocalSettings) -> int:

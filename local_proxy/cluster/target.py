@@ -17,7 +17,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,8 +44,10 @@ from local_proxy.cluster.workload import (
     uninjection_patch,
 )
 from local_proxy.config import LocalSettings
+from local_proxy.forward.dial import SocketFactory
 from local_proxy.session import LocalSession, SessionError
 from sidecar.inject.patch import SIDECAR_NAME, InjectOptions, injected
+from sidecar.sessions.spec import OutgoingSpec
 from sidecar.settings import Capture
 
 __all__ = ["StealTarget", "Target", "run_status", "run_uninject"]
@@ -103,6 +105,12 @@ class StealTarget:
     sidecar_workers: int = 1
     rollout_timeout: float = 300.0
     report: Report = print
+    outgoing: OutgoingSpec | None = None
+    """Ask for outgoing traffic through a pod: a session of its own carries it."""
+    factory: SocketFactory | None = None
+    """The local process runs in a namespace: sockets to it are made there."""
+    incoming: bool = True
+    """False: no session steals (`offramp proxy KIND/NAME`); only outgoing traffic."""
     kube: Kube | None = None
     sessions: dict[str, tuple[LocalSession, asyncio.Task[None]]] = field(default_factory=dict)
     ended: list[LocalSession] = field(default_factory=list)
@@ -316,10 +324,24 @@ class StealTarget:
 
     # --- sessions on every ready pod ----------------------------------------------------
 
-    async def run(self) -> None:
+    async def run(
+        self, before_sessions: Callable[[LocalSession | None], Awaitable[None]] | None = None
+    ) -> None:
+        """Inject, then keep a session on every ready pod until stop(). `before_sessions`,
+        if given, runs once the pods are ready and before any session steals; it gets
+        the (not yet started) session for outgoing traffic, if one was asked for."""
         workload, token = await self.prepare()
         assert self.kube is not None
         labels = selector(workload) if self.target.resource != "pods" else ""
+        if before_sessions is not None:
+            try:
+                await before_sessions(self._outgoing_session(labels, token))
+            except BaseException:
+                await self._end_all()
+                raise
+        if not self.incoming:
+            await self._stop.wait()
+            return
         changed = asyncio.Event()
         watcher = _PodWatcher(self.kube, labels, asyncio.get_running_loop(), changed)
         watcher.start()
@@ -354,11 +376,39 @@ class StealTarget:
                 }
             )
             session = LocalSession(
-                settings, report=_prefixed(self.report, name), dial=self._dialer(name, port)
+                settings,
+                report=_prefixed(self.report, name),
+                dial=self._dialer(name, port),
+                factory=self.factory,
             )
             task = asyncio.create_task(self._serve(name, session))
             self.sessions[name] = (session, task)
             self.report(f"offramp: pod {name} joined ({len(self.sessions)} pods)")
+
+    def _outgoing_session(self, labels: str, token: str) -> LocalSession | None:
+        """The session that carries outgoing traffic, through whichever pod is ready
+        when it (re)connects."""
+        if self.outgoing is None:
+            return None
+
+        async def dial() -> socket.socket:
+            assert self.kube is not None
+            pods, _ = await self._k(self.kube.list, "pods", labels or None)
+            if self.target.resource == "pods":
+                pods = [p for p in pods if p["metadata"]["name"] == self.target.name]
+            ready = session_pods(pods, keep=())
+            if not ready:
+                raise OSError("no pod of the workload is ready to carry outgoing traffic")
+            name, port = next(iter(ready.items()))
+            sock: socket.socket = await self._dialer(name, port)()
+            return sock
+
+        spec = self.settings.spec.model_copy(update={"incoming": False, "outgoing": self.outgoing})
+        settings = self.settings.model_copy(
+            update={"sidecar_url": f"ws://outgoing.{self.target.namespace or 'pod'}",
+                    "token": token, "spec": spec}
+        )  # fmt: skip
+        return LocalSession(settings, report=_prefixed(self.report, "outgoing"), dial=dial)
 
     def _dialer(self, pod: str, port: int) -> Callable[[], Any]:
         async def dial() -> socket.socket:

@@ -236,6 +236,9 @@ def _serve(control: socket.socket, libc: ctypes.CDLL, uid: int, gid: int) -> int
             if child:
                 done, status = os.waitpid(child, os.WNOHANG)
                 if done:
+                    if os.WIFSIGNALED(status):  # end the same way, so offramp can tell
+                        signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
+                        os.kill(os.getpid(), os.WTERMSIG(status))
                     return os.waitstatus_to_exitcode(status) % 256
             try:
                 ready, _, _ = select.select([control], [], [], 0.1)

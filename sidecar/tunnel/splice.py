@@ -1,5 +1,5 @@
-"""After an HTTP/1.1 Upgrade (a websocket, say): bytes both ways between a
-socket and a tunnel stream, until both directions have ended.
+"""After an HTTP/1.1 Upgrade (a websocket, say), or on a CONNECT stream: bytes both
+ways between a socket and a tunnel stream, until both directions have ended.
 
 Each direction ends on its own, as TCP half-closes do: end of file on the
 socket sends END, an END from the tunnel shuts the socket's write side. A
@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import struct
 from dataclasses import dataclass
 
 import h11
 
 from sidecar.tunnel.driver import StreamHandle
-from sidecar.tunnel.protocol import Data, End, ResetCode
+from sidecar.tunnel.protocol import Connected, Data, End, ResetCode
 
 __all__ = ["Transferred", "next_h11_event", "splice"]
 
@@ -27,10 +29,12 @@ _READ = 64 * 1024
 
 @dataclass
 class Transferred:
-    """Bytes a splice has moved: from the socket into the tunnel, and back."""
+    """Bytes a splice has moved: from the socket into the tunnel, and back; and the
+    CONNECTED that answered a CONNECT the splice started before its answer."""
 
     to_tunnel: int = 0
     to_socket: int = 0
+    connected: Connected | None = None
 
 
 async def splice(
@@ -39,10 +43,14 @@ async def splice(
     writer: asyncio.StreamWriter,
     first: bytes = b"",
     counts: Transferred | None = None,
+    *,
+    reset_socket: bool = False,
 ) -> str | None:
     """Returns None if both directions ended cleanly, else why they did not.
     `first`: bytes already read from the socket after the upgrade. `counts`, if
-    given, is kept up to date."""
+    given, is kept up to date. A CONNECTED on the stream is noted there: a CONNECT
+    may be spliced before its answer, its bytes going ahead. `reset_socket`: when
+    the stream is reset, so is the socket (RST, not FIN)."""
     counts = counts if counts is not None else Transferred()
     outbound = asyncio.create_task(_socket_to_tunnel(handle, reader, first, counts))
     inbound = asyncio.create_task(_tunnel_to_socket(handle, writer, counts))
@@ -55,6 +63,8 @@ async def splice(
                 if why is not None:
                     if task is outbound and handle.active:
                         handle.reset(ResetCode.CANCEL, why)
+                    if reset_socket and task is inbound:
+                        _linger_zero(writer)
                     writer.transport.abort()
                     return why
         return None
@@ -96,6 +106,8 @@ async def _tunnel_to_socket(
                 return f"the connection broke: {e}"
             handle.ack(len(event.data))
             counts.to_socket += len(event.data)
+        elif isinstance(event, Connected) and counts.connected is None:
+            counts.connected = event
         elif isinstance(event, End):
             if writer.can_write_eof() and not writer.is_closing():
                 with contextlib.suppress(OSError):
@@ -103,6 +115,13 @@ async def _tunnel_to_socket(
             return None
         else:
             return f"the tunnel stream ended: {event!r}"
+
+
+def _linger_zero(writer: asyncio.StreamWriter) -> None:
+    sock = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
 
 
 async def next_h11_event(conn: h11.Connection, reader: asyncio.StreamReader) -> object:

@@ -336,3 +336,47 @@ def test_proxy_variables_where_user_namespaces_are_forbidden(bed: Bed) -> None:
     assert "user.max_user_namespaces is 0" in run.err, run.err
     assert "ALL_PROXY" in run.err
     assert f"payment-service; you are {bed.pod_cluster_ip}" in run.out, run.out + run.err
+
+
+def test_offramp_proxy_serves_socks5_and_http_through_the_pod(bed: Bed) -> None:
+    """`offramp proxy`: SOCKS5 with names resolved in the pod, HTTP CONNECT and plain
+    http:// requests; each failure in its protocol's terms."""
+    port = 18000 + secrets.randbelow(1000)
+    argv = [str(Path(sys.executable).parent / "offramp"), "proxy", "--sidecar-url",
+            bed.sidecar_url, "--token-file", str(bed.token_file),
+            "--listen", str(port)]  # fmt: skip
+    proc = subprocess.Popen(as_nobody(argv), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, env=_nobody_env())  # fmt: skip
+    lines: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("export ALL_PROXY="):
+                break
+        assert f"export ALL_PROXY=socks5h://127.0.0.1:{port}\n" in lines, lines
+
+        def curl(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(["curl", "-sS", "-m", "20", *args], capture_output=True,
+                                  text=True, timeout=30)  # fmt: skip
+
+        you = f"payment-service; you are {bed.pod_cluster_ip}\n"
+        socks = f"socks5h://127.0.0.1:{port}"
+        http = f"http://127.0.0.1:{port}"
+        assert curl("-x", socks, "http://payment-service:8080/").stdout == you
+        assert curl("-x", http, "http://payment-service.default:8080/").stdout == you
+        assert curl("-p", "-x", http, "http://payment-service:8080/").stdout == you  # CONNECT
+        nxdomain = curl("-x", socks, "http://no-such-service:8080/")
+        # curl prints the SOCKS5 reply code: 4 host unreachable, 2 not allowed by ruleset.
+        assert "no-such-service. (4)" in nxdomain.stderr, nxdomain
+        denied = curl("-x", socks, "http://169.254.169.254/")
+        assert "169.254.169.254. (2)" in denied.stderr, denied
+        refused = curl("-p", "-x", http, f"http://{bed.service_ip}:9/")
+        assert "502" in refused.stderr, refused
+    finally:
+        proc.send_signal(2)
+        proc.wait(20)
+        if proc.stdout is not None:
+            lines += proc.stdout.readlines()
+            proc.stdout.close()
+    assert any("outgoing: 3 connection(s) through the pod" in line for line in lines), lines

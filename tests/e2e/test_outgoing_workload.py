@@ -1,0 +1,95 @@
+"""`offramp steal deploy/NAME -- CMD` with outgoing traffic: CMD's connections leave
+from a pod of the workload, reached through the Kubernetes port-forward."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.conftest import NAMESPACE, SIDECAR_IMAGE, Cli, deployment, get
+from tests.kube.cluster import Cluster
+from tests.support import free_port
+
+pytestmark = pytest.mark.timeout(240)
+
+# CMD: listens on --to for stolen requests; asks for the pod's own app (its
+# loopback: only through the pod, and only when named) and for the laptop's
+# nothing-there loopback port; prints what it got, then waits to be ended.
+CMD = """
+import json, socket, sys, threading, time, urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class H(BaseHTTPRequestHandler):
+    def do_GET(self):
+        body = json.dumps({"pod": "local", "peer": self.client_address[0],
+                           "served_by": "local"}).encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(body)))
+        self.end_headers(); self.wfile.write(body)
+    def log_message(self, *a): pass
+server = ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H)
+threading.Thread(target=server.serve_forever, daemon=True).start()
+result = {}
+for name, port in (("named", 8080), ("unnamed", 8081)):
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/from-cmd", timeout=10) as r:
+            result[name] = json.loads(r.read())
+    except Exception as e:
+        result[name] = type(e).__name__
+print("RESULT " + json.dumps(result), flush=True)
+time.sleep(300)
+"""
+
+
+def test_cmd_reaches_the_pods_loopback_when_it_names_it(cluster: Cluster, tmp_path: Path) -> None:
+    """--remote 127.0.0.1:8080: CMD's request to its 127.0.0.1:8080 is dialed by the
+    sidecar inside a pod of the workload and answered by that pod's app; a loopback
+    port nobody named stays CMD's own (nothing listens: refused). Stolen requests
+    still reach CMD inside its namespace."""
+    cluster.apply(deployment(replicas=1))
+    cluster.wait("the app pod", lambda: len(cluster.ready_pods(NAMESPACE, app="api")) == 1)
+    kubeconfig = cluster.kubeconfig(tmp_path / "kubeconfig", namespace=NAMESPACE)
+    port = free_port()
+    cli = Cli(kubeconfig, "steal", "deploy/api", "--to", str(port), "--path", "^/mine",
+              "--image", SIDECAR_IMAGE, "--remote", "127.0.0.1:8080", "--",
+              sys.executable, "-c", CMD, str(port))  # fmt: skip
+    try:
+        line = cli.wait_for("RESULT ")
+        result = json.loads(line.split("RESULT ", 1)[1])
+        pod = cluster.ready_pods(NAMESPACE, app="api")[0]
+        assert result["named"]["pod"] == pod["metadata"]["name"], cli.lines
+        assert result["named"]["peer"] == "127.0.0.1"
+        assert result["unnamed"] == "URLError", result
+        cli.wait_for("open (steal, port 8080")
+        mine = get(pod["status"]["podIP"], 8080, "/mine")
+        assert mine["served_by"] == "local" and mine["peer"] == "127.0.0.1"
+    finally:
+        code = cli.stop()
+    assert code == 128 + 15, "\n".join(cli.lines)  # CMD ended by offramp's SIGTERM
+    assert any("outgoing: 1 connection(s) through the pod" in line for line in cli.lines)
+
+
+def test_offramp_proxy_for_a_workload(cluster: Cluster, tmp_path: Path) -> None:
+    """`offramp proxy deploy/NAME`: injects as steal does, takes no request, and
+    serves a proxy whose connections leave from a pod of the workload."""
+    import subprocess
+
+    cluster.apply(deployment(replicas=1))
+    cluster.wait("the app pod", lambda: len(cluster.ready_pods(NAMESPACE, app="api")) == 1)
+    kubeconfig = cluster.kubeconfig(tmp_path / "kubeconfig", namespace=NAMESPACE)
+    port = free_port()
+    cli = Cli(kubeconfig, "proxy", "deploy/api", "--listen", str(port), "--image",
+              SIDECAR_IMAGE, "--remote", "127.0.0.1:8080")  # fmt: skip
+    try:
+        cli.wait_for(f"export HTTP_PROXY=http://127.0.0.1:{port}")
+        done = subprocess.run(
+            ["curl", "-sS", "-m", "20", "-x", f"socks5h://127.0.0.1:{port}",
+             "http://127.0.0.1:8080/via-proxy"],
+            capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        pod = cluster.ready_pods(NAMESPACE, app="api")[0]
+        assert json.loads(done.stdout)["pod"] == pod["metadata"]["name"], done
+        assert not any("open (steal" in line for line in cli.lines)
+    finally:
+        assert cli.stop() == 0, "\n".join(cli.lines)
