@@ -36,6 +36,7 @@ from typing import Any
 import jsonpatch
 from pydantic import BaseModel, ConfigDict, Field
 
+from sidecar.outgoing.policy import ALLOW_ANNOTATION, ALLOW_ENV
 from sidecar.settings import Capture
 
 __all__ = [
@@ -307,6 +308,15 @@ def _sidecar(
         "name": SIDECAR_NAME,
         "image": options.image,
         "args": args,
+        # The admin's outgoing allow-list, from the pod's annotation ("" when unset).
+        "env": [
+            {
+                "name": ALLOW_ENV,
+                "valueFrom": {
+                    "fieldRef": {"fieldPath": f"metadata.annotations['{ALLOW_ANNOTATION}']"}
+                },
+            }
+        ],
         "ports": ports,
         "volumeMounts": [
             {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True},

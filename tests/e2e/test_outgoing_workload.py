@@ -93,3 +93,32 @@ def test_offramp_proxy_for_a_workload(cluster: Cluster, tmp_path: Path) -> None:
         assert not any("open (steal" in line for line in cli.lines)
     finally:
         assert cli.stop() == 0, "\n".join(cli.lines)
+
+
+def test_the_admins_allow_list_annotation_narrows_what_a_session_reaches(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """offramp.dev/outgoing-allow on the pod template reaches the injected sidecar
+    (a fieldRef env): even a destination the developer names is refused when the
+    list does not have it."""
+    workload = deployment(replicas=1)
+    workload["spec"]["template"]["metadata"]["annotations"] = {
+        "offramp.dev/outgoing-allow": "10.0.0.0/8, payment-service"
+    }
+    cluster.apply(workload)
+    cluster.wait("the app pod", lambda: len(cluster.ready_pods(NAMESPACE, app="api")) == 1)
+    kubeconfig = cluster.kubeconfig(tmp_path / "kubeconfig", namespace=NAMESPACE)
+    port = free_port()
+    cli = Cli(kubeconfig, "steal", "deploy/api", "--to", str(port), "--path", "^/mine",
+              "--image", SIDECAR_IMAGE, "--remote", "127.0.0.1:8080", "--",
+              sys.executable, "-c", CMD, str(port))  # fmt: skip
+    try:
+        line = cli.wait_for("RESULT ")
+        result = json.loads(line.split("RESULT ", 1)[1])
+        assert result["named"] in ("ConnectionResetError", "RemoteDisconnected"), result
+    finally:
+        cli.stop()
+    assert any("0 connection(s) through the pod" in line and "1 failed" in line
+               for line in cli.lines), cli.lines  # fmt: skip
+    log = "".join(text for key, text in cluster.logs().items() if "offramp-sidecar" in key)
+    assert "is not on this pod's outgoing allow-list (10.0.0.0/8, payment-service)" in log, log

@@ -7,7 +7,8 @@
   is an entrypoint argv, a user, an environment, and binaries that carry file
   capabilities); `command` replaces the entrypoint and `args` are appended, as
   a container runtime does. Env: the image's, then `value` and `fieldRef`
-  (metadata.name, metadata.namespace, status.podIP) plus HOSTNAME=<pod name>.
+  (metadata.name, metadata.namespace, status.podIP, metadata.annotations['KEY'],
+  metadata.labels['KEY']) plus HOSTNAME=<pod name>.
   Volumes: secret (optional or not; files 0644, rewritten when the Secret
   changes) and emptyDir (0777), bind-mounted at their mount paths in a mount
   namespace of the container's own. A container that exits is restarted after
@@ -281,13 +282,20 @@ class Kubelet:
             "metadata.namespace": runtime.namespace,
             "status.podIP": runtime.ip,
         }
+        # As kubelet: metadata.annotations['KEY'] / labels['KEY'] give the value, or ""
+        # when the pod has no such key.
+        for kind in ("annotations", "labels"):
+            for key, value in (pod["metadata"].get(kind) or {}).items():
+                fields[f"metadata.{kind}['{key}']"] = value
         for var in spec.get("env") or []:
+            ref = (var.get("valueFrom") or {}).get("fieldRef") or {}
+            path = ref.get("fieldPath", "")
             if "value" in var:
                 env[var["name"]] = var["value"]
-            elif (ref := (var.get("valueFrom") or {}).get("fieldRef")) and ref[
-                "fieldPath"
-            ] in fields:
-                env[var["name"]] = fields[ref["fieldPath"]]
+            elif path in fields:
+                env[var["name"]] = fields[path]
+            elif path.startswith(("metadata.annotations['", "metadata.labels['")):
+                env[var["name"]] = ""
             else:
                 raise LookupError(
                     f"env {var['name']}: only value and fieldRef ({', '.join(fields)}) are emulated"
