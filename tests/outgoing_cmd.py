@@ -5,7 +5,7 @@ listens on 127.0.0.1:PORT for stolen requests (answering "the local process",
 and ending on GET /done), runs the checks named in CHECKS, prints one line
 `RESULT {json}`, then waits for /done (at most 120 s).
 
-    python3 outgoing_cmd.py PORT SERVICE_IP HARDCODED_DNS BULK_BYTES CHECK,CHECK,...
+    python3 outgoing_cmd.py PORT SERVICE_IP HARDCODED_DNS BULK_BYTES CHECK,CHECK,... LOCAL_PORT
 """
 
 from __future__ import annotations
@@ -52,10 +52,8 @@ def http_get(host: str, port: int) -> str:
     return data.split(b"\r\n\r\n", 1)[-1].decode()
 
 
-def hardcoded_dns(server: str) -> str:
-    qname = b"".join(
-        bytes([len(p)]) + p for p in b"payment-service.default.svc.cluster.local".split(b".")
-    )
+def hardcoded_dns(server: str, name: bytes = b"payment-service.default.svc.cluster.local") -> str:
+    qname = b"".join(bytes([len(p)]) + p for p in name.split(b"."))
     query = struct.pack("!HHHHHH", 0x1234, 0x0100, 1, 0, 0, 0) + qname + b"\x00\x00\x01\x00\x01"
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         s.settimeout(10)
@@ -122,7 +120,7 @@ def bulk(host: str, size: int) -> dict[str, object]:
 
 
 def main() -> None:
-    port, service_ip, hardcoded, size, checks = sys.argv[1:6]
+    port, service_ip, hardcoded, size, checks, local_port = sys.argv[1:7]
     server = ThreadingHTTPServer(("127.0.0.1", int(port)), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     results: dict[str, object] = {}
@@ -143,8 +141,10 @@ def main() -> None:
                 results[check] = http_get("payment-service", 8080)
             elif check == "hardcoded_dns":
                 results[check] = hardcoded_dns(hardcoded)
-            elif check == "local_8888":
-                results[check] = attempt("127.0.0.1", 8888)
+            elif check == "local_name":
+                results[check] = attempt(hardcoded_dns(hardcoded, b"app-db"), 5432)
+            elif check == "local_port":
+                results[check] = attempt("127.0.0.1", int(local_port))
             elif check == "refused":
                 results[check] = attempt(service_ip, 9)
             elif check == "denied":

@@ -85,17 +85,23 @@ def podman(*args: str, check: bool = True, timeout: float = 60) -> str:
 
 _KNOWN_CONTAINER_KEYS = {
     "name", "image", "args", "ports", "volumeMounts", "readinessProbe", "resources",
-    "securityContext",
+    "securityContext", "env",
 }  # fmt: skip
 
 
 def run_flags(
-    container: dict[str, Any], volumes: dict[str, Path], netns: str, image: str | None = None
+    container: dict[str, Any],
+    volumes: dict[str, Path],
+    netns: str,
+    image: str | None = None,
+    annotations: dict[str, str] | None = None,
 ) -> list[str]:
     """`podman run` flags that give `container` what a kubelet would.
 
     `volumes` maps each mounted volume's name to the directory that holds it;
-    `image` is needed for a non-root container (its entrypoint is wrapped).
+    `image` is needed for a non-root container (its entrypoint is wrapped);
+    `annotations` are the pod's, for env fieldRefs to them (kubelet gives "" for
+    a key the pod lacks).
     """
     unknown = set(container) - _KNOWN_CONTAINER_KEYS
     assert not unknown, f"podman.run_flags does not honour container keys {sorted(unknown)}"
@@ -109,6 +115,15 @@ def run_flags(
         )
         wrapped = ["setpriv", "--inh-caps=-all", "--ambient-caps=-all", "--", *entrypoint]
         flags += ["--entrypoint", json.dumps(wrapped)]
+    for var in container.get("env") or []:
+        path = ((var.get("valueFrom") or {}).get("fieldRef") or {}).get("fieldPath", "")
+        if "value" in var:
+            flags += ["--env", f"{var['name']}={var['value']}"]
+        elif path.startswith("metadata.annotations['") and path.endswith("']"):
+            key = path[len("metadata.annotations['") : -2]
+            flags += ["--env", f"{var['name']}={(annotations or {}).get(key, '')}"]
+        else:
+            raise AssertionError(f"podman.run_flags does not honour env {var}")
     for mount in container.get("volumeMounts") or []:
         mode = "ro" if mount.get("readOnly") else "rw"
         flags += ["-v", f"{volumes[mount['name']]}:{mount['mountPath']}:{mode}"]

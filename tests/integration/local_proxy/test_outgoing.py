@@ -16,6 +16,7 @@ import json
 import os
 import secrets
 import shutil
+import socketserver
 import subprocess
 import sys
 import tempfile
@@ -29,11 +30,31 @@ import httpx
 import pytest
 
 from tests.netns import Netns, require_netns, sh
+from tests.support import free_ports
 
 REPO = Path(__file__).resolve().parents[3]
 NOBODY = 65534
 BULK = 256 * 1024 * 1024
 CMD_PORT = 9999
+
+
+class Server(socketserver.ThreadingTCPServer):
+    allow_reuse_address = True  # a port of the test before may still be in TIME_WAIT
+    daemon_threads = True
+
+
+def banner_server(host: str, port: int, text: str) -> Server:
+    """Answers each connection's first bytes with `text` ({peer} is the caller's
+    address); serves in a thread until shut down."""
+
+    class Banner(socketserver.BaseRequestHandler):
+        def handle(self) -> None:
+            self.request.recv(100)
+            self.request.sendall(text.format(peer=self.client_address[0]).encode())
+
+    server = Server((host, port), Banner)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
 
 
 @dataclass
@@ -42,6 +63,7 @@ class Bed:
     cluster: Netns
     pod_ip: str  # as the laptop reaches it
     pod_cluster_ip: str  # as the cluster sees it
+    laptop_ip: str  # the laptop's end of the veth to the pod
     dns_ip: str
     service_ip: str
     hardcoded_dns: str
@@ -64,12 +86,15 @@ def _unreachable_ancestors(paths: list[Path]) -> list[Path]:
     return found
 
 
-def as_nobody(cmd: list[str]) -> list[str]:
-    """`cmd` as an unprivileged user. Where offramp's interpreter or this checkout sit
-    under a directory others may not enter (pyenv under /root), a private mount
-    namespace re-exposes that directory's entries, each with its own modes."""
+def as_nobody(cmd: list[str], hosts: Path | None = None) -> list[str]:
+    """`cmd` as an unprivileged user, in a private mount namespace. Where offramp's
+    interpreter or this checkout sit under a directory others may not enter (pyenv
+    under /root), it re-exposes that directory's entries, each with its own modes.
+    `hosts`, if given, is the laptop's /etc/hosts there."""
     hidden = _unreachable_ancestors([REPO, Path(sys.base_prefix), Path(sys.executable)])
     script = "set -e\n"
+    if hosts is not None:
+        script += f"mount --bind {hosts} /etc/hosts\n"
     for i, directory in enumerate(hidden):
         keep = f"/tmp/ofr-keep-{os.getpid()}-{i}"
         script += (
@@ -157,7 +182,7 @@ def bed() -> Iterator[Bed]:
                 pass
             assert time.monotonic() < deadline, sidecar_log.read_text()
             time.sleep(0.1)
-        yield Bed(pod, cluster, pod_ip, pod_cluster_ip, dns_ip, service_ip,
+        yield Bed(pod, cluster, pod_ip, pod_cluster_ip, f"10.215.{net}.1", dns_ip, service_ip,
                   f"10.214.{net}.200", token_file, sidecar_log, tmp)  # fmt: skip
     finally:
         for proc in procs:
@@ -189,7 +214,8 @@ class Run:
 
 
 def steal(bed: Bed, flags: list[str], cmd: list[str], *, prefix: list[str] | None = None,
-          steal_after: bool = True, timeout: float = 60) -> Run:  # fmt: skip
+          steal_after: bool = True, timeout: float = 60,
+          hosts: Path | None = None) -> Run:  # fmt: skip
     """Run `offramp steal` as nobody with CMD; once CMD printed its RESULT, send it one
     stolen request (`/done`) from the cluster, which also ends it."""
     argv = [
@@ -197,7 +223,7 @@ def steal(bed: Bed, flags: list[str], cmd: list[str], *, prefix: list[str] | Non
         "--token-file", str(bed.token_file), "--to", str(CMD_PORT), "--header", "^x-dev: me$",
         *flags, "--", *cmd,
     ]  # fmt: skip
-    proc = subprocess.Popen(as_nobody([*(prefix or []), *argv]), cwd=bed.tmp,
+    proc = subprocess.Popen(as_nobody([*(prefix or []), *argv], hosts), cwd=bed.tmp,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=_nobody_env())  # fmt: skip
     out: list[str] = []
@@ -248,9 +274,9 @@ def steal(bed: Bed, flags: list[str], cmd: list[str], *, prefix: list[str] | Non
     return Run(proc.returncode, "".join(out), err)
 
 
-def cmd(bed: Bed, checks: str, size: int = 0) -> list[str]:
+def cmd(bed: Bed, checks: str, size: int = 0, port: int = 0) -> list[str]:
     return ["/usr/bin/python3", str(REPO / "tests" / "outgoing_cmd.py"), str(CMD_PORT),
-            bed.service_ip, bed.hardcoded_dns, str(size), checks]  # fmt: skip
+            bed.service_ip, bed.hardcoded_dns, str(size), checks, str(port)]  # fmt: skip
 
 
 def test_cmd_resolves_and_connects_through_the_pod(bed: Bed) -> None:
@@ -288,20 +314,56 @@ def test_refused_denied_and_half_close(bed: Bed) -> None:
 
 
 def test_local_port_reaches_the_laptops_loopback(bed: Bed) -> None:
-    """--local :8888: CMD's 127.0.0.1:8888 is the laptop's."""
-    import socketserver
-
-    class Banner(socketserver.BaseRequestHandler):
-        def handle(self) -> None:
-            self.request.recv(100)
-            self.request.sendall(b"laptop-8888")
-
-    with socketserver.TCPServer(("127.0.0.1", 8888), Banner) as server:
-        threading.Thread(target=server.serve_forever, daemon=True).start()
-        run = steal(bed, ["--local", ":8888"], cmd(bed, "local_8888,http"))
+    """--local :PORT: CMD's 127.0.0.1:PORT is the laptop's."""
+    (port,) = free_ports(1)
+    with banner_server("127.0.0.1", port, "laptop-{peer}") as server:
+        run = steal(bed, ["--local", f":{port}"], cmd(bed, "local_port,http", port=port))
         server.shutdown()
-    assert run.result["local_8888"] == "read b'laptop-8888'", run.result
+    assert run.result["local_port"] == "read b'laptop-127.0.0.1'", run.result
     assert "payment-service; you are" in str(run.result["http"])
+
+
+def test_a_local_name_resolves_and_connects_on_the_laptop(bed: Bed) -> None:
+    """The seed blog's case, `--local app-db`: app-db is asked of DNS, answered by the
+    laptop's resolver (its /etc/hosts here), and the connection to that address
+    leaves from the laptop (the server sees the laptop's address, not the pod's),
+    while payment-service still goes through the pod."""
+    hosts = bed.tmp / "hosts"
+    hosts.write_text(f"127.0.0.1 localhost\n{bed.laptop_ip} app-db\n")
+    hosts.chmod(0o644)
+    with banner_server(bed.laptop_ip, 5432, "app-db sees {peer}") as server:
+        run = steal(bed, ["--local", "app-db"], cmd(bed, "local_name,http"), hosts=hosts)
+        server.shutdown()
+    assert run.result["local_name"] == f"read b'app-db sees {bed.laptop_ip}'", run.result
+    assert run.result["http"] == f"payment-service; you are {bed.pod_cluster_ip}\n"
+    assert "outgoing: 1 connection(s) through the pod, 1 from here" in run.out, run.out
+
+
+def test_a_statically_linked_client(bed: Bed) -> None:
+    """busybox (static: no preload could reach it) resolves and connects through the pod."""
+    busybox = shutil.which("busybox")
+    if busybox is None:
+        pytest.fail("busybox-static is missing (.ci/run installs it)")
+    run = steal(bed, [], ["sh", "-c", f"{busybox} wget -q -O - http://payment-service:8080/; "
+                          "echo RESULT '{}'"], steal_after=False)  # fmt: skip
+    assert f"payment-service; you are {bed.pod_cluster_ip}" in run.out, run.out + run.err
+
+
+def test_the_seed_blogs_config_file_does_what_it_says(bed: Bed) -> None:
+    """outgoing-filter-blog.md's second config (typographic quotes, a "target" offramp
+    ignores, {"local": [":8888"]}) loaded with -f: 127.0.0.1:8888 is the laptop's."""
+    config = bed.tmp / "config.json"
+    config.write_text(
+        '{\n  "target": \u201cpod/uwu-app\u201d,\n  "feature": {\n    "network": {\n'
+        '      "incoming": "steal",\n'
+        '      "outgoing": { "filter": { "local": [":8888"] } }\n    }\n  }\n}\n'
+    )
+    config.chmod(0o644)
+    with banner_server("127.0.0.1", 8888, "laptop-8888") as server:
+        run = steal(bed, ["-f", str(config)], cmd(bed, "local_port,http", port=8888))
+        server.shutdown()
+    assert run.result["local_port"] == "read b'laptop-8888'", run.result
+    assert "ignoring target" in run.err, run.err
 
 
 @pytest.mark.timeout(400)
