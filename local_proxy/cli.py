@@ -638,6 +638,8 @@ async def _start_command(
         )
     except (OSError, NamespaceError) as e:
         raise _CommandFailed(f"cannot start {command[0]!r}: {e}", 2) from e
+    if outgoing is not None and namespace is not None:
+        outgoing.supervise(namespace)
     waiter = asyncio.create_task(process.wait())
     if not await _listening_via(process.connect, waiter, port):
         if not waiter.done():

@@ -10,6 +10,7 @@ and ending on GET /done), runs the checks named in CHECKS, prints one line
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import socket
@@ -63,14 +64,17 @@ def hardcoded_dns(server: str, name: bytes = b"payment-service.default.svc.clust
 
 
 def attempt(host: str, port: int) -> str:
-    """What a client sees when it connects and reads."""
+    """What a client sees when it connects and reads: what it read, or the error's
+    errno name (ECONNREFUSED at connect, ECONNRESET on reading, ...)."""
     try:
-        with socket.create_connection((host, port), timeout=15) as s:
+        with socket.create_connection((host, port), timeout=20) as s:
             s.sendall(b"hello")
             data = s.recv(100)
             return f"read {data!r}"
-    except OSError as e:
-        return type(e).__name__
+    except OSError as e:  # ETIMEDOUT arrives as TimeoutError too, with its errno
+        if e.errno is None:
+            return "client timeout"
+        return errno.errorcode.get(e.errno or 0, type(e).__name__)
 
 
 def half_close(host: str) -> str:
@@ -149,6 +153,12 @@ def main() -> None:
                 results[check] = attempt(service_ip, 9)
             elif check == "denied":
                 results[check] = attempt("169.254.169.254", 80)
+            elif check == "unreachable":  # no host has this address on the cluster's link
+                results[check] = attempt(service_ip.rsplit(".", 1)[0] + ".250", 80)
+            elif check == "timeout":  # the cluster drops SYNs to this port
+                results[check] = attempt(service_ip, 81)
+            elif check == "refused_twice":  # a refusal is not cached as reachable
+                results[check] = [attempt(service_ip, 9), attempt(service_ip, 9)]
             elif check == "half_close":
                 results[check] = half_close(service_ip)
             elif check == "loop":

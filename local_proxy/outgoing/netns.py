@@ -15,7 +15,9 @@ mount namespace of its own (`unshare`), set up by a small helper process:
 - /etc/resolv.conf is a bind mount with the pod's search list and ndots, so
   `payment-service` is looked up as it would be in the pod;
 - the process runs in a nested user namespace that maps it back to your uid,
-  so it sees itself as you (and cannot change the rules).
+  so it sees itself as you (and cannot change the rules), under a seccomp
+  filter that hands its connect() calls to offramp first (`connects`), so a
+  connection the pod cannot make fails with the errno a direct one would.
 
 The helper also makes sockets inside on request (`make_socket`), marked so the
 rules let them through: offramp connects them to the process's own
@@ -45,6 +47,8 @@ import subprocess
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+
+from local_proxy.outgoing.connects import install_filter
 
 __all__ = ["MARK", "Namespace", "NamespaceError", "original_destination", "prepare"]
 
@@ -95,6 +99,10 @@ class Namespace:
     control: socket.socket
     listener: socket.socket
     dns: socket.socket
+    connects: int | None = None
+    """The seccomp listener for the process's connect() calls, once it runs (None
+    where the kernel does not offer it: see `no_connects`)."""
+    no_connects: str = ""
 
     def make_socket(self, family: int = socket.AF_INET) -> socket.socket:
         """A new TCP socket inside the namespace (not connected)."""
@@ -108,9 +116,11 @@ class Namespace:
         """Start `command` inside (its resolv.conf the given text, or the laptop's)."""
         message = {"command": command, "resolv": resolv_conf, "cwd": os.getcwd()}
         self.control.send(b"r" + json.dumps(message).encode())
-        answer = self.control.recv(4096)
-        if answer != b"ok":
+        answer, fds, _, _ = socket.recv_fds(self.control, 4096, 1)
+        if not answer.startswith(b"ok"):
             raise NamespaceError(answer.decode(errors="replace").removeprefix("error: "))
+        self.connects = fds[0] if fds else None
+        self.no_connects = answer[3:].decode(errors="replace")
 
     def signal(self, signum: int) -> None:
         with contextlib.suppress(ProcessLookupError):
@@ -268,23 +278,31 @@ def _serve(control: socket.socket, libc: ctypes.CDLL, uid: int, gid: int) -> int
                         target = os.path.realpath("/etc/resolv.conf")
                         if libc.mount(path.encode(), target.encode(), None, _MS_BIND, None) != 0:
                             raise OSError(ctypes.get_errno(), f"cannot bind-mount {target}")
-                    child = _start(request["command"], request["cwd"], uid, gid)
+                    child, connects, why = _start(request["command"], request["cwd"], uid, gid)
                 except OSError as e:
                     control.send(f"error: cannot start {request['command'][0]!r}: {e}".encode())
                     return 1
-                control.send(b"ok")
+                if connects is not None:
+                    socket.send_fds(control, [b"ok"], [connects])
+                    os.close(connects)
+                else:
+                    control.send(b"ok " + why.encode())
     finally:
         if resolv_dir is not None:
             shutil.rmtree(resolv_dir, ignore_errors=True)
 
 
-def _start(command: list[str], cwd: str, uid: int, gid: int) -> int:
+def _start(command: list[str], cwd: str, uid: int, gid: int) -> tuple[int, int | None, str]:
     """Fork the process; it maps itself back to the user's uid in a nested user
-    namespace, then runs `command`. Errors before exec reach the helper as OSError."""
+    namespace, puts its connect() calls under the seccomp listener it hands back
+    (else why not), then runs `command`. Errors before exec reach the helper as
+    OSError."""
     read, write = os.pipe()
+    mine, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     pid = os.fork()
     if pid == 0:
         os.close(read)
+        mine.close()
         try:
             signal.signal(signal.SIGINT, signal.SIG_DFL)
             signal.signal(signal.SIGTERM, signal.SIG_DFL)
@@ -294,6 +312,14 @@ def _start(command: list[str], cwd: str, uid: int, gid: int) -> int:
             _write("/proc/self/uid_map", f"{uid} 0 1")
             _write("/proc/self/gid_map", f"{gid} 0 1")
             os.chdir(cwd)
+            try:
+                connects = install_filter()
+            except OSError as e:
+                theirs.send(f"no {e.strerror or e}".encode())
+            else:
+                socket.send_fds(theirs, [b"fd"], [connects])
+                os.close(connects)
+            theirs.close()
             os.set_inheritable(write, False)
             os.execvp(command[0], command)
         except OSError as e:
@@ -301,10 +327,21 @@ def _start(command: list[str], cwd: str, uid: int, gid: int) -> int:
         finally:
             os._exit(127)
     os.close(write)
+    theirs.close()
+    with mine:
+        mine.settimeout(10)
+        try:
+            note, fds, _, _ = socket.recv_fds(mine, 1024, 1)
+        except OSError:
+            note, fds = b"", []
     with os.fdopen(read, "rb") as pipe:
         failure = pipe.read()
     if failure:
         os.waitpid(pid, 0)
+        for fd in fds:
+            os.close(fd)
         errno_text, _, text = failure.decode().partition(":")
         raise OSError(int(errno_text), text)
-    return pid
+    if fds:
+        return pid, fds[0], ""
+    return pid, None, note.decode(errors="replace").removeprefix("no ") or "unknown"

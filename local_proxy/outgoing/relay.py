@@ -7,9 +7,13 @@ dialed from the laptop. Bytes then flow both ways with half-closes
 
 When the destination cannot be reached, `open` says why as a `Failure` whose
 code is the tunnel's: a SOCKS or HTTP proxy client is told in its protocol's
-terms; a connection the namespace already accepted is reset (the process sees
-ECONNRESET where a direct connect would have seen ECONNREFUSED: the namespace's
-listener had to accept before the pod could try).
+terms. In the namespace, the process's connect() waits for `decide` (see
+`connects`), which opens the way first and fails the call with the matching
+errno; the redirected connection then takes the way made ready for it. To a
+destination reached in the last KNOWN_GOOD_FOR seconds a connect goes on at
+once and its first bytes travel with the CONNECT (one round trip to the pod
+saved); should that one fail after all, it is reset (ECONNRESET), and the next
+connect to that destination waits again.
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ import ipaddress
 import logging
 import socket
 import struct
+import time
+from collections import deque
 from dataclasses import dataclass
 
 from local_proxy.outgoing.dns import TunnelSource
@@ -30,12 +36,24 @@ from sidecar.tunnel.driver import Lost, StreamHandle
 from sidecar.tunnel.protocol import Connect, Connected, Reset, ResetCode
 from sidecar.tunnel.splice import Transferred, splice
 
-__all__ = ["CONNECT_TIMEOUT", "Failure", "OutgoingRelay", "Path", "reset"]
+__all__ = ["CONNECT_TIMEOUT", "ERRNO", "Failure", "OutgoingRelay", "Path", "reset"]
 
 log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 15.0
 """How long a connection waits for its destination (the pod's own limit is 10 s)."""
+KNOWN_GOOD_FOR = 30.0
+"""Seconds after a way to a destination opened during which connects to it go on at once."""
+READY_FOR = 10.0
+"""How long a way made ready for a connect waits for the connection to arrive."""
+ERRNO = {
+    ResetCode.REFUSED: errno.ECONNREFUSED,
+    ResetCode.NETWORK_UNREACHABLE: errno.ENETUNREACH,
+    ResetCode.TIMEOUT: errno.ETIMEDOUT,
+    ResetCode.DENIED: errno.EPERM,
+    ResetCode.NXDOMAIN: errno.EHOSTUNREACH,
+}
+"""The errno a connect() fails with, per reason the pod (or the laptop) gives."""
 
 
 class Failure(Exception):
@@ -69,6 +87,33 @@ class OutgoingRelay:
         self._tunnel = tunnel
         self.counters = Counters()
         self._tasks: set[asyncio.Task[None]] = set()
+        self._ready: dict[tuple[str, int], deque[Path]] = {}
+        self._known_good: dict[tuple[str, int], float] = {}
+
+    async def decide(self, host: str, port: int) -> int:
+        """For a connect() held by the namespace: open the way to `host`:`port` and
+        keep it for the connection about to arrive (0), or say the errno it fails with."""
+        key = (host, port)
+        if time.monotonic() - self._known_good.get(key, -KNOWN_GOOD_FOR) < KNOWN_GOOD_FOR:
+            return 0
+        try:
+            path = await self.open(host, port)
+        except Failure as e:
+            self._known_good.pop(key, None)
+            log.info("outgoing %s:%d: %s", host, port, e)
+            return ERRNO.get(e.code, errno.ECONNREFUSED)
+        self._known_good[key] = time.monotonic()
+        self._ready.setdefault(key, deque()).append(path)
+        asyncio.get_running_loop().call_later(READY_FOR, self._expire, key, path)
+        return 0
+
+    def _expire(self, key: tuple[str, int], path: Path) -> None:
+        waiting = self._ready.get(key)
+        if waiting is not None and path in waiting:
+            waiting.remove(path)
+            _close(path)
+        if not waiting:
+            self._ready.pop(key, None)
 
     async def open(self, host: str, port: int) -> Path:
         """Open the way to `host` (a name or an address) and `port`. Raises Failure."""
@@ -115,9 +160,16 @@ class OutgoingRelay:
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
                      host: str, port: int) -> None:  # fmt: skip
-        """An accepted connection has nobody to tell why it failed but by a reset, so a
-        remote one does not wait for CONNECTED: its first bytes go with the CONNECT
-        (one round trip through the tunnel saved per connection)."""
+        """The way `decide` made ready, if any; else (a connect that went on at once,
+        or no supervisor) a remote connection does not wait for CONNECTED: its
+        first bytes go with the CONNECT, and a failure can only reset it."""
+        waiting = self._ready.get((host, port))
+        if waiting:
+            path = waiting.popleft()
+            if not waiting:
+                del self._ready[(host, port)]
+            await self.carry(path, reader, writer)
+            return
         address, name = self._address_and_name(host)
         if self.filter.route(port, address, name) is Route.REMOTE:
             tunnel = await self._tunnel()
@@ -136,6 +188,7 @@ class OutgoingRelay:
                 writer.close()
             if counts.connected is None:
                 self.counters.failed += 1
+                self._known_good.pop((host, port), None)
                 log.info("outgoing %s:%d: %s", host, port, broke)
             else:
                 self.counters.remote += 1
@@ -156,6 +209,10 @@ class OutgoingRelay:
         return address, self.names.name_of(address)
 
     async def aclose(self) -> None:
+        for waiting in self._ready.values():
+            for path in waiting:
+                _close(path)
+        self._ready.clear()
         for task in list(self._tasks):
             task.cancel()
         for task in list(self._tasks):
@@ -214,6 +271,13 @@ async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> N
             writer.write_eof()
     except (ConnectionError, OSError):
         writer.transport.abort()
+
+
+def _close(path: Path) -> None:
+    if path.stream is not None and path.stream.active:
+        path.stream.reset(ResetCode.CANCEL, "the connection it was opened for never came")
+    if path.writer is not None:
+        path.writer.close()
 
 
 def reset(writer: asyncio.StreamWriter) -> None:

@@ -299,14 +299,23 @@ def test_cmd_resolves_and_connects_through_the_pod(bed: Bed) -> None:
     assert "outgoing: 1 connection(s) through the pod" in run.out, run.out
 
 
-def test_refused_denied_and_half_close(bed: Bed) -> None:
-    """A refused destination and a metadata address (refused by the sidecar's policy)
-    reset the connection (ECONNRESET: the namespace accepted it before the pod could
-    try); a half-closed connection still gets its answer."""
-    run = steal(bed, [], cmd(bed, "refused,denied,half_close"))
+def test_connect_errors_are_the_ones_a_direct_connect_gives(bed: Bed) -> None:
+    """CMD's connect() waits while the pod tries, then fails as a direct connect would:
+    refused -> ECONNREFUSED, a metadata address refused by the sidecar's policy ->
+    EPERM, no route on the cluster's link -> ENETUNREACH/EHOSTUNREACH, a destination
+    that drops SYNs -> ETIMEDOUT after the pod's 10 s; a half-closed connection
+    still gets its answer."""
+    bed.cluster.sh("iptables-nft", "-A", "INPUT", "-p", "tcp", "--dport", "81", "-j", "DROP")
+    try:
+        checks = "refused_twice,denied,unreachable,timeout,half_close"
+        run = steal(bed, [], cmd(bed, checks), timeout=90)
+    finally:
+        bed.cluster.sh("iptables-nft", "-D", "INPUT", "-p", "tcp", "--dport", "81", "-j", "DROP")
     result = run.result
-    assert result["refused"] == "ConnectionResetError", result
-    assert result["denied"] == "ConnectionResetError", result
+    assert result["refused_twice"] == ["ECONNREFUSED", "ECONNREFUSED"], result
+    assert result["denied"] == "EPERM", result
+    assert result["unreachable"] in ("EHOSTUNREACH", "ENETUNREACH"), result
+    assert result["timeout"] == "ETIMEDOUT", result
     assert result["half_close"].startswith("got 1048576 bytes"), result  # type: ignore[union-attr]
     log = bed.sidecar_log.read_text()
     assert "169.254.169.254:80 is a link-local (cloud metadata) address" in log, log
