@@ -101,8 +101,9 @@ class LocalSession:
 
     async def current_tunnel(self, wait: float = 10.0) -> Tunnel | None:
         """The open tunnel, waiting up to `wait` seconds for one; None if none opens."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self.ready.wait(), wait)
+        if not self.ready.is_set():  # (every outgoing connection asks: no task when open)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.ready.wait(), wait)
         return self._tunnel if self._tunnel is not None and not self._tunnel.closed else None
 
     def stop(self) -> None:

@@ -8,15 +8,19 @@ the error a direct connect would give, it runs under a seccomp filter whose
 privilege: the process sets no_new_privs, so setuid programs it starts lose
 their setuid):
 
-- a connect that is not IPv4 TCP, or goes to loopback, continues untouched;
-- otherwise offramp opens the way first (`decide`): once it is open the call
-  continues (and is redirected to the listener, which finds the way ready); if
-  the pod or the laptop says no, the call fails with the matching errno:
-  ECONNREFUSED, ENETUNREACH, ETIMEDOUT, EPERM (denied by policy) or
-  EHOSTUNREACH (a name the pod cannot resolve).
+- the namespace's helper (`netns`) receives each call: one that is not IPv4
+  TCP, or goes to loopback, or to a destination reached in the last 30 s
+  (`KnownGood`), continues at once;
+- it asks offramp about the others (`ConnectDecider`), which opens the way
+  first: once it is open the call continues (and is redirected to the
+  listener, which finds the way ready); if the pod or the laptop says no, the
+  call fails with the matching errno: ECONNREFUSED, ENETUNREACH, ETIMEDOUT,
+  EPERM (denied by policy) or EHOSTUNREACH (a name the pod cannot resolve).
 
 Only the calling thread waits (for a non-blocking socket too, as with mirrord's
-connect hook), about one round trip to the pod.
+connect hook): about 0.1 ms when the helper lets it go on, a round trip to the
+pod when offramp decides. The helper decides in its own process so that
+offramp's busy event loop is not on the path of every connect.
 """
 
 from __future__ import annotations
@@ -30,9 +34,21 @@ import os
 import platform
 import socket
 import struct
+import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 
-__all__ = ["ConnectSupervisor", "install_filter"]
+__all__ = [
+    "Call",
+    "ConnectDecider",
+    "KnownGood",
+    "ask",
+    "install_filter",
+    "parse_message",
+    "receive",
+    "respond",
+    "valid",
+]
 
 log = logging.getLogger(__name__)
 
@@ -73,9 +89,11 @@ def install_filter() -> int:
     program = b"".join(
         [
             _instruction(0x20, 0, 0, 4),  # A = seccomp_data.arch
-            _instruction(0x15, 0, 3, audit_arch),  # another ABI: allow
+            _instruction(0x15, 0, 5, audit_arch),  # another ABI: allow
             _instruction(0x20, 0, 0, 0),  # A = seccomp_data.nr
-            _instruction(0x15, 0, 1, nr_connect),
+            _instruction(0x15, 0, 3, nr_connect),
+            _instruction(0x20, 0, 0, 32),  # A = the low word of args[2], the address length
+            _instruction(0x15, 0, 1, 16),  # only an IPv4 address has 16 bytes
             _instruction(0x06, 0, 0, _RET_USER_NOTIF),
             _instruction(0x06, 0, 0, _RET_ALLOW),
         ]
@@ -91,96 +109,186 @@ def install_filter() -> int:
     return int(fd)
 
 
-class ConnectSupervisor:
-    """Answers the filtered process's connect() calls (on the event loop)."""
+@dataclass(frozen=True)
+class Call:
+    """A held connect(): its notification id and where it goes."""
 
-    def __init__(self, listener: int, decide: Decide):
-        self._fd = listener
+    notif_id: int
+    host: str
+    port: int
+
+
+def receive(listener: int, known: KnownGood) -> Call | bool:
+    """The next held connect() to an IPv4 TCP destination not on loopback and not
+    `known`: a Call. True: one that was let go on at once. False: the listener is
+    done (the process has gone)."""
+    notification = ctypes.create_string_buffer(_NOTIF_SIZE)
+    if _libc.ioctl(listener, _NOTIF_RECV, notification) != 0:
+        return ctypes.get_errno() in (errno.ENOENT, errno.EINTR)
+    notif_id, pid = struct.unpack_from("QI", notification, 0)
+    sockfd, address, length = struct.unpack_from("3Q", notification, 32)
+    target = _target(pid, int(sockfd), address, length, known)
+    if target is None or not valid(listener, notif_id):
+        respond(listener, notif_id, 0)
+        return True
+    return Call(notif_id, *target)
+
+
+def _target(
+    pid: int, sockfd: int, address: int, length: int, known: KnownGood
+) -> tuple[str, int] | None:
+    """The IPv4 TCP destination of the call, or None (let it go on untouched)."""
+    if not 16 <= length <= 128:
+        return None
+    try:
+        fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
+        try:
+            raw = os.pread(fd, 8, address)
+        finally:
+            os.close(fd)
+    except OSError:
+        return None
+    if len(raw) < 8 or struct.unpack_from("=H", raw)[0] != socket.AF_INET or raw[4] == 127:
+        return None
+    target = socket.inet_ntoa(raw[4:8]), struct.unpack_from("!H", raw, 2)[0]
+    if target in known or not _is_tcp(pid, sockfd):
+        return None
+    return target
+
+
+def _is_tcp(pid: int, sockfd: int) -> bool:
+    pidfd_open, pidfd_getfd = _ARCH[platform.machine()][3:]
+    pidfd = _libc.syscall(pidfd_open, pid, 0)
+    if pidfd < 0:
+        return False
+    try:
+        dup = _libc.syscall(pidfd_getfd, pidfd, sockfd, 0)
+        if dup < 0:
+            return False
+        sock = socket.socket(fileno=dup)
+        try:
+            return sock.type == socket.SOCK_STREAM
+        finally:
+            sock.close()
+    finally:
+        os.close(pidfd)
+
+
+def valid(listener: int, notif_id: int) -> bool:
+    """Whether the call still waits (its process may have been killed meanwhile)."""
+    value = ctypes.c_uint64(notif_id)
+    return bool(_libc.ioctl(listener, _NOTIF_ID_VALID, ctypes.byref(value)) == 0)
+
+
+def respond(listener: int, notif_id: int, code: int) -> None:
+    """Let the call go on (code 0) or fail it with errno `code`."""
+    flags = 0 if code else _FLAG_CONTINUE
+    response = ctypes.create_string_buffer(
+        struct.pack("QqiI", notif_id, 0, -code if code else 0, flags), _RESP_SIZE
+    )
+    # ENOENT: the call was interrupted (a signal, the process ended): nothing waits.
+    _libc.ioctl(listener, _NOTIF_SEND, response)
+
+
+# The helper and offramp speak of held calls in these messages:
+#   helper -> offramp  b"c" + id (u64) + IPv4 (4 bytes) + port (u16): decide this one
+#   offramp -> helper  b"a" + id (u64) + errno (i32): 0 lets it go on
+#   offramp -> helper  b"f" + IPv4 + port: forget that this destination was reached
+_ASK = struct.Struct("!cQ4sH")
+_ANSWER = struct.Struct("!cQi")
+_FORGET = struct.Struct("!c4sH")
+
+
+def ask(call: Call) -> bytes:
+    return _ASK.pack(b"c", call.notif_id, socket.inet_aton(call.host), call.port)
+
+
+def answer(notif_id: int, code: int) -> bytes:
+    return _ANSWER.pack(b"a", notif_id, code)
+
+
+def forget(host: str, port: int) -> bytes:
+    return _FORGET.pack(b"f", socket.inet_aton(host), port)
+
+
+def parse_message(data: bytes) -> Call | tuple[int, int] | tuple[str, int] | None:
+    """An ask (Call), an answer (id, errno) or a forget (host, port)."""
+    if data[:1] == b"c" and len(data) == _ASK.size:
+        _, notif_id, host, port = _ASK.unpack(data)
+        return Call(notif_id, socket.inet_ntoa(host), port)
+    if data[:1] == b"a" and len(data) == _ANSWER.size:
+        _, notif_id, code = _ANSWER.unpack(data)
+        return notif_id, code
+    if data[:1] == b"f" and len(data) == _FORGET.size:
+        _, host, port = _FORGET.unpack(data)
+        return socket.inet_ntoa(host), port
+    return None
+
+
+class KnownGood:
+    """Destinations reached lately: a connect to one goes on at once."""
+
+    def __init__(self, seconds: float = 30.0):
+        self.seconds = seconds
+        self._at: dict[tuple[str, int], float] = {}
+
+    def __contains__(self, key: tuple[str, int]) -> bool:
+        at = self._at.get(key)
+        return at is not None and time.monotonic() - at < self.seconds
+
+    def add(self, key: tuple[str, int]) -> None:
+        self._at[key] = time.monotonic()
+        if len(self._at) > 4096:
+            oldest = min(self._at, key=self._at.__getitem__)
+            del self._at[oldest]
+
+    def discard(self, key: tuple[str, int]) -> None:
+        self._at.pop(key, None)
+
+
+class ConnectDecider:
+    """offramp's side: decides the calls the helper asks about (on the event loop)."""
+
+    def __init__(self, channel: socket.socket, decide: Decide):
+        self._channel = channel
         self._decide = decide
         self._tasks: set[asyncio.Task[None]] = set()
-        self._pidfd_open, self._pidfd_getfd = _ARCH[platform.machine()][3:]
-        self.held = 0
 
     def start(self) -> None:
-        asyncio.get_running_loop().add_reader(self._fd, self._receive)
+        self._channel.setblocking(False)
+        asyncio.get_running_loop().add_reader(self._channel.fileno(), self._receive)
+
+    def forget(self, host: str, port: int) -> None:
+        with contextlib.suppress(OSError):
+            self._channel.send(forget(host, port))
 
     def close(self) -> None:
         with contextlib.suppress(ValueError, OSError):
-            asyncio.get_running_loop().remove_reader(self._fd)
+            asyncio.get_running_loop().remove_reader(self._channel.fileno())
         for task in self._tasks:
             task.cancel()
-        with contextlib.suppress(OSError):
-            os.close(self._fd)
 
     def _receive(self) -> None:
-        notification = ctypes.create_string_buffer(_NOTIF_SIZE)
-        if _libc.ioctl(self._fd, _NOTIF_RECV, notification) != 0:
-            # ENOENT: the caller went away meanwhile; EBADF etc.: the process is gone.
-            if ctypes.get_errno() not in (errno.ENOENT, errno.EINTR):
-                with contextlib.suppress(ValueError):
-                    asyncio.get_running_loop().remove_reader(self._fd)
-            return
-        notif_id, pid = struct.unpack_from("QI", notification, 0)
-        sockfd, address, length = struct.unpack_from("3Q", notification, 32)
-        target = self._target(pid, int(sockfd), address, length)
-        if target is None or not self._valid(notif_id):
-            self._respond(notif_id, 0)
-            return
-        task = asyncio.create_task(self._answer(notif_id, *target))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    def _target(self, pid: int, sockfd: int, address: int, length: int) -> tuple[str, int] | None:
-        """The IPv4 TCP destination of the call, or None (let it go on untouched)."""
-        if not 16 <= length <= 128:
-            return None
         try:
-            with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
-                mem.seek(address)
-                raw = mem.read(16)
+            data = self._channel.recv(64)
+        except (BlockingIOError, InterruptedError):
+            return
         except OSError:
-            return None
-        family, port = struct.unpack_from("=H", raw)[0], struct.unpack_from("!H", raw, 2)[0]
-        if family != socket.AF_INET:
-            return None
-        host = socket.inet_ntoa(raw[4:8])
-        if host.startswith("127.") or not self._is_tcp(pid, sockfd):
-            return None
-        return host, port
+            data = b""
+        if not data:
+            self.close()
+            return
+        call = parse_message(data)
+        if isinstance(call, Call):
+            task = asyncio.create_task(self._answer(call))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
-    def _is_tcp(self, pid: int, sockfd: int) -> bool:
-        pidfd = _libc.syscall(self._pidfd_open, pid, 0)
-        if pidfd < 0:
-            return False
+    async def _answer(self, call: Call) -> None:
         try:
-            dup = _libc.syscall(self._pidfd_getfd, pidfd, sockfd, 0)
-            if dup < 0:
-                return False
-            sock = socket.socket(fileno=dup)
-            try:
-                return sock.type == socket.SOCK_STREAM
-            finally:
-                sock.close()
-        finally:
-            os.close(pidfd)
-
-    async def _answer(self, notif_id: int, host: str, port: int) -> None:
-        self.held += 1
-        try:
-            code = await self._decide(host, port)
+            code = await self._decide(call.host, call.port)
         except Exception:
-            log.exception("deciding a connect to %s:%d", host, port)
+            log.exception("deciding a connect to %s:%d", call.host, call.port)
             code = 0
-        self._respond(notif_id, code)
-
-    def _valid(self, notif_id: int) -> bool:
-        value = ctypes.c_uint64(notif_id)
-        return bool(_libc.ioctl(self._fd, _NOTIF_ID_VALID, ctypes.byref(value)) == 0)
-
-    def _respond(self, notif_id: int, code: int) -> None:
-        flags = 0 if code else _FLAG_CONTINUE
-        response = ctypes.create_string_buffer(
-            struct.pack("QqiI", notif_id, 0, -code if code else 0, flags), _RESP_SIZE
-        )
-        # ENOENT: the call was interrupted (a signal, the process ended): nothing waits.
-        _libc.ioctl(self._fd, _NOTIF_SEND, response)
+        with contextlib.suppress(OSError):
+            self._channel.send(answer(call.notif_id, code))

@@ -48,7 +48,16 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from local_proxy.outgoing.connects import install_filter
+from local_proxy.outgoing.connects import (
+    Call,
+    KnownGood,
+    ask,
+    install_filter,
+    parse_message,
+    receive,
+    respond,
+    valid,
+)
 
 __all__ = ["MARK", "Namespace", "NamespaceError", "original_destination", "prepare"]
 
@@ -99,9 +108,11 @@ class Namespace:
     control: socket.socket
     listener: socket.socket
     dns: socket.socket
-    connects: int | None = None
-    """The seccomp listener for the process's connect() calls, once it runs (None
-    where the kernel does not offer it: see `no_connects`)."""
+    decisions: socket.socket
+    """Where the helper asks offramp about the process's connect() calls (`connects`)."""
+    supervised: bool = False
+    """Whether the process's connect() calls are held (once it runs; where the kernel
+    offers no seccomp user notification, `no_connects` says why not)."""
     no_connects: str = ""
 
     def make_socket(self, family: int = socket.AF_INET) -> socket.socket:
@@ -116,10 +127,10 @@ class Namespace:
         """Start `command` inside (its resolv.conf the given text, or the laptop's)."""
         message = {"command": command, "resolv": resolv_conf, "cwd": os.getcwd()}
         self.control.send(b"r" + json.dumps(message).encode())
-        answer, fds, _, _ = socket.recv_fds(self.control, 4096, 1)
+        answer = self.control.recv(4096)
         if not answer.startswith(b"ok"):
             raise NamespaceError(answer.decode(errors="replace").removeprefix("error: "))
-        self.connects = fds[0] if fds else None
+        self.supervised = answer == b"ok"
         self.no_connects = answer[3:].decode(errors="replace")
 
     def signal(self, signum: int) -> None:
@@ -127,7 +138,7 @@ class Namespace:
             os.kill(self.pid, signum)
 
     def close(self) -> None:
-        for s in (self.control, self.listener, self.dns):
+        for s in (self.control, self.listener, self.dns, self.decisions):
             s.close()
 
 
@@ -135,27 +146,31 @@ def prepare(loopback_ports: tuple[int, ...] = ()) -> Namespace:
     """Fork the helper and make the namespace. Call before any thread starts."""
     ip, nft = _tool("ip"), _tool("nft")
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    asked, asking = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     uid, gid = os.getuid(), os.getgid()
     pid = os.fork()
     if pid == 0:  # the helper
         parent.close()
+        asked.close()
         code = 1
         try:
-            code = _helper(child, uid, gid, ip, nft, loopback_ports)
+            code = _helper(child, asking, uid, gid, ip, nft, loopback_ports)
         except BaseException as e:
             with contextlib.suppress(OSError):
                 child.send(f"error: {e}".encode())
         finally:
             os._exit(code)
     child.close()
+    asking.close()
     message, fds, _, _ = socket.recv_fds(parent, 4096, 2)
     if message != b"ok" or len(fds) != 2:
         os.waitpid(pid, 0)
+        asked.close()
         raise NamespaceError(message.decode(errors="replace").removeprefix("error: ") or
                              "the namespace helper ended without a word")  # fmt: skip
     listener = socket.socket(fileno=fds[0])
     dns = socket.socket(fileno=fds[1])
-    return Namespace(pid, parent, listener, dns)
+    return Namespace(pid, parent, listener, dns, asked)
 
 
 def original_destination(sock: socket.socket) -> tuple[str, int]:
@@ -174,7 +189,13 @@ def _write(path: str, text: str) -> None:
 
 
 def _helper(
-    control: socket.socket, uid: int, gid: int, ip: str, nft: str, loopback_ports: tuple[int, ...]
+    control: socket.socket,
+    decisions: socket.socket,
+    uid: int,
+    gid: int,
+    ip: str,
+    nft: str,
+    loopback_ports: tuple[int, ...],
 ) -> int:
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
@@ -219,7 +240,7 @@ table ip offramp {{
     listener.close()
     dns.close()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal's Ctrl-C reaches the process
-    return _serve(control, libc, uid, gid)
+    return _serve(control, decisions, libc, uid, gid)
 
 
 def _run(cmd: list[str], stdin: str | None = None) -> None:
@@ -228,8 +249,16 @@ def _run(cmd: list[str], stdin: str | None = None) -> None:
         raise NamespaceError(f"{' '.join(cmd)} failed: {done.stderr.strip()}")
 
 
-def _serve(control: socket.socket, libc: ctypes.CDLL, uid: int, gid: int) -> int:
+def _serve(
+    control: socket.socket, decisions: socket.socket, libc: ctypes.CDLL, uid: int, gid: int
+) -> int:
+    """Until the process ends: make sockets inside for offramp, start the process,
+    and hold its connect() calls (letting most go on at once, asking offramp about
+    the rest: see `connects`)."""
     child = 0
+    listener: int | None = None
+    known = KnownGood()
+    pending: dict[int, tuple[str, int]] = {}
     resolv_dir: str | None = None
 
     def forward(signum: int, _frame: object) -> None:
@@ -250,11 +279,33 @@ def _serve(control: socket.socket, libc: ctypes.CDLL, uid: int, gid: int) -> int
                         signal.signal(os.WTERMSIG(status), signal.SIG_DFL)
                         os.kill(os.getpid(), os.WTERMSIG(status))
                     return os.waitstatus_to_exitcode(status) % 256
+            watched: list[int | socket.socket] = [control, decisions]
+            if listener is not None:
+                watched.append(listener)
             try:
-                ready, _, _ = select.select([control], [], [], 0.1)
+                ready, _, _ = select.select(watched, [], [], 0.1)
             except InterruptedError:
                 continue
-            if not ready:
+            if listener is not None and listener in ready:
+                call = receive(listener, known)
+                if call is False:  # the process (and all it started) has gone
+                    os.close(listener)
+                    listener = None
+                elif isinstance(call, Call):
+                    pending[call.notif_id] = (call.host, call.port)
+                    decisions.send(ask(call))
+            if decisions in ready:
+                said = parse_message(decisions.recv(64))
+                if isinstance(said, tuple) and isinstance(said[0], int):
+                    notif_id, code = said
+                    key = pending.pop(notif_id, None)
+                    if key is not None and code == 0:
+                        known.add(key)
+                    if listener is not None and valid(listener, notif_id):
+                        respond(listener, notif_id, code)
+                elif isinstance(said, tuple):
+                    known.discard((str(said[0]), said[1]))
+            if control not in ready:
                 continue
             message = control.recv(65536)
             if not message:  # offramp has gone
@@ -278,15 +329,11 @@ def _serve(control: socket.socket, libc: ctypes.CDLL, uid: int, gid: int) -> int
                         target = os.path.realpath("/etc/resolv.conf")
                         if libc.mount(path.encode(), target.encode(), None, _MS_BIND, None) != 0:
                             raise OSError(ctypes.get_errno(), f"cannot bind-mount {target}")
-                    child, connects, why = _start(request["command"], request["cwd"], uid, gid)
+                    child, listener, why = _start(request["command"], request["cwd"], uid, gid)
                 except OSError as e:
                     control.send(f"error: cannot start {request['command'][0]!r}: {e}".encode())
                     return 1
-                if connects is not None:
-                    socket.send_fds(control, [b"ok"], [connects])
-                    os.close(connects)
-                else:
-                    control.send(b"ok " + why.encode())
+                control.send(b"ok" if listener is not None else b"ok " + why.encode())
     finally:
         if resolv_dir is not None:
             shutil.rmtree(resolv_dir, ignore_errors=True)

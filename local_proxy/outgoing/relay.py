@@ -10,7 +10,7 @@ code is the tunnel's: a SOCKS or HTTP proxy client is told in its protocol's
 terms. In the namespace, the process's connect() waits for `decide` (see
 `connects`), which opens the way first and fails the call with the matching
 errno; the redirected connection then takes the way made ready for it. To a
-destination reached in the last KNOWN_GOOD_FOR seconds a connect goes on at
+destination reached in the last 30 seconds a connect goes on at
 once and its first bytes travel with the CONNECT (one round trip to the pod
 saved); should that one fail after all, it is reset (ECONNRESET), and the next
 connect to that destination waits again.
@@ -25,8 +25,8 @@ import ipaddress
 import logging
 import socket
 import struct
-import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from local_proxy.outgoing.dns import TunnelSource
@@ -42,8 +42,6 @@ log = logging.getLogger(__name__)
 
 CONNECT_TIMEOUT = 15.0
 """How long a connection waits for its destination (the pod's own limit is 10 s)."""
-KNOWN_GOOD_FOR = 30.0
-"""Seconds after a way to a destination opened during which connects to it go on at once."""
 READY_FOR = 10.0
 """How long a way made ready for a connect waits for the connection to arrive."""
 ERRNO = {
@@ -88,21 +86,19 @@ class OutgoingRelay:
         self.counters = Counters()
         self._tasks: set[asyncio.Task[None]] = set()
         self._ready: dict[tuple[str, int], deque[Path]] = {}
-        self._known_good: dict[tuple[str, int], float] = {}
+        self.forget: Callable[[str, int], None] | None = None
+        """Told when a connection that went on at once failed after all: the next
+        connect to that destination should wait for the pod again."""
 
     async def decide(self, host: str, port: int) -> int:
         """For a connect() held by the namespace: open the way to `host`:`port` and
         keep it for the connection about to arrive (0), or say the errno it fails with."""
         key = (host, port)
-        if time.monotonic() - self._known_good.get(key, -KNOWN_GOOD_FOR) < KNOWN_GOOD_FOR:
-            return 0
         try:
             path = await self.open(host, port)
         except Failure as e:
-            self._known_good.pop(key, None)
             log.info("outgoing %s:%d: %s", host, port, e)
             return ERRNO.get(e.code, errno.ECONNREFUSED)
-        self._known_good[key] = time.monotonic()
         self._ready.setdefault(key, deque()).append(path)
         asyncio.get_running_loop().call_later(READY_FOR, self._expire, key, path)
         return 0
@@ -188,7 +184,8 @@ class OutgoingRelay:
                 writer.close()
             if counts.connected is None:
                 self.counters.failed += 1
-                self._known_good.pop((host, port), None)
+                if self.forget is not None:
+                    self.forget(host, port)
                 log.info("outgoing %s:%d: %s", host, port, broke)
             else:
                 self.counters.remote += 1

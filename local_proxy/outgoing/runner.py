@@ -21,7 +21,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path as FilePath
 
-from local_proxy.outgoing.connects import ConnectSupervisor
+from local_proxy.outgoing.connects import ConnectDecider
 from local_proxy.outgoing.dns import DnsHandler
 from local_proxy.outgoing.filter import NameBook, OutgoingFilter
 from local_proxy.outgoing.netns import NAMESERVER, Namespace, original_destination
@@ -59,7 +59,7 @@ class Outgoing:
             outgoing, self.names, self._tunnel, ResolvConf.read(FilePath("/etc/resolv.conf"))
         )
         self.proxy: ProxyServer | None = None
-        self._supervisor: ConnectSupervisor | None = None
+        self._decider: ConnectDecider | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._dns_transport: asyncio.DatagramTransport | None = None
         self._tcp_dns: set[asyncio.Task[None]] = set()
@@ -101,14 +101,15 @@ class Outgoing:
 
     def supervise(self, namespace: Namespace) -> None:
         """Once the process runs: hold its connect() calls until their way is open."""
-        if namespace.connects is None:
+        if not namespace.supervised:
             self.report(
                 f"offramp: note: connections the pod cannot make are reset rather than "
                 f"refused ({namespace.no_connects}: no seccomp user notification)"
             )
             return
-        self._supervisor = ConnectSupervisor(namespace.connects, self.relay.decide)
-        self._supervisor.start()
+        self._decider = ConnectDecider(namespace.decisions, self.relay.decide)
+        self._decider.start()
+        self.relay.forget = self._decider.forget
 
     def environment(self) -> dict[str, str]:
         """For a process without the namespace: the proxy variables."""
@@ -173,8 +174,8 @@ class Outgoing:
         self._dns_transport = transport
 
     async def aclose(self) -> None:
-        if self._supervisor is not None:
-            self._supervisor.close()
+        if self._decider is not None:
+            self._decider.close()
         self.session.stop()
         if self.proxy is not None:
             await self.proxy.aclose()
