@@ -130,14 +130,20 @@ class OutgoingRelay:
         return path
 
     async def carry(
-        self, path: Path, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        self,
+        path: Path,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        first: bytes = b"",
     ) -> None:
-        """Move bytes between the process's connection and `path` until both end."""
+        """Move bytes between the process's connection and `path` until both end.
+        `first`: bytes already read from the process's connection."""
         try:
             if path.stream is not None:
-                await splice(path.stream, reader, writer)
+                await splice(path.stream, reader, writer, first)
             else:
                 assert path.reader is not None and path.writer is not None
+                path.writer.write(first)
                 await asyncio.gather(
                     _pipe(reader, path.writer), _pipe(path.reader, writer), return_exceptions=True
                 )
@@ -147,15 +153,16 @@ class OutgoingRelay:
                     w.close()
 
     def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-              host: str, port: int) -> None:  # fmt: skip
+              host: str, port: int, first: bytes = b"") -> None:  # fmt: skip
         """Carry an accepted connection to `host`:`port` in a task of its own; if the
-        destination cannot be reached, reset the connection."""
-        task = asyncio.create_task(self._serve(reader, writer, host, port))
+        destination cannot be reached, reset the connection. `first`: bytes the
+        process had sent when it was accepted (they travel with the CONNECT)."""
+        task = asyncio.create_task(self._serve(reader, writer, host, port, first))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                     host: str, port: int) -> None:  # fmt: skip
+                     host: str, port: int, first: bytes) -> None:  # fmt: skip
         """The way `decide` made ready, if any; else (a connect that went on at once,
         or no supervisor) a remote connection does not wait for CONNECTED: its
         first bytes go with the CONNECT, and a failure can only reset it."""
@@ -164,7 +171,7 @@ class OutgoingRelay:
             path = waiting.popleft()
             if not waiting:
                 del self._ready[(host, port)]
-            await self.carry(path, reader, writer)
+            await self.carry(path, reader, writer, first)
             return
         address, name = self._address_and_name(host)
         if self.filter.route(port, address, name) is Route.REMOTE:
@@ -179,7 +186,7 @@ class OutgoingRelay:
                 return
             counts = Transferred()
             try:
-                broke = await splice(stream, reader, writer, counts=counts, reset_socket=True)
+                broke = await splice(stream, reader, writer, first, counts, reset_socket=True)
             finally:
                 writer.close()
             if counts.connected is None:
@@ -196,7 +203,7 @@ class OutgoingRelay:
             log.info("outgoing %s:%d: %s", host, port, e)
             reset(writer)
             return
-        await self.carry(path, reader, writer)
+        await self.carry(path, reader, writer, first)
 
     def _address_and_name(self, host: str) -> tuple[IpAddress | None, str | None]:
         try:

@@ -30,6 +30,7 @@ from local_proxy.outgoing.relay import OutgoingRelay
 from local_proxy.session import LocalSession, SessionError
 from sidecar.outgoing.resolver import ResolvConf
 from sidecar.tunnel.driver import Tunnel
+from sidecar.tunnel.protocol import MAX_DATA
 
 __all__ = ["OPEN_WAIT", "LocalProcess", "Outgoing"]
 
@@ -123,17 +124,23 @@ class Outgoing:
             conn, _ = await loop.sock_accept(listener)
             try:
                 host, port = original_destination(conn)
+                dns = (host, port) == (NAMESERVER, 53)  # the resolver retrying over TCP
+                # What the process sent already goes out with the CONNECT, in one message.
+                first = b""
+                if not dns:
+                    with contextlib.suppress(BlockingIOError):
+                        first = conn.recv(MAX_DATA, socket.MSG_DONTWAIT)
                 reader, writer = await asyncio.open_connection(sock=conn)
             except OSError as e:
                 log.info("an outgoing connection could not be read: %s", e)
                 conn.close()
                 continue
-            if (host, port) == (NAMESERVER, 53):  # the resolver retrying over TCP
+            if dns:
                 task = asyncio.create_task(self._dns_over_tcp(reader, writer))
                 self._tcp_dns.add(task)
                 task.add_done_callback(self._tcp_dns.discard)
                 continue
-            self.relay.serve(reader, writer, host, port)
+            self.relay.serve(reader, writer, host, port, first)
 
     async def _dns_over_tcp(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
