@@ -585,7 +585,14 @@ def _sidecar_status(kube: Kube, pod: str, port: int, token: str | None) -> str:
         if s.get("match_timeouts"):
             counts += f", {s['match_timeouts']} filter timeouts"
         who = s.get("client") or "?"
-        lines.append(f"    {s['id']} {s['mode']} by {who}: {s['filter']} ({counts})")
+        outgoing = s.get("outgoing")
+        if s.get("incoming", True):
+            lines.append(f"    {s['id']} {s['mode']} by {who}: {s['filter']} ({counts})")
+        if outgoing:
+            lines.append(
+                f"    {s['id']} outgoing ({'+'.join(outgoing.get('granted', []))}) by {who}: "
+                f"{outgoing.get('connections', 0)} connection(s) from the pod"
+            )
     return "\n".join(lines)
 
 

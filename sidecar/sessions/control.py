@@ -86,6 +86,14 @@ _QUEUE = 4
 """Messages websockets reads ahead per connection (its default is 16)."""
 
 
+def _outgoing_status(session: Session) -> dict[str, object]:
+    service = session.outgoing
+    if service is None:
+        return {}
+    granted = [kind for kind in ("tcp", "dns") if getattr(service, kind)]
+    return {"outgoing": {"granted": granted, "connections": service.connections}}
+
+
 class ControlServer:
     def __init__(
         self,
@@ -194,6 +202,8 @@ class ControlServer:
                 "stolen": s.stolen,
                 "mirrored": s.mirrored,
                 "match_timeouts": s.timeouts.total,
+                "incoming": s.spec.incoming,
+                **_outgoing_status(s),
             }
             for s in self.registry.sessions
         ]
@@ -294,6 +304,7 @@ class ControlServer:
             ",".join(map(str, ports)) or "none",
         )
         if outgoing is not None:
+            session.outgoing = outgoing
             session.tunnel.on_outgoing = outgoing.on_stream
             log.info("%s: outgoing %s through the pod", session.describe(), "+".join(granted))
 

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from sidecar.outgoing.dialer import OutgoingService
 from sidecar.sessions.filters import Predicate, TimeoutCounter
 from sidecar.sessions.router import SessionIndex
 from sidecar.sessions.spec import Mode, SessionSpec
@@ -45,6 +46,8 @@ class Session:
     mirror_dropped: int = 0
     mirror_streams: set[StreamHandle] = field(default_factory=set)
     mirror_backlog: int = 0
+    outgoing: OutgoingService | None = None
+    """Its outgoing connections and DNS through the pod, if it asked for them."""
 
     def mirrors_in_flight(self) -> int:
         self.mirror_streams = {h for h in self.mirror_streams if h.active}

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.conftest import NAMESPACE, SIDECAR_IMAGE, Cli, deployment, get
+from tests.e2e.conftest import NAMESPACE, SIDECAR_IMAGE, Cli, deployment, get, offramp
 from tests.kube.cluster import Cluster
 from tests.support import free_port
 
@@ -64,6 +64,9 @@ def test_cmd_reaches_the_pods_loopback_when_it_names_it(cluster: Cluster, tmp_pa
         cli.wait_for("open (steal, port 8080")
         mine = get(pod["status"]["podIP"], 8080, "/mine")
         assert mine["served_by"] == "local" and mine["peer"] == "127.0.0.1"
+        status = offramp(kubeconfig, "status", "deploy/api").stdout
+        assert "outgoing (tcp+dns) by " in status and "1 connection(s) from the pod" in status
+        assert "steal by " in status, status
     finally:
         code = cli.stop()
     assert code == 128 + 15, "\n".join(cli.lines)  # CMD ended by offramp's SIGTERM
