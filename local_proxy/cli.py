@@ -61,7 +61,9 @@ def parser() -> argparse.ArgumentParser:
             "Open a session on a sidecar: requests matching the filter are answered by "
             "the process on 127.0.0.1:<--to>; the rest by the real app. With several "
             "filter flags, a request must match all of them. Without any, every request "
-            "is taken (Kubernetes probes never are, unless --take-probes)."
+            "is taken (Kubernetes probes never are, unless --take-probes). After '-- CMD', "
+            "offramp runs CMD for the session, and CMD's own connections and DNS lookups go "
+            "through the pod (see --local, --remote, --no-outgoing, --no-dns)."
         ),
     )
     steal.add_argument(
@@ -146,7 +148,8 @@ def parser() -> argparse.ArgumentParser:
         "-f",
         "--config-file",
         type=Path,
-        help="mirrord-style JSON config; feature.network.incoming is used; flags override it",
+        help="mirrord-style JSON config; feature.network.incoming, .outgoing and .dns are "
+        "used; flags override them",
     )
     steal.add_argument(
         "--timeout",

@@ -44,6 +44,7 @@ import signal
 import socket
 import struct
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -144,6 +145,8 @@ class Namespace:
 
 def prepare(loopback_ports: tuple[int, ...] = ()) -> Namespace:
     """Fork the helper and make the namespace. Call before any thread starts."""
+    if sys.platform != "linux":
+        raise NamespaceError(f"network namespaces are Linux's, and this is {sys.platform}")
     ip, nft = _tool("ip"), _tool("nft")
     parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
     asked, asking = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
@@ -295,7 +298,13 @@ def _serve(
                     pending[call.notif_id] = (call.host, call.port)
                     decisions.send(ask(call))
             if decisions in ready:
-                said = parse_message(decisions.recv(64))
+                data = decisions.recv(64)
+                if not data:  # offramp has gone
+                    if child:
+                        os.kill(child, signal.SIGTERM)
+                        os.waitpid(child, 0)
+                    return 1
+                said = parse_message(data)
                 if isinstance(said, tuple) and isinstance(said[0], int):
                     notif_id, code = said
                     key = pending.pop(notif_id, None)

@@ -21,6 +21,7 @@ import socket
 from collections.abc import Awaitable, Callable
 from pathlib import Path as FilePath
 
+from local_proxy.forward.dial import open_connection
 from local_proxy.outgoing.connects import ConnectDecider
 from local_proxy.outgoing.dns import DnsHandler
 from local_proxy.outgoing.filter import NameBook, OutgoingFilter
@@ -267,7 +268,6 @@ class LocalProcess:
     @property
     def connect(self) -> Callable[[str, int], Awaitable[tuple[asyncio.StreamReader,
                                                               asyncio.StreamWriter]]]:  # fmt: skip
-        from local_proxy.forward.dial import open_connection
-
+        """Opens a connection to the process's own host and port (inside its namespace)."""
         factory = self._namespace.make_socket if self._namespace is not None else None
         return lambda host, port: open_connection(host, port, factory)
