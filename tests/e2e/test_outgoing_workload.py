@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,59 @@ def test_the_admins_allow_list_annotation_narrows_what_a_session_reaches(
                for line in cli.lines), cli.lines  # fmt: skip
     log = "".join(text for key, text in cluster.logs().items() if "offramp-sidecar" in key)
     assert "is not on this pod's outgoing allow-list (10.0.0.0/8, payment-service)" in log, log
+
+
+# CMD for the test below: each stolen request makes one outgoing request to the
+# pod's app (named with --remote) and answers with the pod that served it.
+RELAY_CMD = """
+import json, sys, urllib.request
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+class H(BaseHTTPRequestHandler):
+    def do_GET(self):
+        try:
+            with urllib.request.urlopen("http://127.0.0.1:8080/from-cmd", timeout=10) as r:
+                via = json.loads(r.read())["pod"]
+        except Exception as e:
+            via = type(e).__name__
+        body = json.dumps({"served_by": "local", "outgoing_via": via})
+        data = body.encode()
+        self.send_response(200); self.send_header("Content-Length", str(len(data)))
+        self.end_headers(); self.wfile.write(data)
+    def log_message(self, *a): pass
+ThreadingHTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+def test_outgoing_traffic_moves_to_another_pod_when_its_pod_goes(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """The session for outgoing traffic runs through one ready pod; when that pod is
+    deleted it reconnects through another, and CMD's next connection works."""
+    cluster.apply(deployment(replicas=2))
+    cluster.wait("2 app pods", lambda: len(cluster.ready_pods(NAMESPACE, app="api")) == 2)
+    kubeconfig = cluster.kubeconfig(tmp_path / "kubeconfig", namespace=NAMESPACE)
+    port = free_port()
+    cli = Cli(kubeconfig, "steal", "deploy/api", "--to", str(port), "--path", "^/mine",
+              "--image", SIDECAR_IMAGE, "--remote", "127.0.0.1:8080", "--",
+              sys.executable, "-c", RELAY_CMD, str(port))  # fmt: skip
+    try:
+        cli.wait_count("open (steal, port 8080", 2)
+        pods = cluster.ready_pods(NAMESPACE, app="api")
+        first = get(pods[0]["status"]["podIP"], 8080, "/mine")
+        via = first["outgoing_via"]
+        assert via in {p["metadata"]["name"] for p in pods}, first
+        cluster.request("DELETE", f"/api/v1/namespaces/{NAMESPACE}/pods/{via}")
+        cluster.wait("the pod gone", lambda: via not in {
+            p["metadata"]["name"] for p in cluster.pods(NAMESPACE, app="api")})  # fmt: skip
+        survivor = next(p for p in pods if p["metadata"]["name"] != via)
+        deadline = time.monotonic() + 60
+        while True:
+            answer = get(survivor["status"]["podIP"], 8080, "/mine")
+            if answer["outgoing_via"] not in (via, "URLError", "RemoteDisconnected",
+                                              "ConnectionResetError"):  # fmt: skip
+                break
+            assert time.monotonic() < deadline, (answer, cli.lines)
+            time.sleep(0.5)
+        assert answer["outgoing_via"] != via
+    finally:
+        cli.stop()
