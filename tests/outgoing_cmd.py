@@ -63,6 +63,22 @@ def hardcoded_dns(server: str, name: bytes = b"payment-service.default.svc.clust
     return socket.inet_ntoa(answer[-4:])  # the last record's A data
 
 
+def dns_over_tcp() -> str:
+    """Ask resolv.conf's nameserver over TCP (as `dig +tcp` does) for payment-service."""
+    with open("/etc/resolv.conf") as conf:
+        server = next(line.split()[1] for line in conf if line.startswith("nameserver"))
+    qname = b"".join(
+        bytes([len(p)]) + p for p in b"payment-service.default.svc.cluster.local".split(b".")
+    )
+    query = struct.pack("!HHHHHH", 0x4321, 0x0100, 1, 0, 0, 0) + qname + b"\x00\x00\x01\x00\x01"
+    with socket.create_connection((server, 53), timeout=10) as s:
+        s.sendall(len(query).to_bytes(2, "big") + query)
+        reply = s.makefile("rb")
+        size = int.from_bytes(reply.read(2), "big")
+        answer = reply.read(size)
+    return socket.inet_ntoa(answer[-4:])
+
+
 def attempt(host: str, port: int) -> str:
     """What a client sees when it connects and reads: what it read, or the error's
     errno name (ECONNREFUSED at connect, ECONNRESET on reading, ...)."""
@@ -143,6 +159,8 @@ def main() -> None:
                 }
             elif check == "http":
                 results[check] = http_get("payment-service", 8080)
+            elif check == "dns_tcp":
+                results[check] = dns_over_tcp()
             elif check == "hardcoded_dns":
                 results[check] = hardcoded_dns(hardcoded)
             elif check == "local_name":

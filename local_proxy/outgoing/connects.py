@@ -226,13 +226,16 @@ def parse_message(data: bytes) -> Call | tuple[int, int] | tuple[str, int] | Non
 
 
 class KnownGood:
-    """Destinations reached lately: a connect to one goes on at once."""
+    """Destinations reached lately, and `always`: a connect to one goes on at once."""
 
-    def __init__(self, seconds: float = 30.0):
+    def __init__(self, seconds: float = 30.0, always: frozenset[tuple[str, int]] = frozenset()):
         self.seconds = seconds
+        self.always = always
         self._at: dict[tuple[str, int], float] = {}
 
     def __contains__(self, key: tuple[str, int]) -> bool:
+        if key in self.always:
+            return True
         at = self._at.get(key)
         return at is not None and time.monotonic() - at < self.seconds
 

@@ -260,7 +260,8 @@ def _serve(
     the rest: see `connects`)."""
     child = 0
     listener: int | None = None
-    known = KnownGood()
+    # offramp answers DNS over TCP to the resolv.conf's nameserver itself: no pod to ask.
+    known = KnownGood(always=frozenset({(NAMESERVER, 53)}))
     pending: dict[int, tuple[str, int]] = {}
     resolv_dir: str | None = None
 

@@ -282,10 +282,10 @@ def cmd(bed: Bed, checks: str, size: int = 0, port: int = 0) -> list[str]:
 def test_cmd_resolves_and_connects_through_the_pod(bed: Bed) -> None:
     """Short name, name.namespace and FQDN resolve with the pod's search list; an
     unknown name is NXDOMAIN; a truncated answer is retried over TCP; a query sent
-    straight to a hard-coded server is answered by the pod's resolver; the
+    straight to a hard-coded server, or over TCP, is answered by the pod's resolver; the
     service sees the connection come from the pod; a stolen request reaches CMD
     inside its namespace; CMD runs as the unprivileged user."""
-    run = steal(bed, [], cmd(bed, "resolve,http,hardcoded_dns"))
+    run = steal(bed, [], cmd(bed, "resolve,http,hardcoded_dns,dns_tcp"))
     assert run.code == 0, run.err + run.out
     result = run.result
     names = result["resolve"]
@@ -296,6 +296,7 @@ def test_cmd_resolves_and_connects_through_the_pod(bed: Bed) -> None:
     assert str(names["no-such-service"]).startswith("gaierror"), result
     assert result["http"] == f"payment-service; you are {bed.pod_cluster_ip}\n", result
     assert result["hardcoded_dns"] == bed.service_ip, result
+    assert result["dns_tcp"] == bed.service_ip, result  # DNS over TCP to resolv.conf's server
     assert "outgoing: 1 connection(s) through the pod" in run.out, run.out
 
 
