@@ -80,10 +80,13 @@ def dns_over_tcp() -> str:
 
 
 def attempt(host: str, port: int) -> str:
-    """What a client sees when it connects and reads: what it read, or the error's
-    errno name (ECONNREFUSED at connect, ECONNRESET on reading, ...)."""
+    """What a client sees when it connects (a blocking socket, as most libraries'
+    synchronous clients use) and reads: what it read, or the error's errno name
+    (ECONNREFUSED at connect, ECONNRESET on reading, ...)."""
     try:
-        with socket.create_connection((host, port), timeout=20) as s:
+        with socket.socket() as s:
+            s.connect((host, port))
+            s.settimeout(20)
             s.sendall(b"hello")
             data = s.recv(100)
             return f"read {data!r}"
@@ -91,6 +94,24 @@ def attempt(host: str, port: int) -> str:
         if e.errno is None:
             return "client timeout"
         return errno.errorcode.get(e.errno or 0, type(e).__name__)
+
+
+def attempt_nonblocking(host: str, port: int) -> list[object]:
+    """The same with a non-blocking socket (an event loop's): [seconds until connect()
+    returned, what happened]."""
+    started = time.monotonic()
+    with socket.socket() as s:
+        s.setblocking(False)
+        code = s.connect_ex((host, port))
+        returned = round(time.monotonic() - started, 1)
+        if code not in (0, errno.EINPROGRESS):
+            return [returned, errno.errorcode.get(code, str(code))]
+        s.settimeout(20)
+        try:
+            s.sendall(b"hello")
+            return [returned, f"read {s.recv(100)!r}"]
+        except OSError as e:
+            return [returned, errno.errorcode.get(e.errno or 0, type(e).__name__)]
 
 
 def half_close(host: str) -> str:
@@ -175,6 +196,10 @@ def main() -> None:
                 results[check] = attempt(service_ip.rsplit(".", 1)[0] + ".250", 80)
             elif check == "timeout":  # the cluster drops SYNs to this port
                 results[check] = attempt(service_ip, 81)
+            elif check == "timeout_nonblocking":  # let go after 3 s, reset at the pod's 10
+                results[check] = attempt_nonblocking(service_ip, 81)
+            elif check == "refused_nonblocking":
+                results[check] = attempt_nonblocking(service_ip, 9)
             elif check == "refused_twice":  # a refusal is not cached as reachable
                 results[check] = [attempt(service_ip, 9), attempt(service_ip, 9)]
             elif check == "half_close":

@@ -17,9 +17,13 @@ their setuid):
   call fails with the matching errno: ECONNREFUSED, ENETUNREACH, ETIMEDOUT,
   EPERM (denied by policy) or EHOSTUNREACH (a name the pod cannot resolve).
 
-Only the calling thread waits (for a non-blocking socket too, as with mirrord's
-connect hook): about 0.1 ms when the helper lets it go on, a round trip to the
-pod when offramp decides. The helper decides in its own process so that
+Only the calling thread waits: about 0.1 ms when the helper lets it go on, a
+round trip to the pod when offramp decides. A blocking socket's call waits for
+the answer (up to the pod's 10 s connect timeout), as a direct connect would; a
+non-blocking socket's (an event loop's: Node, asyncio, curl) at most
+HOLD_NONBLOCKING seconds, so a dead destination cannot freeze the loop for
+long: past that the call goes on, and if the pod then fails, the connection is
+reset (ECONNRESET). The helper decides in its own process so that
 offramp's busy event loop is not on the path of every connect.
 """
 
@@ -39,6 +43,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 __all__ = [
+    "HOLD_NONBLOCKING",
     "Call",
     "ConnectDecider",
     "KnownGood",
@@ -66,6 +71,9 @@ _PR_SET_NO_NEW_PRIVS = 38
 _NOTIF_RECV, _NOTIF_SEND, _NOTIF_ID_VALID = 0xC0502100, 0xC0182101, 0x40082102
 _NOTIF_SIZE, _RESP_SIZE = 80, 24
 _FLAG_CONTINUE = 1
+
+HOLD_NONBLOCKING = 3.0
+"""Seconds a non-blocking socket's connect() is held at most (see above)."""
 
 Decide = Callable[[str, int], Awaitable[int]]
 """(address, port) -> 0 to let the connect go on, else the errno it fails with."""
@@ -116,6 +124,7 @@ class Call:
     notif_id: int
     host: str
     port: int
+    blocking: bool = True
 
 
 def receive(listener: int, known: KnownGood) -> Call | bool:
@@ -136,8 +145,9 @@ def receive(listener: int, known: KnownGood) -> Call | bool:
 
 def _target(
     pid: int, sockfd: int, address: int, length: int, known: KnownGood
-) -> tuple[str, int] | None:
-    """The IPv4 TCP destination of the call, or None (let it go on untouched)."""
+) -> tuple[str, int, bool] | None:
+    """The IPv4 TCP destination of the call and whether its socket blocks, or None
+    (let it go on untouched)."""
     if not 16 <= length <= 128:
         return None
     try:
@@ -151,23 +161,27 @@ def _target(
     if len(raw) < 8 or struct.unpack_from("=H", raw)[0] != socket.AF_INET or raw[4] == 127:
         return None
     target = socket.inet_ntoa(raw[4:8]), struct.unpack_from("!H", raw, 2)[0]
-    if target in known or not _is_tcp(pid, sockfd):
+    if target in known:
         return None
-    return target
+    kind = _socket_kind(pid, sockfd)
+    if kind is None:
+        return None
+    return (*target, kind)
 
 
-def _is_tcp(pid: int, sockfd: int) -> bool:
+def _socket_kind(pid: int, sockfd: int) -> bool | None:
+    """None unless the socket is TCP; else whether it blocks."""
     pidfd_open, pidfd_getfd = _ARCH[platform.machine()][3:]
     pidfd = _libc.syscall(pidfd_open, pid, 0)
     if pidfd < 0:
-        return False
+        return None
     try:
         dup = _libc.syscall(pidfd_getfd, pidfd, sockfd, 0)
         if dup < 0:
-            return False
+            return None
         sock = socket.socket(fileno=dup)
         try:
-            return sock.type == socket.SOCK_STREAM
+            return os.get_blocking(dup) if sock.type == socket.SOCK_STREAM else None
         finally:
             sock.close()
     finally:

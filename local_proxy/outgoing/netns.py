@@ -46,10 +46,12 @@ import struct
 import subprocess
 import sys
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from local_proxy.outgoing.connects import (
+    HOLD_NONBLOCKING,
     Call,
     KnownGood,
     ask,
@@ -262,7 +264,9 @@ def _serve(
     listener: int | None = None
     # offramp answers DNS over TCP to the resolv.conf's nameserver itself: no pod to ask.
     known = KnownGood(always=frozenset({(NAMESERVER, 53)}))
-    pending: dict[int, tuple[str, int]] = {}
+    # Held calls offramp is asked about: destination, and when a non-blocking one is
+    # let go regardless (None: held until the answer, or already let go).
+    pending: dict[int, tuple[tuple[str, int], float | None]] = {}
     resolv_dir: str | None = None
 
     def forward(signum: int, _frame: object) -> None:
@@ -286,17 +290,23 @@ def _serve(
             watched: list[int | socket.socket] = [control, decisions]
             if listener is not None:
                 watched.append(listener)
+            now = time.monotonic()
+            deadlines = [at for _, at in pending.values() if at is not None]
+            wait = max(0.0, min([0.1, *(at - now for at in deadlines)]))
             try:
-                ready, _, _ = select.select(watched, [], [], 0.1)
+                ready, _, _ = select.select(watched, [], [], wait)
             except InterruptedError:
                 continue
+            if listener is not None and deadlines:
+                _release_overdue(listener, pending)
             if listener is not None and listener in ready:
                 call = receive(listener, known)
                 if call is False:  # the process (and all it started) has gone
                     os.close(listener)
                     listener = None
                 elif isinstance(call, Call):
-                    pending[call.notif_id] = (call.host, call.port)
+                    at = None if call.blocking else time.monotonic() + HOLD_NONBLOCKING
+                    pending[call.notif_id] = ((call.host, call.port), at)
                     decisions.send(ask(call))
             if decisions in ready:
                 data = decisions.recv(64)
@@ -308,10 +318,10 @@ def _serve(
                 said = parse_message(data)
                 if isinstance(said, tuple) and isinstance(said[0], int):
                     notif_id, code = said
-                    key = pending.pop(notif_id, None)
-                    if key is not None and code == 0:
-                        known.add(key)
-                    if listener is not None and valid(listener, notif_id):
+                    held = pending.pop(notif_id, None)
+                    if held is not None and code == 0:
+                        known.add(held[0])
+                    if held is not None and listener is not None and valid(listener, notif_id):
                         respond(listener, notif_id, code)
                 elif isinstance(said, tuple):
                     known.discard((str(said[0]), said[1]))
@@ -347,6 +357,20 @@ def _serve(
     finally:
         if resolv_dir is not None:
             shutil.rmtree(resolv_dir, ignore_errors=True)
+
+
+def _release_overdue(
+    listener: int, pending: dict[int, tuple[tuple[str, int], float | None]]
+) -> None:
+    """Let non-blocking calls held past HOLD_NONBLOCKING go on; offramp's answer,
+    when it comes, then only tells whether the destination was reached."""
+    now = time.monotonic()
+    for notif_id, (key, at) in list(pending.items()):
+        if at is not None and at <= now:
+            if valid(listener, notif_id):
+                respond(listener, notif_id, 0)
+            del pending[notif_id]
+            pending[notif_id] = (key, None)
 
 
 def _start(command: list[str], cwd: str, uid: int, gid: int) -> tuple[int, int | None, str]:

@@ -86,6 +86,9 @@ class OutgoingRelay:
         self.counters = Counters()
         self._tasks: set[asyncio.Task[None]] = set()
         self._ready: dict[tuple[str, int], deque[Path]] = {}
+        self._deciding: dict[tuple[str, int], list[asyncio.Future[None]]] = {}
+        """Decisions in flight, per destination: a connection let go before its
+        decision (a non-blocking socket held too long) waits for one here."""
         self.forget: Callable[[str, int], None] | None = None
         """Told when a connection that went on at once failed after all: the next
         connect to that destination should wait for the pod again."""
@@ -94,14 +97,22 @@ class OutgoingRelay:
         """For a connect() held by the namespace: open the way to `host`:`port` and
         keep it for the connection about to arrive (0), or say the errno it fails with."""
         key = (host, port)
+        deciding = asyncio.get_running_loop().create_future()
+        self._deciding.setdefault(key, []).append(deciding)
         try:
             path = await self.open(host, port)
         except Failure as e:
             log.info("outgoing %s:%d: %s", host, port, e)
             return ERRNO.get(e.code, errno.ECONNREFUSED)
-        self._ready.setdefault(key, deque()).append(path)
-        asyncio.get_running_loop().call_later(READY_FOR, self._expire, key, path)
-        return 0
+        else:
+            self._ready.setdefault(key, deque()).append(path)
+            asyncio.get_running_loop().call_later(READY_FOR, self._expire, key, path)
+            return 0
+        finally:
+            deciding.set_result(None)
+            self._deciding[key].remove(deciding)
+            if not self._deciding[key]:
+                del self._deciding[key]
 
     def _expire(self, key: tuple[str, int], path: Path) -> None:
         waiting = self._ready.get(key)
@@ -166,11 +177,17 @@ class OutgoingRelay:
         """The way `decide` made ready, if any; else (a connect that went on at once,
         or no supervisor) a remote connection does not wait for CONNECTED: its
         first bytes go with the CONNECT, and a failure can only reset it."""
-        waiting = self._ready.get((host, port))
+        key = (host, port)
+        if not self._ready.get(key) and (deciding := self._deciding.get(key)):
+            await asyncio.wait(list(deciding), return_when=asyncio.FIRST_COMPLETED)
+            if not self._ready.get(key):  # the pod said no after the call went on
+                reset(writer)
+                return
+        waiting = self._ready.get(key)
         if waiting:
             path = waiting.popleft()
             if not waiting:
-                del self._ready[(host, port)]
+                del self._ready[key]
             await self.carry(path, reader, writer, first)
             return
         address, name = self._address_and_name(host)

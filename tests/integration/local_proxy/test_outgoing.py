@@ -304,11 +304,12 @@ def test_connect_errors_are_the_ones_a_direct_connect_gives(bed: Bed) -> None:
     """CMD's connect() waits while the pod tries, then fails as a direct connect would:
     refused -> ECONNREFUSED, a metadata address refused by the sidecar's policy ->
     EPERM, no route on the cluster's link -> ENETUNREACH/EHOSTUNREACH, a destination
-    that drops SYNs -> ETIMEDOUT after the pod's 10 s; a half-closed connection
-    still gets its answer."""
+    that drops SYNs -> ETIMEDOUT after the pod's 10 s (a blocking socket); a
+    half-closed connection still gets its answer."""
     bed.cluster.sh("iptables-nft", "-A", "INPUT", "-p", "tcp", "--dport", "81", "-j", "DROP")
     try:
-        checks = "refused_twice,denied,unreachable,timeout,half_close"
+        checks = ("refused_twice,denied,unreachable,timeout,half_close,refused_nonblocking,"
+                  "timeout_nonblocking")  # fmt: skip
         run = steal(bed, [], cmd(bed, checks), timeout=90)
     finally:
         bed.cluster.sh("iptables-nft", "-D", "INPUT", "-p", "tcp", "--dport", "81", "-j", "DROP")
@@ -318,6 +319,11 @@ def test_connect_errors_are_the_ones_a_direct_connect_gives(bed: Bed) -> None:
     assert result["unreachable"] in ("EHOSTUNREACH", "ENETUNREACH"), result
     assert result["timeout"] == "ETIMEDOUT", result
     assert result["half_close"].startswith("got 1048576 bytes"), result  # type: ignore[union-attr]
+    # An event loop's socket: refused at once as well; one the pod cannot reach is let
+    # go after at most 3 s (the loop must not freeze) and reset when the pod gives up.
+    assert result["refused_nonblocking"][1] == "ECONNREFUSED", result  # type: ignore[index]
+    returned, outcome = result["timeout_nonblocking"]  # type: ignore[misc]
+    assert 2.5 <= returned <= 4 and outcome == "ECONNRESET", result
     log = bed.sidecar_log.read_text()
     assert "169.254.169.254:80 is a link-local (cloud metadata) address" in log, log
     assert f"{bed.service_ip}:9 refused" in log, log
