@@ -311,10 +311,7 @@ def _serve(
             if decisions in ready:
                 data = decisions.recv(64)
                 if not data:  # offramp has gone
-                    if child:
-                        os.kill(child, signal.SIGTERM)
-                        os.waitpid(child, 0)
-                    return 1
+                    return _abandoned(child)
                 said = parse_message(data)
                 if isinstance(said, tuple) and isinstance(said[0], int):
                     notif_id, code = said
@@ -329,10 +326,7 @@ def _serve(
                 continue
             message = control.recv(65536)
             if not message:  # offramp has gone
-                if child:
-                    os.kill(child, signal.SIGTERM)
-                    os.waitpid(child, 0)
-                return 1
+                return _abandoned(child)
             if message[:1] == b"s":
                 family = socket.AF_INET6 if message == b"s6" else socket.AF_INET
                 sock = socket.socket(family, socket.SOCK_STREAM)
@@ -357,6 +351,14 @@ def _serve(
     finally:
         if resolv_dir is not None:
             shutil.rmtree(resolv_dir, ignore_errors=True)
+
+
+def _abandoned(child: int) -> int:
+    """offramp has gone: end the process too (it would be cut off from everything)."""
+    if child:
+        os.kill(child, signal.SIGTERM)
+        os.waitpid(child, 0)
+    return 1
 
 
 def _release_overdue(

@@ -547,10 +547,10 @@ MAX_DNS = 65535
 
 
 @dataclass(frozen=True, slots=True)
-class DnsQuery:
-    """One DNS message, as on the wire, for the pod's nameservers."""
+class _DnsMessage:
+    """A DNS message as on the wire; DnsQuery and DnsAnswer differ only in TYPE."""
 
-    TYPE: ClassVar[FrameType] = FrameType.DNS_QUERY
+    TYPE: ClassVar[FrameType]
     stream_id: int
     message: bytes
 
@@ -570,26 +570,17 @@ class DnsQuery:
 
 
 @dataclass(frozen=True, slots=True)
-class DnsAnswer:
+class DnsQuery(_DnsMessage):
+    """One DNS message, as on the wire, for the pod's nameservers."""
+
+    TYPE: ClassVar[FrameType] = FrameType.DNS_QUERY
+
+
+@dataclass(frozen=True, slots=True)
+class DnsAnswer(_DnsMessage):
     """The pod's nameserver's answer to a DNS_QUERY, as on the wire."""
 
     TYPE: ClassVar[FrameType] = FrameType.DNS_ANSWER
-    stream_id: int
-    message: bytes
-
-    def __post_init__(self) -> None:
-        if not 12 <= len(self.message) <= MAX_DNS:
-            raise ValueError(f"a DNS message has 12 to {MAX_DNS} bytes, got {len(self.message)}")
-
-    def payload(self) -> bytes:
-        return self.message
-
-    @classmethod
-    def parse(cls, stream_id: int, payload: bytes) -> Self:
-        try:
-            return cls(stream_id, payload)
-        except ValueError as e:
-            raise ProtocolError(str(e)) from e
 
 
 @dataclass(frozen=True, slots=True)

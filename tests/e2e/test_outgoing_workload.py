@@ -7,6 +7,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -43,14 +44,21 @@ time.sleep(300)
 """
 
 
+def _workload(cluster: Cluster, tmp_path: Path, workload: dict[str, Any]) -> Path:
+    """Apply `workload`, wait for its pods to be ready; the user's kubeconfig."""
+    replicas = workload["spec"]["replicas"]
+    cluster.apply(workload)
+    cluster.wait(f"{replicas} app pod(s)",
+                 lambda: len(cluster.ready_pods(NAMESPACE, app="api")) == replicas)  # fmt: skip
+    return cluster.kubeconfig(tmp_path / "kubeconfig", namespace=NAMESPACE)
+
+
 def test_cmd_reaches_the_pods_loopback_when_it_names_it(cluster: Cluster, tmp_path: Path) -> None:
     """--remote 127.0.0.1:8080: CMD's request to its 127.0.0.1:8080 is dialed by the
     sidecar inside a pod of the workload and answered by that pod's app; a loopback
     port nobody named stays CMD's own (nothing listens: refused). Stolen requests
     still reach CMD inside its namespace."""
-    cluster.apply(deployment(replicas=1))
-    cluster.wait("the app pod", lambda: len(cluster.ready_pods(NAMESPACE, app="api")) == 1)
-    kubeconfig = cluster.kubeconfig(tmp_path / "kubeconfig", namespace=NAMESPACE)
+    kubeconfig = _workload(cluster, tmp_path, deployment(replicas=1))
     port = free_port()
     cli = Cli(kubeconfig, "steal", "deploy/api", "--to", str(port), "--path", "^/mine",
               "--image", SIDECAR_IMAGE, "--remote", "127.0.0.1:8080", "--",
@@ -79,9 +87,7 @@ def test_offramp_proxy_for_a_workload(cluster: Cluster, tmp_path: Path) -> None:
     serves a proxy whose connections leave from a pod of the workload."""
     import subprocess
 
-    cluster.apply(deployment(replicas=1))
-    cluster.wait("the app pod", lambda: len(cluster.ready_pods(NAMESPACE, app="api")) == 1)
-    kubeconfig = cluster.kubeconfig(tmp_path / "kubeconfig", namespace=NAMESPACE)
+    kubeconfig = _workload(cluster, tmp_path, deployment(replicas=1))
     port = free_port()
     cli = Cli(kubeconfig, "proxy", "deploy/api", "--listen", str(port), "--image",
               SIDECAR_IMAGE, "--remote", "127.0.0.1:8080")  # fmt: skip
@@ -109,9 +115,7 @@ def test_the_admins_allow_list_annotation_narrows_what_a_session_reaches(
     workload["spec"]["template"]["metadata"]["annotations"] = {
         "offramp.dev/outgoing-allow": "10.0.0.0/8, payment-service"
     }
-    cluster.apply(workload)
-    cluster.wait("the app pod", lambda: len(cluster.ready_pods(NAMESPACE, app="api")) == 1)
-    kubeconfig = cluster.kubeconfig(tmp_path / "kubeconfig", namespace=NAMESPACE)
+    kubeconfig = _workload(cluster, tmp_path, workload)
     port = free_port()
     cli = Cli(kubeconfig, "steal", "deploy/api", "--to", str(port), "--path", "^/mine",
               "--image", SIDECAR_IMAGE, "--remote", "127.0.0.1:8080", "--",
@@ -154,9 +158,7 @@ def test_outgoing_traffic_moves_to_another_pod_when_its_pod_goes(
 ) -> None:
     """The session for outgoing traffic runs through one ready pod; when that pod is
     deleted it reconnects through another, and CMD's next connection works."""
-    cluster.apply(deployment(replicas=2))
-    cluster.wait("2 app pods", lambda: len(cluster.ready_pods(NAMESPACE, app="api")) == 2)
-    kubeconfig = cluster.kubeconfig(tmp_path / "kubeconfig", namespace=NAMESPACE)
+    kubeconfig = _workload(cluster, tmp_path, deployment(replicas=2))
     port = free_port()
     cli = Cli(kubeconfig, "steal", "deploy/api", "--to", str(port), "--path", "^/mine",
               "--image", SIDECAR_IMAGE, "--remote", "127.0.0.1:8080", "--",
