@@ -73,6 +73,23 @@ class Netns:
         return self.sh(binary, "-t", "nat", "-S")
 
 
+def add_netns(ns: Netns, created: list[Netns]) -> None:
+    """Make `ns` with its loopback up; it joins `created` (for `remove_netns`)."""
+    sh("ip", "netns", "add", ns.name)
+    created.append(ns)
+    ns.sh("ip", "link", "set", "lo", "up")
+
+
+def remove_netns(ns: Netns) -> None:
+    """End every process still inside, then the namespace and its veth ends."""
+    pids = subprocess.run(
+        ["ip", "netns", "pids", ns.name], capture_output=True, text=True
+    ).stdout.split()
+    for pid in pids:
+        subprocess.run(["kill", "-9", pid], capture_output=True)
+    subprocess.run(["ip", "netns", "del", ns.name], capture_output=True)
+
+
 @dataclass
 class PodBed:
     pod: Netns
@@ -91,9 +108,7 @@ def pod_bed() -> Iterator[PodBed]:
     created: list[Netns] = []
     try:
         for ns in (pod, caller):
-            sh("ip", "netns", "add", ns.name)
-            created.append(ns)
-            ns.sh("ip", "link", "set", "lo", "up")
+            add_netns(ns, created)
         sh("ip", "link", "add", f"ofp{tag}", "netns", pod.name, "type", "veth",
            "peer", "name", f"ofc{tag}", "netns", caller.name)  # fmt: skip
         pod.sh("ip", "addr", "add", f"{pod_ip}/24", "dev", f"ofp{tag}")
@@ -103,10 +118,4 @@ def pod_bed() -> Iterator[PodBed]:
         yield PodBed(pod, caller, pod_ip, caller_ip)
     finally:
         for ns in created:
-            # Ends every process still inside, then the namespace and its veth end.
-            pids = subprocess.run(
-                ["ip", "netns", "pids", ns.name], capture_output=True, text=True
-            ).stdout.split()
-            for pid in pids:
-                subprocess.run(["kill", "-9", pid], capture_output=True)
-            subprocess.run(["ip", "netns", "del", ns.name], capture_output=True)
+            remove_netns(ns)

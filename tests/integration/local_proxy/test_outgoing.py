@@ -29,7 +29,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.netns import Netns, require_netns, sh
+from tests.netns import Netns, add_netns, remove_netns, require_netns, sh
 from tests.support import free_ports
 
 REPO = Path(__file__).resolve().parents[3]
@@ -131,9 +131,7 @@ def bed() -> Iterator[Bed]:
     etc = Path(f"/etc/netns/{pod.name}")
     try:
         for ns in (pod, cluster):
-            sh("ip", "netns", "add", ns.name)
-            created.append(ns)
-            ns.sh("ip", "link", "set", "lo", "up")
+            add_netns(ns, created)
         sh("ip", "link", "add", f"oop{tag}", "netns", pod.name, "type", "veth",
            "peer", "name", f"ooc{tag}", "netns", cluster.name)  # fmt: skip
         sh("ip", "link", "add", f"ooh{tag}", "type", "veth", "peer", "name", f"ool{tag}",
@@ -191,10 +189,7 @@ def bed() -> Iterator[Bed]:
             if proc.stdout is not None:
                 proc.stdout.close()
         for ns in created:
-            for pid in subprocess.run(["ip", "netns", "pids", ns.name], capture_output=True,
-                                      text=True).stdout.split():  # fmt: skip
-                subprocess.run(["kill", "-9", pid], capture_output=True)
-            subprocess.run(["ip", "netns", "del", ns.name], capture_output=True)
+            remove_netns(ns)
         shutil.rmtree(etc, ignore_errors=True)
         shutil.rmtree(tmp, ignore_errors=True)
 
