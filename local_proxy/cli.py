@@ -9,21 +9,27 @@ import json
 import os
 import signal
 import socket
+import ssl
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
+from urllib.parse import urlsplit
 
 from pydantic import ValidationError
 
 from local_proxy.config import (
     ConfigError,
+    FileConfig,
+    FileTarget,
     FilterFlags,
-    Incoming,
     LocalSettings,
     build_spec,
-    load_incoming,
+    load_config,
 )
+from local_proxy.env import EnvConfig, EnvError, fetch_env, patterns, write_env_file
+from local_proxy.env import describe as describe_env
 from local_proxy.outgoing.filter import OutgoingFilter
 from local_proxy.outgoing.netns import Namespace, NamespaceError
 from local_proxy.outgoing.netns import prepare as prepare_namespace
@@ -63,7 +69,8 @@ def parser() -> argparse.ArgumentParser:
             "filter flags, a request must match all of them. Without any, every request "
             "is taken (Kubernetes probes never are, unless --take-probes). After '-- CMD', "
             "offramp runs CMD for the session, and CMD's own connections and DNS lookups go "
-            "through the pod (see --local, --remote, --no-outgoing, --no-dns)."
+            "through the pod (see --local, --remote, --no-outgoing, --no-dns), and it gets "
+            "the app container's environment (see --env-include, --env-exclude, --no-env)."
         ),
     )
     steal.add_argument(
@@ -148,8 +155,8 @@ def parser() -> argparse.ArgumentParser:
         "-f",
         "--config-file",
         type=Path,
-        help="mirrord-style JSON config; feature.network.incoming, .outgoing and .dns are "
-        "used; flags override them",
+        help="mirrord-style JSON config; target, feature.network.incoming, .outgoing, .dns "
+        "and feature.env are used; flags override them",
     )
     steal.add_argument(
         "--timeout",
@@ -165,6 +172,7 @@ def parser() -> argparse.ArgumentParser:
         help="mirror copies handled at once; more are dropped and counted (default %(default)s)",
     )
     _outgoing_flags(steal)
+    _env_flags(steal)
 
     proxy = sub.add_parser(
         "proxy",
@@ -261,6 +269,34 @@ def _outgoing_flags(p: argparse.ArgumentParser, namespace: bool = True) -> None:
         )
 
 
+def _env_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--env-include",
+        action="append",
+        default=[],
+        metavar="NAMES",
+        help="CMD gets only these of the app container's variables: names with * and ? "
+        "wildcards, separated by ';' (repeatable; replaces the file's feature.env.include)",
+    )
+    p.add_argument(
+        "--env-exclude",
+        action="append",
+        default=[],
+        metavar="NAMES",
+        help="CMD gets all of the app container's variables but these (as --env-include); "
+        "PATH, HOME, interpreter paths and the like are left out unless included",
+    )
+    p.add_argument("--no-env", action="store_true",
+                   help="CMD gets this machine's environment only")  # fmt: skip
+    p.add_argument(
+        "--env-file",
+        type=Path,
+        metavar="FILE",
+        help="write the chosen variables to FILE as dotenv (mode 0600), e.g. for an IDE's "
+        "run configuration; with or without -- CMD",
+    )
+
+
 def _kube_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("-n", "--namespace", help="namespace (default: the context's, as kubectl)")
     p.add_argument("--context", help="kubeconfig context (default: the current one)")
@@ -289,14 +325,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     return _steal(args, command)
 
 
-def _target(args: argparse.Namespace) -> Target:
+def _target(args: argparse.Namespace, from_file: FileTarget | None = None) -> Target:
+    """KIND/NAME and -n from the flags, else from the config file's target."""
     from local_proxy.cluster.workload import Target, TargetError, parse_target
 
+    text = args.target or (from_file.path if from_file else None)
+    assert text is not None
     try:
-        resource, name = parse_target(args.target)
+        resource, name = parse_target(text)
     except TargetError as e:
         raise ConfigError(str(e)) from e
-    return Target(resource, name, args.context, args.namespace)
+    namespace = args.namespace or (from_file.namespace if from_file else None)
+    return Target(resource, name, args.context, namespace)
 
 
 def _target_command(args: argparse.Namespace) -> int:
@@ -351,23 +391,28 @@ def _fail(message: str, code: int = 2) -> int:
 
 
 def _steal(args: argparse.Namespace, command: list[str]) -> int:
-    if (args.target is None) == (args.sidecar_url is None):
-        return _fail("give either KIND/NAME (a workload in the cluster) or --sidecar-url")
+    try:
+        config = load_config(args.config_file) if args.config_file else FileConfig()
+    except ConfigError as e:
+        return _fail(str(e))
+    for note in config.notes:
+        print(f"offramp: {note}", file=sys.stderr)
+    for key in config.ignored:
+        print(f"offramp: {args.config_file}: ignoring {key} (offramp does not use it)",
+              file=sys.stderr)  # fmt: skip
+    from_file = config.target if args.target is None and args.sidecar_url is None else None
+    if (args.target is None and from_file is None) == (args.sidecar_url is None):
+        return _fail("give either KIND/NAME (a workload in the cluster, or the config file's "
+                     "target) or --sidecar-url")  # fmt: skip
     if args.sidecar_url and args.token_file is None:
         return _fail("--sidecar-url needs --token-file (the file with the sidecar's token)")
     if not 1 <= args.sidecar_workers <= 64:
         return _fail(f"--sidecar-workers {args.sidecar_workers}: give 1 to 64 (about one per core)")
     try:
-        target = _target(args) if args.target else None
+        target = _target(args, from_file) if args.sidecar_url is None else None
+        container = args.container or (from_file.container if from_file else None)
         image = args.image or (_configured_image() if target else None)
-        incoming = load_incoming(args.config_file) if args.config_file else Incoming()
-        for note in incoming.notes:
-            print(f"offramp: {note}", file=sys.stderr)
-        for key in incoming.ignored:
-            print(
-                f"offramp: {args.config_file}: ignoring {key} (offramp does not use it)",
-                file=sys.stderr,
-            )
+        env = _env_config(args, config)
         flags = FilterFlags(
             headers=tuple(args.header),
             paths=tuple(args.path),
@@ -376,7 +421,7 @@ def _steal(args: argparse.Namespace, command: list[str]) -> int:
             mirror=args.mirror,
             take_probes=args.take_probes,
         )
-        spec = build_spec(incoming, flags, f"{getpass.getuser()}@{socket.gethostname()}")
+        spec = build_spec(config, flags, f"{getpass.getuser()}@{socket.gethostname()}")
         settings = LocalSettings(
             sidecar_url=args.sidecar_url or "ws://pending",
             token=read_token(args.token_file) if args.token_file else "",
@@ -391,35 +436,91 @@ def _steal(args: argparse.Namespace, command: list[str]) -> int:
         return _fail(describe_validation_error(e, "option"))
     if args.token_file and (warning := loose_token_file(args.token_file)):
         print(f"offramp: warning: {warning}", file=sys.stderr)
+    # The pod's environment is fetched when something uses it.
+    wanted = _EnvUse(env, args.env_file) if env.enabled and (command or args.env_file) else None
+    outgoing_filter, namespace = None, None
+    if command:
+        try:
+            outgoing_filter = _outgoing_filter(args, config)
+        except ConfigError as e:
+            return _fail(str(e))
+        namespace = _namespace(outgoing_filter, command, args.no_namespace)
     if target is not None:
         from local_proxy.cluster.target import StealTarget
 
-        outgoing_filter, namespace = None, None
-        if command:
-            try:
-                outgoing_filter = _outgoing_filter(args, incoming)
-            except ConfigError as e:
-                return _fail(str(e))
-            namespace = _namespace(outgoing_filter, command, args.no_namespace)
         steal = StealTarget(
             target, settings, image=image, no_iptables=args.no_iptables,
-            container=args.container, rollout_timeout=args.rollout_timeout, report=_say,
+            container=container, rollout_timeout=args.rollout_timeout, report=_say,
             sidecar_workers=args.sidecar_workers,
-            outgoing=_outgoing_spec(outgoing_filter) if outgoing_filter else None,
+            outgoing=_outgoing_spec(outgoing_filter)
+            if outgoing_filter and outgoing_filter.enabled else None,
             factory=namespace.make_socket if namespace is not None else None,
         )  # fmt: skip
-        return asyncio.run(_run_target(steal, command, args.to, outgoing_filter, namespace))
+        return asyncio.run(_run_target(steal, command, args.to, outgoing_filter, namespace, wanted))
+    if wanted is not None:
+        try:
+            remote = _sidecar_env(settings)
+            wanted.write_file(remote)
+        except (EnvError, OSError) as e:
+            return _fail(f"the app's environment: {e}", 1)
     if not command:
         return asyncio.run(_run(settings))
+    assert outgoing_filter is not None
+    cmd_env = wanted.for_command(remote) if wanted is not None else None
+    return asyncio.run(_run_command(settings, command, outgoing_filter, namespace, cmd_env))
+
+
+@dataclass(frozen=True)
+class _EnvUse:
+    """What is done with the app container's environment once it is fetched."""
+
+    config: EnvConfig
+    file: Path | None
+
+    def write_file(self, remote: dict[str, str]) -> None:
+        """Say what was received (names only) and write --env-file. Raises OSError."""
+        _say(f"offramp: the app container's environment: {describe_env(remote)}")
+        if self.file is not None:
+            chosen = self.config.for_file(remote)
+            write_env_file(self.file, chosen)
+            _say(f"offramp: wrote {describe_env(chosen)} to {self.file} (mode 0600)")
+
+    def for_command(self, remote: dict[str, str]) -> dict[str, str]:
+        chosen = self.config.chosen(remote)
+        _say(f"offramp: CMD gets {describe_env(chosen)} of the pod's")
+        return self.config.environment(os.environ, remote)
+
+
+def _env_config(args: argparse.Namespace, config: FileConfig) -> EnvConfig:
+    """The file's feature.env, flags over it. Raises ConfigError."""
+    base = config.env or EnvConfig()
+    if args.no_env:
+        return replace(base, enabled=False)
     try:
-        outgoing = _outgoing_filter(args, incoming)
-    except ConfigError as e:
-        return _fail(str(e))
-    namespace = _namespace(outgoing, command, args.no_namespace)
-    return asyncio.run(_run_command(settings, command, outgoing, namespace))
+        include = patterns(args.env_include, "--env-include")
+        exclude = patterns(args.env_exclude, "--env-exclude")
+        if include or exclude:
+            return replace(base, enabled=True, include=include, exclude=exclude)
+    except ValueError as e:
+        raise ConfigError(str(e).replace("give include or exclude", "give --env-include or "
+                                         "--env-exclude")) from e  # fmt: skip
+    return base
 
 
-def _outgoing_filter(args: argparse.Namespace, incoming: Incoming) -> OutgoingFilter:
+def _sidecar_env(settings: LocalSettings) -> dict[str, str]:
+    """--sidecar-url: the app's environment from that sidecar. Raises EnvError."""
+    url = urlsplit(settings.sidecar_url)
+    host, port = url.hostname or "127.0.0.1", url.port or (443 if url.scheme == "wss" else 80)
+    try:
+        sock = socket.create_connection((host, port), timeout=15)
+        if url.scheme == "wss":
+            sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+    except OSError as e:
+        raise EnvError(f"cannot reach {host}:{port}: {e}") from e
+    return fetch_env(sock, host, settings.token)
+
+
+def _outgoing_filter(args: argparse.Namespace, incoming: FileConfig) -> OutgoingFilter:
     """Flags over the config file's feature.network.outgoing / dns."""
     from_file = incoming.outgoing
     local, remote = list(args.local), list(args.remote)
@@ -473,9 +574,10 @@ async def _run_command(
     command: list[str],
     outgoing_filter: OutgoingFilter,
     namespace: Namespace | None,
+    env: dict[str, str] | None,
 ) -> int:
-    """`offramp steal --sidecar-url ... -- CMD`: outgoing first, then CMD, then the
-    session that steals once CMD listens."""
+    """`offramp steal --sidecar-url ... -- CMD`: outgoing first, then CMD (with `env`,
+    else offramp's environment), then the session that steals once CMD listens."""
     outgoing = None
     if outgoing_filter.enabled:
         session = LocalSession(_outgoing_settings(settings, outgoing_filter), report=_say)
@@ -487,7 +589,9 @@ async def _run_command(
     session = LocalSession(settings, report=_say, factory=factory)
     try:
         try:
-            process, waiter = await _start_command(command, settings.to_port, namespace, outgoing)
+            process, waiter = await _start_command(
+                command, settings.to_port, namespace, outgoing, env
+            )
         except _CommandFailed as e:
             return _fail(str(e), e.code)
         waiter.add_done_callback(lambda _: session.stop())
@@ -538,13 +642,13 @@ def _proxy(args: argparse.Namespace) -> int:
     try:
         target = _target(args) if args.target else None
         image = args.image or (_configured_image() if target else None)
-        incoming = load_incoming(args.config_file) if args.config_file else Incoming()
+        incoming = load_config(args.config_file) if args.config_file else FileConfig()
         outgoing = _outgoing_filter(args, incoming)
         settings = LocalSettings(
             sidecar_url=args.sidecar_url or "ws://pending",
             token=read_token(args.token_file) if args.token_file else "",
             to_port=1,
-            spec=build_spec(Incoming(), FilterFlags(),
+            spec=build_spec(FileConfig(), FilterFlags(),
                             f"{getpass.getuser()}@{socket.gethostname()}"),
         )  # fmt: skip
     except (ConfigError, TokenError) as e:
@@ -628,16 +732,20 @@ class _CommandFailed(Exception):
 
 
 async def _start_command(
-    command: list[str], port: int, namespace: Namespace | None, outgoing: Outgoing | None
+    command: list[str],
+    port: int,
+    namespace: Namespace | None,
+    outgoing: Outgoing | None,
+    env: dict[str, str] | None = None,
 ) -> tuple[LocalProcess, asyncio.Task[int]]:
-    """Start CMD (in the namespace, or with the proxy variables, or plainly) and wait
-    until it listens on `port`. Raises _CommandFailed."""
+    """Start CMD (in the namespace, or with the proxy variables, or plainly) with
+    `env` (None: offramp's own) and wait until it listens on `port`. Raises
+    _CommandFailed."""
+    if outgoing is not None and namespace is None:
+        env = (dict(os.environ) if env is None else env) | outgoing.environment()
     try:
         process = await LocalProcess.start(
-            command,
-            namespace,
-            outgoing.resolv_conf() if outgoing else None,
-            outgoing.environment() if outgoing and namespace is None else None,
+            command, namespace, outgoing.resolv_conf() if outgoing else None, env
         )
     except (OSError, NamespaceError) as e:
         raise _CommandFailed(f"cannot start {command[0]!r}: {e}", 2) from e
@@ -687,10 +795,12 @@ async def _run_target(
     port: int,
     outgoing_filter: OutgoingFilter | None = None,
     namespace: Namespace | None = None,
+    env: _EnvUse | None = None,
 ) -> int:
-    """`offramp steal KIND/NAME [-- CMD]`. With outgoing traffic, CMD starts once the
-    pods are ready and the outgoing session is open, before any request is stolen;
-    without, it starts first and the injection waits for it to listen."""
+    """`offramp steal KIND/NAME [-- CMD]`. With outgoing traffic or the pod's
+    environment, CMD starts once the pods are ready (and the outgoing session is
+    open, and the environment fetched), before any request is stolen; with
+    neither, it starts first and the injection waits for it to listen."""
     from local_proxy.cluster.target import Failed
 
     loop = asyncio.get_running_loop()
@@ -700,15 +810,25 @@ async def _run_target(
     outgoing: list[Outgoing] = []
 
     async def before_sessions(session: LocalSession | None) -> None:
+        cmd_env = None
+        if env is not None:
+            try:
+                remote = await steal.environment()
+                env.write_file(remote)
+            except (EnvError, OSError) as e:
+                raise Failed(f"the app's environment: {e}") from e
+            cmd_env = env.for_command(remote) if command else None
         if session is not None:
             assert outgoing_filter is not None
             try:
                 outgoing.append(await _start_outgoing(outgoing_filter, session, namespace))
             except SessionError as e:
                 raise Failed(f"the session for outgoing traffic did not open: {e}") from e
+        if not command:
+            return
         try:
             process, waiter = await _start_command(
-                command, port, namespace, outgoing[0] if outgoing else None
+                command, port, namespace, outgoing[0] if outgoing else None, cmd_env
             )
         except _CommandFailed as e:
             raise Failed(str(e)) from e
@@ -717,7 +837,7 @@ async def _run_target(
 
     hook = None
     try:
-        if command and steal.outgoing is not None:
+        if (command and steal.outgoing is not None) or env is not None:
             hook = before_sessions
         elif command:
             try:

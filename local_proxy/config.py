@@ -1,36 +1,49 @@
 """The local proxy's settings: a mirrord-style config file, then flags on top.
 
-From a config file `feature.network.incoming` is read (a mode string, `"steal"`
-or `"mirror"`, or an object with `mode`, `http_filter` and `ports`), and
-`feature.network.outgoing` (true/false, or an object with `tcp`, `udp` and
-`filter: {local: [...]}` or `{remote: [...]}`) and `feature.network.dns`
-(true/false, or an object with `enabled`). Files are JSON as mirrord writes
-it, trailing commas and comments allowed (JSON5); typographic quotes pasted
-from a web page are read as plain quotes, with a note. Keys offramp does not
-use are reported as ignored, never silently dropped. Flags override the file:
-any filter flag replaces the file's filter.
+From a config file offramp reads:
+- `target`: `"KIND/NAME"` (pod, deployment, statefulset, and their short
+  forms; `.../container/NAME` picks the app container), or the object form
+  `{"path": ..., "namespace": ...}` whose path is such a string or an object
+  like `{"deployment": "api", "container": "app"}`;
+- `feature.network.incoming`: a mode string, `"steal"` or `"mirror"`, or an
+  object with `mode`, `http_filter` and `ports`;
+- `feature.network.outgoing` (true/false, or an object with `tcp`, `udp` and
+  `filter: {local: [...]}` or `{remote: [...]}`) and `feature.network.dns`
+  (true/false, or an object with `enabled`);
+- `feature.env`: true/false, or an object with `include`, `exclude`,
+  `override` and `unset` (`local_proxy.env`).
+Files are JSON as mirrord writes it, trailing commas and comments allowed
+(JSON5); a file that is not is refused with its line and column; typographic
+quotes pasted from a web page are read as plain quotes, with a note that says
+where. Keys offramp does not use are reported as ignored, never silently
+dropped; a value offramp cannot honour is refused with what to change. Flags
+override the file: any filter flag replaces the file's filter.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import json5
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from local_proxy.env import EnvConfig, patterns
 from sidecar.sessions.filters import FilterError, compile_filter
 from sidecar.sessions.spec import FilterClause, HttpFilterSpec, Mode, SessionSpec
 from sidecar.settings import validation_problems
 
 __all__ = [
     "ConfigError",
+    "FileConfig",
+    "FileTarget",
     "FilterFlags",
     "LocalSettings",
     "OutgoingConfig",
     "build_spec",
-    "load_incoming",
+    "load_config",
 ]
 
 
@@ -39,6 +52,12 @@ class ConfigError(ValueError):
 
 
 _INCOMING_KEYS = {"mode", "http_filter", "ports"}
+_ENV_KEYS = {"include", "exclude", "override", "unset"}
+_TARGET_KINDS = {
+    "pod": "pod", "deployment": "deployment", "deploy": "deployment",
+    "statefulset": "statefulset", "sts": "statefulset",
+}  # fmt: skip
+_OTHER_KINDS = ("rollout", "job", "cronjob", "service", "replicaset", "daemonset", "targetless")
 
 
 @dataclass(frozen=True)
@@ -52,18 +71,47 @@ class OutgoingConfig:
 
 
 @dataclass(frozen=True)
-class Incoming:
+class FileTarget:
+    """mirrord's `target`."""
+
+    path: str
+    """KIND/NAME, as `offramp steal` takes it."""
+    container: str | None = None
+    namespace: str | None = None
+
+
+@dataclass(frozen=True)
+class FileConfig:
     mode: Mode | None = None
     http_filter: dict[str, Any] = field(default_factory=dict)
     ports: tuple[int, ...] | None = None
     ignored: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
     outgoing: OutgoingConfig = field(default_factory=OutgoingConfig)
+    env: EnvConfig | None = None
+    """None: the file says nothing about the environment."""
+    target: FileTarget | None = None
 
 
 # Typographic double quotes, as pasted from blogs and chat, and the same quotes
 # after a UTF-8 -> Mac Roman mix-up (how some published examples carry them).
 _SMART_QUOTES = ("\u201c", "\u201d", "\u201e", "\u201a\u00c4\u00fa", "\u201a\u00c4\u00f9")
+_JSON5_ERROR = re.compile(r"<string>:(\d+) (.*) at column (\d+)")
+
+
+def _where(text: str, index: int) -> tuple[int, int]:
+    """Line and column (both from 1) of a character."""
+    line = text.count("\n", 0, index) + 1
+    return line, index - (text.rfind("\n", 0, index) + 1) + 1
+
+
+def _shown(text: str, line: int, column: int) -> str:
+    """The line, and a caret under the column."""
+    lines = text.splitlines()
+    if not 1 <= line <= len(lines):
+        return ""
+    row = lines[line - 1].rstrip()
+    return f"\n    {row}\n    {' ' * (column - 1)}^"
 
 
 def _parse(text: str, path: Path) -> tuple[Any, tuple[str, ...]]:
@@ -74,40 +122,64 @@ def _parse(text: str, path: Path) -> tuple[Any, tuple[str, ...]]:
         for quote in sorted(_SMART_QUOTES, key=len, reverse=True):
             repaired = repaired.replace(quote, '"')
         if repaired != text:
+            at = min(i for q in _SMART_QUOTES if (i := text.find(q)) != -1)
+            line, column = _where(text, at)
             try:
                 note = (
-                    f'{path}: read typographic quotes as plain double quotes ("); '
-                    "fix the file to silence this"
+                    f"{path}:{line}:{column}: read typographic quotes as plain double quotes "
+                    '("); fix the file to silence this'
                 )
                 return json5.loads(repaired), (note,)
             except ValueError:
                 pass
-        raise ConfigError(f"{path} is not valid JSON: {first}") from first
+        found = _JSON5_ERROR.search(str(first))
+        if found is None:
+            raise ConfigError(f"{path} is not valid JSON: {first}") from first
+        line, column = int(found[1]), int(found[3])
+        hint = ""
+        if found[2].startswith("Unexpected") and line <= len(text.splitlines()):
+            row = text.splitlines()[line - 1]
+            if row.count('"') % 2:
+                hint = " (a double quote is missing on this line)"
+        raise ConfigError(
+            f"{path}:{line}:{column}: not valid JSON: {found[2].lower()}{hint}"
+            + _shown(text, line, column)
+        ) from first
 
 
-def load_incoming(path: Path) -> Incoming:
-    """Read `feature.network.incoming` from a mirrord-style config file."""
+def load_config(path: Path) -> FileConfig:
+    """Read what offramp uses of a mirrord-style config file."""
     try:
         text = path.read_text()
     except OSError as e:
         raise ConfigError(f"cannot read config file {path}: {e.strerror}") from e
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path} is not UTF-8 text: {e}") from e
     doc, notes = _parse(text, path)
     if not isinstance(doc, dict):
         raise ConfigError(f"{path}: the top level must be an object")
-    network = (
-        doc.get("feature", {}).get("network") if isinstance(doc.get("feature"), dict) else None
+    feature = doc.get("feature", {})
+    if not isinstance(feature, dict):
+        raise ConfigError(f"{path}: feature must be an object")
+    network = feature.get("network", {})
+    if not isinstance(network, dict):
+        raise ConfigError(f"{path}: feature.network must be an object")
+    outgoing, ignored_out = _outgoing(network, path)
+    env, ignored_env = _env(feature.get("env"), path)
+    target = _target(doc.get("target"), path)
+    base = FileConfig(
+        ignored=_ignored_top(doc) + ignored_out + ignored_env,
+        notes=notes,
+        outgoing=outgoing,
+        env=env,
+        target=target,
     )
-    outgoing, ignored_out = _outgoing(network if isinstance(network, dict) else {}, path)
-    incoming: Any = doc
-    for key in ("feature", "network", "incoming"):
-        if not isinstance(incoming, dict) or key not in incoming:
-            return Incoming(ignored=_ignored_top(doc) + ignored_out, notes=notes,
-                            outgoing=outgoing)  # fmt: skip
-        incoming = incoming[key]
+    if "incoming" not in network:
+        return base
+    incoming = network["incoming"]
     where = f"{path}: feature.network.incoming"
     if isinstance(incoming, str):
-        return Incoming(mode=_mode(incoming, where), ignored=_ignored_top(doc) + ignored_out,
-                        notes=notes, outgoing=outgoing)  # fmt: skip
+        return replace(base, mode=_mode(incoming, where))
     if not isinstance(incoming, dict):
         raise ConfigError(f'{where} must be "steal", "mirror" or an object')
     mode = _mode(incoming["mode"], f"{where}.mode") if "mode" in incoming else None
@@ -120,10 +192,86 @@ def load_incoming(path: Path) -> Incoming:
     ):
         raise ConfigError(f"{where}.ports must be a list of port numbers")
     ignored = tuple(f"feature.network.incoming.{k}" for k in incoming if k not in _INCOMING_KEYS)
-    return Incoming(
-        mode, http_filter, tuple(ports) if ports else None,
-        ignored + _ignored_top(doc) + ignored_out, notes, outgoing,
-    )  # fmt: skip
+    return replace(
+        base,
+        mode=mode,
+        http_filter=http_filter,
+        ports=tuple(ports) if ports else None,
+        ignored=ignored + base.ignored,
+    )
+
+
+def _target(value: object, path: Path) -> FileTarget | None:
+    """mirrord's `target`, string or object form."""
+    where = f"{path}: target"
+    if value is None:
+        return None
+    namespace = None
+    if isinstance(value, dict):
+        unknown = sorted(set(value) - {"path", "namespace"})
+        if unknown:
+            raise ConfigError(f"{where}.{unknown[0]}: offramp reads target.path and "
+                              "target.namespace only")  # fmt: skip
+        namespace = value.get("namespace")
+        if namespace is not None and not (isinstance(namespace, str) and namespace):
+            raise ConfigError(f"{where}.namespace must be a namespace's name")
+        value = value.get("path")
+        if value is None:
+            raise ConfigError(f'{where} has no path: write "path": "deployment/NAME"')
+        where += ".path"
+    if isinstance(value, dict):
+        kinds = [k for k in value if k != "container"]
+        if len(kinds) != 1 or not isinstance(value[kinds[0]], str):
+            raise ConfigError(f'{where} must name one workload, e.g. {{"deployment": "api"}}')
+        container = value.get("container")
+        if container is not None and not isinstance(container, str):
+            raise ConfigError(f"{where}.container must be a container's name")
+        value = f"{kinds[0]}/{value[kinds[0]]}" + (f"/container/{container}" if container else "")
+    if not isinstance(value, str):
+        raise ConfigError(f'{where} must be a string like "deployment/api" or an object')
+    parts = value.split("/")
+    kind = parts[0].lower()
+    if kind in _OTHER_KINDS:
+        raise ConfigError(
+            f"{where} is {value!r}: offramp steals from a pod, deployment or statefulset; "
+            "name one of those (a rollout's or job's pods: target their pod/NAME)"
+        )
+    if kind not in _TARGET_KINDS or len(parts) not in (2, 4) or not all(parts):
+        raise ConfigError(
+            f"{where} is {value!r}; write KIND/NAME or KIND/NAME/container/CONTAINER with "
+            "KIND pod, deployment (deploy) or statefulset (sts)"
+        )
+    if len(parts) == 4 and parts[2] != "container":
+        raise ConfigError(f"{where} is {value!r}; the third part must be 'container'")
+    return FileTarget(
+        f"{_TARGET_KINDS[kind]}/{parts[1]}", parts[3] if len(parts) == 4 else None, namespace
+    )
+
+
+def _env(value: object, path: Path) -> tuple[EnvConfig | None, tuple[str, ...]]:
+    """mirrord's `feature.env`, and the keys of it offramp ignores."""
+    where = f"{path}: feature.env"
+    if value is None:
+        return None, ()
+    if isinstance(value, bool):
+        return EnvConfig(enabled=value), ()
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be true, false or an object")
+    ignored = tuple(f"feature.env.{k}" for k in value if k not in _ENV_KEYS)
+    override = value.get("override", {})
+    if not isinstance(override, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in override.items()
+    ):
+        raise ConfigError(f'{where}.override must map names to strings: {{"NAME": "value"}}')
+    try:
+        return EnvConfig(
+            include=patterns(value.get("include", []), f"{where}.include"),
+            exclude=patterns(value.get("exclude", []), f"{where}.exclude"),
+            override=dict(override),
+            unset=patterns(value.get("unset", []), f"{where}.unset"),
+        ), ignored
+    except ValueError as e:
+        raise ConfigError(str(e) if str(e).startswith(str(path)) else f"{where}: {e}") from e
 
 
 _OUTGOING_KEYS = {"tcp", "udp", "filter"}
@@ -190,10 +338,10 @@ def _mode(value: object, where: str) -> Mode:
 
 
 def _ignored_top(doc: dict[str, Any]) -> tuple[str, ...]:
-    ignored = [k for k in doc if k != "feature"]
+    ignored = [k for k in doc if k not in ("feature", "target")]
     feature = doc.get("feature")
     if isinstance(feature, dict):
-        ignored += [f"feature.{k}" for k in feature if k != "network"]
+        ignored += [f"feature.{k}" for k in feature if k not in ("network", "env")]
         network = feature.get("network")
         if isinstance(network, dict):
             ignored += [
@@ -218,7 +366,7 @@ class FilterFlags:
         return bool(self.headers or self.paths or self.methods)
 
 
-def build_spec(incoming: Incoming, flags: FilterFlags, client: str) -> SessionSpec:
+def build_spec(incoming: FileConfig, flags: FilterFlags, client: str) -> SessionSpec:
     """File first, flags on top; then validate and compile the filter here, so a
     bad one is refused before anything connects."""
     http_filter: dict[str, Any] = dict(incoming.http_filter)

@@ -14,6 +14,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from sidecar import __version__
+from sidecar.appenv import take_app_env
 from sidecar.outgoing.policy import ALLOW_ENV as OUTGOING_ALLOW_ENV
 from sidecar.outgoing.rules import RuleError, parse_rules
 from sidecar.settings import (
@@ -309,11 +310,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     if warning := loose_token_file(args.token_file):
         logging.getLogger("offramp.sidecar").warning("%s", warning)
+    # The app's variables leave this process's environment (nothing it starts
+    # inherits them) and are kept for sessions.
+    environment = take_app_env(os.environ)
     from sidecar.capture import CaptureError
     from sidecar.proxy.master import run  # mitmproxy loads only once the flags are good
 
     try:
-        return asyncio.run(run(settings))
+        return asyncio.run(run(settings, environment))
     except CaptureError as e:
         print(f"offramp-sidecar: cannot capture the pod's traffic: {e}", file=sys.stderr)
         return 1

@@ -44,9 +44,18 @@ from local_proxy.cluster.workload import (
     uninjection_patch,
 )
 from local_proxy.config import LocalSettings
+from local_proxy.env import describe as describe_env
+from local_proxy.env import fetch_env
 from local_proxy.forward.dial import SocketFactory
 from local_proxy.session import LocalSession, SessionError
-from sidecar.inject.patch import SIDECAR_NAME, InjectOptions, injected
+from sidecar.inject.patch import (
+    SIDECAR_NAME,
+    InjectError,
+    InjectOptions,
+    copies_env,
+    injected,
+    stale_env,
+)
 from sidecar.sessions.spec import OutgoingSpec
 from sidecar.settings import Capture
 
@@ -117,6 +126,8 @@ class StealTarget:
     _stop: asyncio.Event = field(default_factory=asyncio.Event)
     _ending: list[LocalSession] = field(default_factory=list)
     _fatal: Failed | None = None
+    _ready: tuple[str, str] = ("", "")
+    """Once prepared: the pods' label selector and the session token."""
 
     def stop(self) -> None:
         """End the command; called again (a second Ctrl-C), abandon the requests held."""
@@ -174,11 +185,16 @@ class StealTarget:
                 named_port=named,
                 token_secret=secret_name(t.resource, t.name),
                 workers=self.sidecar_workers,
+                copy_env=copies_env(
+                    (original_template(template).get("metadata") or {}).get("annotations") or {}
+                ),
             )
             token = await self._token(options.token_secret)
             ops = injection_patch(workload, options)
             if ops:
                 verb = "re-injecting" if injected(template) else "injecting"
+                if injected(template) and stale_env(template):
+                    why = "the app container's env changed; the sidecar carries a copy"
                 self.report(
                     f"offramp: {verb} the sidecar ({why}{', port ' + named if named else ''})"
                 )
@@ -188,7 +204,7 @@ class StealTarget:
             workload = await self._wait_rollout(workload)
         except KubeError as e:
             raise Failed(str(e)) from e
-        except TargetError as e:
+        except (TargetError, InjectError) as e:
             raise Failed(f"{describe(t.resource, t.name)}: {e}") from e
         return workload, token
 
@@ -333,6 +349,7 @@ class StealTarget:
         workload, token = await self.prepare()
         assert self.kube is not None
         labels = selector(workload) if self.target.resource != "pods" else ""
+        self._ready = (labels, token)
         if before_sessions is not None:
             try:
                 await before_sessions(self._outgoing_session(labels, token))
@@ -385,6 +402,28 @@ class StealTarget:
             self.sessions[name] = (session, task)
             self.report(f"offramp: pod {name} joined ({len(self.sessions)} pods)")
 
+    async def _ready_pod(self, labels: str, why: str) -> tuple[str, int]:
+        """A ready pod's name and its sidecar's control port. Raises OSError."""
+        assert self.kube is not None
+        pods, _ = await self._k(self.kube.list, "pods", labels or None)
+        if self.target.resource == "pods":
+            pods = [p for p in pods if p["metadata"]["name"] == self.target.name]
+        ready = session_pods(pods, keep=())
+        if not ready:
+            raise OSError(f"no pod of the workload is ready to {why}")
+        return next(iter(sorted(ready.items())))
+
+    async def environment(self) -> dict[str, str]:
+        """The app container's environment, as one ready pod's sidecar holds it (fieldRefs
+        such as the pod's name are that pod's). Call from `before_sessions`. Raises
+        EnvError or OSError."""
+        labels, token = self._ready
+        name, port = await self._ready_pod(labels, "give its environment")
+        sock = await self._dialer(name, port)()
+        env = await asyncio.to_thread(fetch_env, sock, name, token)
+        self.report(f"offramp: the environment is pod {name}'s")
+        return env
+
     def _outgoing_session(self, labels: str, token: str) -> LocalSession | None:
         """The session that carries outgoing traffic, through whichever pod is ready
         when it (re)connects."""
@@ -392,14 +431,7 @@ class StealTarget:
             return None
 
         async def dial() -> socket.socket:
-            assert self.kube is not None
-            pods, _ = await self._k(self.kube.list, "pods", labels or None)
-            if self.target.resource == "pods":
-                pods = [p for p in pods if p["metadata"]["name"] == self.target.name]
-            ready = session_pods(pods, keep=())
-            if not ready:
-                raise OSError("no pod of the workload is ready to carry outgoing traffic")
-            name, port = next(iter(ready.items()))
+            name, port = await self._ready_pod(labels, "carry outgoing traffic")
             sock: socket.socket = await self._dialer(name, port)()
             return sock
 
@@ -580,6 +612,8 @@ def _sidecar_status(kube: Kube, pod: str, port: int, token: str | None) -> str:
     status = json.loads(body)
     sessions = status.get("sessions") or []
     lines = [f"sidecar {status.get('version')}, {len(sessions)} open session(s)"]
+    if "env" in status:
+        lines.append(f"    the app's environment: {describe_env(status['env'])}")
     for s in sessions:
         counts = f"{s.get('stolen', 0)} stolen, {s.get('mirrored', 0)} mirrored"
         if s.get("match_timeouts"):

@@ -24,6 +24,7 @@ from sidecar.inject.patch import (
     inject,
     injected,
     prefixed,
+    stale_env,
     uninject,
 )
 from sidecar.settings import Capture
@@ -185,12 +186,17 @@ def _same_options(recorded: object, options: InjectOptions) -> bool:
 def injection_patch(workload: Obj, options: InjectOptions) -> list[Obj]:
     """The patch that leaves the workload injected with `options` ([] if it already is).
 
-    Injected with other options (ports, capture mode, image), it is re-injected
-    in one patch, so one rollout. The patch tests the resourceVersion first, so
+    Injected with other options (ports, capture mode, image), or with a copy of
+    the app container's env that is no longer its env, it is re-injected in one
+    patch, so one rollout. The patch tests the resourceVersion first, so
     it fails instead of overwriting a change made in the meantime."""
     template = workload["spec"]["template"]
     record = injected(template)
-    if record is not None and _same_options(record.get("options"), options):
+    if (
+        record is not None
+        and _same_options(record.get("options"), options)
+        and not stale_env(template)
+    ):
         return []
     base = original_template(template)
     try:

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import json
 import os
 import select
@@ -126,10 +127,20 @@ class Namespace:
             raise OSError("the namespace helper has gone")
         return socket.socket(fileno=fds[0])
 
-    def run(self, command: list[str], resolv_conf: str | None) -> None:
-        """Start `command` inside (its resolv.conf the given text, or the laptop's)."""
-        message = {"command": command, "resolv": resolv_conf, "cwd": os.getcwd()}
-        self.control.send(b"r" + json.dumps(message).encode())
+    def run(
+        self, command: list[str], resolv_conf: str | None, env: dict[str, str] | None = None
+    ) -> None:
+        """Start `command` inside (its resolv.conf the given text, or the laptop's;
+        its environment `env`, or offramp's as it was when the helper was made)."""
+        message = {"command": command, "resolv": resolv_conf, "cwd": os.getcwd(), "env": env}
+        try:
+            self.control.send(b"r" + json.dumps(message).encode())
+        except OSError as e:
+            if e.errno == errno.EMSGSIZE:
+                raise NamespaceError(
+                    f"the command and its environment are too large to hand over ({e})"
+                ) from e
+            raise
         answer = self.control.recv(4096)
         if not answer.startswith(b"ok"):
             raise NamespaceError(answer.decode(errors="replace").removeprefix("error: "))
@@ -324,7 +335,10 @@ def _serve(
                     known.discard((str(said[0]), said[1]))
             if control not in ready:
                 continue
-            message = control.recv(65536)
+            # A message's whole size first: the one that starts the process carries
+            # its environment, which may be large.
+            size = control.recv_into(bytearray(1), 1, socket.MSG_PEEK | socket.MSG_TRUNC)
+            message = control.recv(max(size, 1))
             if not message:  # offramp has gone
                 return _abandoned(child)
             if message[:1] == b"s":
@@ -343,7 +357,9 @@ def _serve(
                         target = os.path.realpath("/etc/resolv.conf")
                         if libc.mount(path.encode(), target.encode(), None, _MS_BIND, None) != 0:
                             raise OSError(ctypes.get_errno(), f"cannot bind-mount {target}")
-                    child, listener, why = _start(request["command"], request["cwd"], uid, gid)
+                    child, listener, why = _start(
+                        request["command"], request["cwd"], uid, gid, request.get("env")
+                    )
                 except OSError as e:
                     control.send(f"error: cannot start {request['command'][0]!r}: {e}".encode())
                     return 1
@@ -375,7 +391,9 @@ def _release_overdue(
             pending[notif_id] = (key, None)
 
 
-def _start(command: list[str], cwd: str, uid: int, gid: int) -> tuple[int, int | None, str]:
+def _start(
+    command: list[str], cwd: str, uid: int, gid: int, env: dict[str, str] | None
+) -> tuple[int, int | None, str]:
     """Fork the process; it maps itself back to the user's uid in a nested user
     namespace, puts its connect() calls under the seccomp listener it hands back
     (else why not), then runs `command`. Errors before exec reach the helper as
@@ -404,7 +422,9 @@ def _start(command: list[str], cwd: str, uid: int, gid: int) -> tuple[int, int |
                 os.close(connects)
             theirs.close()
             os.set_inheritable(write, False)
-            os.execvp(command[0], command)
+            if env is None:
+                os.execvp(command[0], command)
+            os.execvpe(command[0], command, env)
         except OSError as e:
             os.write(write, f"{e.errno}:{e.strerror}".encode())
         finally:

@@ -217,13 +217,12 @@ class LocalProcess:
         cls, command: list[str], namespace: Namespace | None, resolv: str | None,
         env: dict[str, str] | None,
     ) -> LocalProcess:  # fmt: skip
-        """Raises OSError (or NamespaceError) if it cannot start."""
+        """`env`: CMD's whole environment (None: offramp's). Raises OSError (or
+        NamespaceError) if it cannot start."""
         if namespace is not None:
-            await asyncio.to_thread(namespace.run, command, resolv)
+            await asyncio.to_thread(namespace.run, command, resolv, env)
             return cls(None, namespace)
-        child = await asyncio.create_subprocess_exec(
-            *command, env=None if env is None else os.environ | env
-        )
+        child = await asyncio.create_subprocess_exec(*command, env=env)
         return cls(child, None)
 
     async def wait(self) -> int:

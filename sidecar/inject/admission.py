@@ -11,7 +11,9 @@ Pure; `sidecar.inject.webhook` serves it over HTTPS. Which pods are injected:
 
 A pod's annotations may choose, per pod, what the chart's values set for all:
 `offramp.dev/ports` ("8080,9090"), `offramp.dev/capture` ("iptables" or
-"none"), `offramp.dev/named-port` and `offramp.dev/token-secret`.
+"none"), `offramp.dev/named-port`, `offramp.dev/token-secret`, and
+`offramp.dev/copy-env` ("false": the sidecar gets no copy of the app's env, so
+sessions get none).
 
 The answer always allows the pod: a pod that cannot be injected (say, it
 declares no port) is created without the sidecar, with a warning that says
@@ -27,7 +29,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from sidecar.inject.patch import InjectError, InjectOptions, inject
+from sidecar.inject.patch import COPY_ENV_ANNOTATION, InjectError, InjectOptions, copies_env, inject
 from sidecar.settings import Capture
 
 __all__ = ["OPT_IN", "BadReview", "WebhookPolicy", "review"]
@@ -105,6 +107,8 @@ def _options_for(metadata: dict[str, Any], base: InjectOptions) -> InjectOptions
         update["capture"] = Capture(str(notes["offramp.dev/capture"]))
     if "offramp.dev/named-port" in notes:
         update["named_port"] = str(notes["offramp.dev/named-port"])
+    if COPY_ENV_ANNOTATION in notes:
+        update["copy_env"] = copies_env(notes)
     if "offramp.dev/token-secret" in notes:
         update["token_secret"] = str(notes["offramp.dev/token-secret"])
     return InjectOptions.model_validate({**base.model_dump(), **update}) if update else base

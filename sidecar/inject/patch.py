@@ -15,6 +15,9 @@ template exactly:
   probe on /healthz, resources, and NET_ADMIN only for iptables capture;
 - passes the app container's HTTP probe paths to it (`--probe-path`), so
   kubelet probes are never stolen;
+- copies the app container's `env` and `envFrom` into it, every name under a
+  prefix (`sidecar.appenv`), so that kubelet resolves the app's environment for
+  the sidecar to hand to a session (`copy_env`, on by default);
 - privilege-free mode (`capture="none"` with `named_port`): the app's port of
   that name is renamed `app-<number>` and the sidecar's listener takes the
   name, so a Service whose targetPort is that name sends its traffic to the
@@ -36,22 +39,29 @@ from typing import Any
 import jsonpatch
 from pydantic import BaseModel, ConfigDict, Field
 
+from sidecar.appenv import PREFIX as APP_ENV_PREFIX
+from sidecar.appenv import copy_app_env
 from sidecar.outgoing.policy import ALLOW_ANNOTATION, ALLOW_ENV
 from sidecar.settings import Capture
 
 __all__ = [
     "ANNOTATION",
+    "COPY_ENV_ANNOTATION",
     "SIDECAR_NAME",
     "TOKEN_DIR",
     "InjectError",
     "InjectOptions",
+    "copies_env",
     "inject",
     "injected",
     "prefixed",
+    "stale_env",
     "uninject",
 ]
 
 ANNOTATION = "offramp.dev/injected"
+COPY_ENV_ANNOTATION = "offramp.dev/copy-env"
+"""On a pod or pod template: "false" keeps the app's env out of the sidecar."""
 SIDECAR_NAME = "offramp-sidecar"
 TOKEN_VOLUME = "offramp-token"
 TMP_VOLUME = "offramp-tmp"
@@ -93,6 +103,16 @@ class InjectOptions(BaseModel):
     run_as_user: int = Field(default=10001, ge=1)
     workers: int = Field(default=1, ge=1, le=64)
     """The sidecar's proxy processes (`offramp-sidecar --workers`)."""
+    copy_env: bool = True
+    """Copy the app container's env and envFrom into the sidecar (prefixed), for sessions."""
+
+
+def copies_env(annotations: dict[str, Any]) -> bool:
+    """What the `offramp.dev/copy-env` annotation asks ("true" if absent)."""
+    value = str(annotations.get(COPY_ENV_ANNOTATION, "true")).strip().lower()
+    if value not in ("true", "false"):
+        raise InjectError(f'{COPY_ENV_ANNOTATION} is {value!r}; write "true" or "false"')
+    return value == "true"
 
 
 def injected(template: Template) -> dict[str, Any] | None:
@@ -140,7 +160,13 @@ def inject(template: Template, options: InjectOptions, prefix: str = "") -> Patc
             and probe["httpGet"].get("path")
         }
     )
-    containers.append(_sidecar(options, app_ports, listen, named, probe_paths))
+    sidecar = _sidecar(options, app_ports, listen, named, probe_paths)
+    if options.copy_env:
+        env, env_from = copy_app_env(app)
+        sidecar["env"] += env
+        if env_from:
+            sidecar["envFrom"] = env_from
+    containers.append(sidecar)
     volumes: list[dict[str, Any]] = spec.setdefault("volumes", [])
     for name in (TOKEN_VOLUME, TMP_VOLUME):
         if any(v.get("name") == name for v in volumes):
@@ -161,6 +187,29 @@ def inject(template: Template, options: InjectOptions, prefix: str = "") -> Patc
     annotations = after.setdefault("metadata", {}).setdefault("annotations", {})
     annotations[ANNOTATION] = json.dumps(record, separators=(",", ":"), sort_keys=True)
     return prefixed(jsonpatch.make_patch(before, after).patch, prefix)
+
+
+def stale_env(template: Template) -> bool:
+    """Whether an injected template's sidecar carries another env than its app
+    container has now (the app's env was changed after injection)."""
+    record = injected(template)
+    if record is None:
+        return False
+    try:
+        options = InjectOptions.model_validate(record.get("options"))
+    except ValueError:
+        return True
+    containers = (template.get("spec") or {}).get("containers") or []
+    sidecar = next((c for c in containers if c.get("name") == SIDECAR_NAME), None)
+    apps = [c for c in containers if c.get("name") != SIDECAR_NAME]
+    if sidecar is None or not apps:
+        return True
+    app = next((c for c in apps if c.get("name") == options.container), apps[0])
+    want_env, want_from = copy_app_env(app) if options.copy_env else ([], [])
+    have_env = [
+        e for e in sidecar.get("env") or [] if str(e.get("name", "")).startswith(APP_ENV_PREFIX)
+    ]
+    return bool(have_env != want_env or (sidecar.get("envFrom") or []) != want_from)
 
 
 def uninject(template: Template, prefix: str = "") -> Patch:

@@ -34,6 +34,7 @@ import secrets
 import signal
 import socket
 import time
+from collections.abc import Mapping
 
 from mitmproxy import options
 from mitmproxy.addons import core, proxyserver
@@ -79,7 +80,7 @@ def outgoing_policy(settings: SidecarSettings) -> OutgoingPolicy:
 class Sidecar:
     """All the parts of a running sidecar, started and stopped together."""
 
-    def __init__(self, settings: SidecarSettings):
+    def __init__(self, settings: SidecarSettings, environment: Mapping[str, str] | None = None):
         self.settings = settings
         self.registry = SessionRegistry(tuple(p.app for p in settings.app_ports))
         self.gateway = Gateway()
@@ -91,6 +92,7 @@ class Sidecar:
             settings.control_port,
             outgoing_policy(settings),
             ResolvConf.read(settings.resolv_conf),
+            environment,
         )
         # With workers, requests they hand over carry this secret (sidecar.proxy.workers).
         self.handoff = Handoff(secrets.token_hex(16)) if settings.workers > 1 else None
@@ -236,8 +238,9 @@ class Sidecar:
         self.capture.release_conntrack()
 
 
-async def run(settings: SidecarSettings) -> int:
-    sidecar = Sidecar(settings)
+async def run(settings: SidecarSettings, environment: Mapping[str, str] | None = None) -> int:
+    """Run the sidecar until SIGTERM; `environment` is the app container's, for sessions."""
+    sidecar = Sidecar(settings, environment)
     await sidecar.start()
     ports = ", ".join(f"{lp} -> app {app}" for app, lp in sidecar.listen_ports().items())
     log.info(

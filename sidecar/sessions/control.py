@@ -1,9 +1,10 @@
 """The session server on the control port.
 
 `GET /healthz` answers 200 while the sidecar serves; other methods get 405
-there, at /v1/status and at /v1/tunnel. `GET /v1/status` gives the
+there, at /v1/status, /v1/env and at /v1/tunnel. `GET /v1/status` gives the
 version and the open sessions to a caller with the token (Authorization:
-Bearer). `/v1/tunnel` is a websocket:
+Bearer); `GET /v1/env` gives such a caller the app container's environment
+(`sidecar.appenv`; never logged). `/v1/tunnel` is a websocket:
 the client's first message is HELLO; the token is compared in constant time, the
 spec validated and its filters compiled; the answer is WELCOME (and the session
 is live until the websocket closes) or REFUSED with a message a person can act on.
@@ -28,7 +29,7 @@ import contextlib
 import hmac
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from http import HTTPStatus
 from pathlib import Path
 
@@ -76,6 +77,7 @@ __all__ = ["HANDSHAKE_TIMEOUT", "ControlServer"]
 log = logging.getLogger(__name__)
 
 STATUS_PATH = "/v1/status"
+ENV_PATH = "/v1/env"
 WORKER_SYNC_TIMEOUT = 5.0
 HANDSHAKE_TIMEOUT = 10.0
 MAX_HANDSHAKES = 64
@@ -94,6 +96,14 @@ def _outgoing_status(session: Session) -> dict[str, object]:
     return {"outgoing": {"granted": granted, "connections": service.connections}}
 
 
+def _json(ws: ServerConnection, body: object) -> Response:
+    response = ws.respond(HTTPStatus.OK, json.dumps(body) + "\n")
+    del response.headers["Content-Type"]
+    response.headers["Content-Type"] = "application/json"
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
 class ControlServer:
     def __init__(
         self,
@@ -104,8 +114,11 @@ class ControlServer:
         port: int,
         policy: OutgoingPolicy | None = None,
         resolv: ResolvConf | None = None,
+        environment: Mapping[str, str] | None = None,
     ):
         self.registry = registry
+        self.environment = dict(environment or {})
+        """The app container's environment, for `GET /v1/env`."""
         self.policy = policy or OutgoingPolicy(frozenset())
         self.resolv = resolv or ResolvConf()
         self._token = token.encode() if token is not None else None
@@ -160,7 +173,7 @@ class ControlServer:
 
     def _process_request(self, ws: ServerConnection, request: Request) -> Response | None:
         path = request.path.partition("?")[0]
-        if path in ("/healthz", STATUS_PATH) and request.method != "GET":
+        if path in ("/healthz", STATUS_PATH, ENV_PATH) and request.method != "GET":
             # (websockets itself answers a non-GET /v1/tunnel with 405.)
             response = ws.respond(
                 HTTPStatus.METHOD_NOT_ALLOWED, f"offramp sidecar: {path} answers GET only\n"
@@ -173,25 +186,41 @@ class ControlServer:
             return ws.respond(HTTPStatus.SERVICE_UNAVAILABLE, "shutting down\n")
         if path == STATUS_PATH:
             return self._status(ws, request)
+        if path == ENV_PATH:
+            return self._env(ws, request)
         if path != TUNNEL_PATH:
             return ws.respond(
                 HTTPStatus.NOT_FOUND, f"offramp sidecar: the tunnel is at {TUNNEL_PATH}\n"
             )
         return None
 
-    def _status(self, ws: ServerConnection, request: Request) -> Response:
-        """The sidecar's version and open sessions, for `offramp status`; token required."""
+    def _refused(self, ws: ServerConnection, request: Request, what: str) -> Response | None:
+        """None if the request carries the token, else the answer that refuses it."""
         address = str(ws.remote_address[0]) if ws.remote_address else "?"
         if wait := self.guard.wait(address):
-            self.guard.failed(address, "status asked too often with a wrong token", spend=False)
+            self.guard.failed(address, f"{what} asked too often with a wrong token", spend=False)
             return ws.respond(HTTPStatus.TOO_MANY_REQUESTS, "offramp sidecar: too many failed "
                               f"tries from {address}; try again in {wait:.0f} s\n")  # fmt: skip
         token = self._current_token()
         given = request.headers.get("Authorization", "").removeprefix("Bearer ").strip()
         if token is None or not hmac.compare_digest(given.encode(), token):
-            self.guard.failed(address, "status asked with a wrong token")
+            self.guard.failed(address, f"{what} asked with a wrong token")
             return ws.respond(HTTPStatus.UNAUTHORIZED, "offramp sidecar: give the session token "
                               "as 'Authorization: Bearer TOKEN'\n")  # fmt: skip
+        return None
+
+    def _env(self, ws: ServerConnection, request: Request) -> Response:
+        """The app container's environment, for `offramp steal`; token required."""
+        if refused := self._refused(ws, request, "env"):
+            return refused
+        address = str(ws.remote_address[0]) if ws.remote_address else "?"
+        log.info("env: %d variables given to %s", len(self.environment), address)
+        return _json(ws, {"env": self.environment})
+
+    def _status(self, ws: ServerConnection, request: Request) -> Response:
+        """The sidecar's version and open sessions, for `offramp status`; token required."""
+        if refused := self._refused(ws, request, "status"):
+            return refused
         sessions = [
             {
                 "id": s.id,
@@ -212,11 +241,10 @@ class ControlServer:
             "protocol": PROTOCOL_VERSION,
             "app_ports": list(self.registry.app_ports),
             "sessions": sessions,
+            # Names only: values go to /v1/env.
+            "env": sorted(self.environment),
         }
-        response = ws.respond(HTTPStatus.OK, json.dumps(body) + "\n")
-        del response.headers["Content-Type"]
-        response.headers["Content-Type"] = "application/json"
-        return response
+        return _json(ws, body)
 
     async def _handle(self, ws: ServerConnection) -> None:
         conn = Connection(Role.SIDECAR)

@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from local_proxy.config import ConfigError, FilterFlags, build_spec, load_incoming
+from local_proxy.config import ConfigError, FilterFlags, build_spec, load_config
 from sidecar.sessions.filters import FilterError, compile_filter
 from sidecar.sessions.spec import SessionSpec
 from sidecar.tunnel.protocol import (
@@ -190,7 +190,7 @@ def test_a_config_file_is_refused_only_with_config_errors(text: str) -> None:
     path = CONFIG_DIR / "offramp.json"
     path.write_text(text)
     with contextlib.suppress(ConfigError):
-        build_spec(load_incoming(path), FilterFlags(), "me@laptop")
+        build_spec(load_config(path), FilterFlags(), "me@laptop")
 
 
 CONFIG_DIR = Path(__file__).parent

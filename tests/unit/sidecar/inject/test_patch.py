@@ -12,13 +12,17 @@ import jsonpatch
 import kubernetes_validate
 import pytest
 
+from sidecar.appenv import PREFIX as APP_ENV_PREFIX
 from sidecar.inject.patch import (
     ANNOTATION,
+    COPY_ENV_ANNOTATION,
     SIDECAR_NAME,
     InjectError,
     InjectOptions,
+    copies_env,
     inject,
     injected,
+    stale_env,
     uninject,
 )
 from sidecar.settings import Capture
@@ -261,3 +265,70 @@ def test_the_cli_reinjects_only_when_the_options_differ() -> None:
     after = apply(obj, patch)
     assert sidecar_of(after)["args"][-1] == "--workers=2"
     assert injected(after["spec"]["template"])["options"]["workers"] == 2  # type: ignore[index]
+
+
+def deployment_with_env() -> dict[str, Any]:
+    obj = deployment()
+    app = obj["spec"]["template"]["spec"]["containers"][0]
+    app["env"] = [
+        {"name": "PYTHONPATH", "value": "/junk"},
+        {"name": "DB_URL", "value": "postgres://$(DB_HOST)/x"},
+        {"name": "POD", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "MEM", "valueFrom": {"resourceFieldRef": {"resource": "limits.memory"}}},
+    ]
+    app["envFrom"] = [{"configMapRef": {"name": "settings"}, "prefix": "CFG_"}]
+    return obj
+
+
+def test_the_apps_env_is_copied_into_the_sidecar_under_the_prefix() -> None:
+    out = injected_deployment(InjectOptions(image=IMAGE), deployment_with_env())
+    sidecar = sidecar_of(out)
+    names = [e["name"] for e in sidecar["env"]]
+    assert names == ["OFFRAMP_OUTGOING_ALLOW"] + [
+        f"{APP_ENV_PREFIX}{n}" for n in ("PYTHONPATH", "DB_URL", "POD", "MEM")
+    ]
+    assert sidecar["env"][2]["value"] == f"postgres://$({APP_ENV_PREFIX}DB_HOST)/x"
+    assert sidecar["env"][4]["valueFrom"]["resourceFieldRef"]["containerName"] == "api"
+    assert sidecar["envFrom"] == [
+        {"configMapRef": {"name": "settings"}, "prefix": APP_ENV_PREFIX + "CFG_"}
+    ]
+    assert not any(n.startswith("PYTHON") for n in names), "the sidecar's Python is untouched"
+
+
+def test_uninject_removes_the_copied_env_exactly() -> None:
+    original = deployment_with_env()
+    out = injected_deployment(InjectOptions(image=IMAGE), copy.deepcopy(original))
+    assert apply(out, uninject(out["spec"]["template"], "/spec/template")) == original
+
+
+def test_copy_env_off_by_annotation_or_option() -> None:
+    out = injected_deployment(InjectOptions(image=IMAGE, copy_env=False), deployment_with_env())
+    assert [e["name"] for e in sidecar_of(out)["env"]] == ["OFFRAMP_OUTGOING_ALLOW"]
+    assert "envFrom" not in sidecar_of(out)
+    assert copies_env({COPY_ENV_ANNOTATION: "false"}) is False
+    assert copies_env({}) is True
+    with pytest.raises(InjectError, match='write "true" or "false"'):
+        copies_env({COPY_ENV_ANNOTATION: "no"})
+
+
+def test_the_cli_reinjects_when_the_apps_env_changed_since() -> None:
+    """The sidecar's copy must follow the app's env: `kubectl set env` on an injected
+    workload makes the next `offramp steal` re-inject (one rollout)."""
+    from local_proxy.cluster.workload import injection_patch
+
+    options = InjectOptions(image=IMAGE)
+    obj = {
+        **injected_deployment(options, deployment_with_env()),
+        "metadata": {"name": "api", "resourceVersion": "7"},
+    }
+    assert not stale_env(obj["spec"]["template"])
+    assert injection_patch(obj, options) == []
+    obj["spec"]["template"]["spec"]["containers"][0]["env"][0]["value"] = "/other"
+    assert stale_env(obj["spec"]["template"])
+    after = apply(obj, injection_patch(obj, options))
+    assert not stale_env(after["spec"]["template"])
+    assert sidecar_of(after)["env"][1] == {"name": APP_ENV_PREFIX + "PYTHONPATH", "value": "/other"}
+    # Uninjecting then gives the app as it is now.
+    restored = apply(after, uninject(after["spec"]["template"], "/spec/template"))
+    assert restored["spec"]["template"]["spec"]["containers"][0]["env"][0]["value"] == "/other"
+    assert len(restored["spec"]["template"]["spec"]["containers"]) == 1
