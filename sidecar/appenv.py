@@ -22,7 +22,10 @@ Service link variables (`REDIS_SERVICE_HOST`, `REDIS_PORT_6379_TCP`, ...) are
 the same in every container of a pod; they are served from the sidecar's own
 environment, under the app's own variables of the same name, as kubelet
 orders them. Variables that the app's image sets (its Dockerfile's ENV) are not
-in the pod spec, so they are not carried.
+in the pod spec, so they are not carried. A ConfigMap or Secret key that is no
+variable name (`1st`) is left out, as kubelet leaves it out of the app's
+environment (with Kubernetes' relaxed name validation, on by default from 1.32,
+the app would have it).
 
 Pure: no I/O.
 """
@@ -42,6 +45,7 @@ _SERVICE_LINK = re.compile(
     r"[A-Z_][A-Z0-9_]*_(SERVICE_HOST|SERVICE_PORT(_[A-Z0-9_]+)?|PORT(_\d+_(TCP|UDP|SCTP)"
     r"(_PROTO|_PORT|_ADDR)?)?)"
 )
+_ENV_NAME = re.compile(r"[-._a-zA-Z][-._a-zA-Z0-9]*")
 _UNRESOLVED = re.compile(r"\$\(" + PREFIX + r"([^)]*)\)")
 
 
@@ -105,5 +109,11 @@ def take_app_env(environ: MutableMapping[str, str]) -> dict[str, str]:
         name = match.group(1)
         return service.get(name, f"$({name})")
 
-    app = {name.removeprefix(PREFIX): _UNRESOLVED.sub(unresolved, v) for name, v in mine.items()}
+    app = {
+        name: _UNRESOLVED.sub(unresolved, value)
+        for prefixed, value in mine.items()
+        # A ConfigMap key that is no variable name ("1st") became one under the
+        # prefix; kubelet skipped it for the app (as Kubernetes up to 1.31 does).
+        if _ENV_NAME.fullmatch(name := prefixed.removeprefix(PREFIX))
+    }
     return {**service, **app}

@@ -40,6 +40,8 @@ from typing import Any
 
 import pytest
 
+from tests.kube.envvars import ContainerConfigError, container_env
+
 REPO = Path(__file__).resolve().parents[1]
 PODMAN = ["podman", "--runtime", "runc"]
 LIMITS = ["--ulimit", "nofile=4096:4096", "--ulimit", "nproc=4096:4096"]
@@ -85,7 +87,7 @@ def podman(*args: str, check: bool = True, timeout: float = 60) -> str:
 
 _KNOWN_CONTAINER_KEYS = {
     "name", "image", "args", "ports", "volumeMounts", "readinessProbe", "resources",
-    "securityContext", "env",
+    "securityContext", "env", "envFrom",
 }  # fmt: skip
 
 
@@ -95,13 +97,17 @@ def run_flags(
     netns: str,
     image: str | None = None,
     annotations: dict[str, str] | None = None,
+    objects: dict[tuple[str, str], dict[str, Any]] | None = None,
+    pod_containers: list[dict[str, Any]] | None = None,
 ) -> list[str]:
     """`podman run` flags that give `container` what a kubelet would.
 
     `volumes` maps each mounted volume's name to the directory that holds it;
     `image` is needed for a non-root container (its entrypoint is wrapped);
     `annotations` are the pod's, for env fieldRefs to them (kubelet gives "" for
-    a key the pod lacks).
+    a key the pod lacks); `objects` the ConfigMaps and Secrets its env names, by
+    ("configmaps" | "secrets", name); `pod_containers` the pod's containers, for
+    resourceFieldRefs to another one.
     """
     unknown = set(container) - _KNOWN_CONTAINER_KEYS
     assert not unknown, f"podman.run_flags does not honour container keys {sorted(unknown)}"
@@ -115,15 +121,21 @@ def run_flags(
         )
         wrapped = ["setpriv", "--inh-caps=-all", "--ambient-caps=-all", "--", *entrypoint]
         flags += ["--entrypoint", json.dumps(wrapped)]
-    for var in container.get("env") or []:
-        path = ((var.get("valueFrom") or {}).get("fieldRef") or {}).get("fieldPath", "")
-        if "value" in var:
-            flags += ["--env", f"{var['name']}={var['value']}"]
-        elif path.startswith("metadata.annotations['") and path.endswith("']"):
-            key = path[len("metadata.annotations['") : -2]
-            flags += ["--env", f"{var['name']}={(annotations or {}).get(key, '')}"]
-        else:
-            raise AssertionError(f"podman.run_flags does not honour env {var}")
+    # The environment as kubelet makes it (tests.kube.envvars): ConfigMaps and
+    # Secrets from `objects`, fieldRefs to the pod's name and annotations.
+    fields = {f"metadata.annotations['{k}']": v for k, v in (annotations or {}).items()}
+    fields["metadata.name"] = netns
+    pod = {
+        "metadata": {"namespace": "default", "annotations": annotations or {}},
+        "spec": {"containers": pod_containers or [container]},
+    }
+    try:
+        env = container_env(pod, container, lambda kind, name: (objects or {}).get((kind, name)),
+                            fields)  # fmt: skip
+    except ContainerConfigError as e:
+        raise AssertionError(f"podman.run_flags: {e}") from e
+    for name, value in env.items():
+        flags += ["--env", f"{name}={value}"]
     for mount in container.get("volumeMounts") or []:
         mode = "ro" if mount.get("readOnly") else "rw"
         flags += ["-v", f"{volumes[mount['name']]}:{mount['mountPath']}:{mode}"]

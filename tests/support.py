@@ -263,7 +263,10 @@ class SidecarProcess:
         return self.proc.returncode
 
 
-def start_sidecar(app_port: int, token_file: Path, log_dir: Path, *extra: str) -> SidecarProcess:
+def start_sidecar(
+    app_port: int, token_file: Path, log_dir: Path, *extra: str, env: dict[str, str] | None = None
+) -> SidecarProcess:
+    """The sidecar as a subprocess (`env`: variables added to this one's), once healthy."""
     listen, control = free_ports(2, avoid=(app_port,))
     log_path = log_dir / f"sidecar-{listen}.log"
     with log_path.open("wb") as log:
@@ -283,7 +286,7 @@ def start_sidecar(app_port: int, token_file: Path, log_dir: Path, *extra: str) -
             ],
             stdout=log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
     token = token_file.read_text().strip() if token_file.exists() else ""
     sidecar = SidecarProcess(proc, listen, control, app_port, token, log_path)

@@ -9,6 +9,7 @@ sends traffic to the pod's address, as another pod would.
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import copy
 import json
@@ -108,9 +109,13 @@ class Pod:
         self.names.append(name)
         self.wait(lambda: self.pod_get(APP_PORT, "/ready").status_code == 200, "the app")
 
-    def start_sidecar(self, container: dict[str, Any]) -> str:
+    def start_sidecar(
+        self, container: dict[str, Any], objects: dict[tuple[str, str], Any] | None = None,
+        pod_containers: list[dict[str, Any]] | None = None,
+    ) -> str:  # fmt: skip
         name = f"ofr-sidecar-{self.tag}-{len(self.names)}"
-        flags = run_flags(container, self.volumes, self.bed.pod.name, self.image)
+        flags = run_flags(container, self.volumes, self.bed.pod.name, self.image,
+                          objects=objects, pod_containers=pod_containers)  # fmt: skip
         podman("run", "-d", "--name", name, *flags, self.image, *container["args"])
         self.names.append(name)
         return name
@@ -282,3 +287,49 @@ def test_privilege_free_mode_runs_with_no_capability_and_no_privilege_escalation
     with pod.session(local.port, "--header", "^x-preview: alice$"):
         assert via_sidecar(ALICE)["served_by"] == "local"
         assert via_sidecar()["served_by"] == "app"
+
+
+def test_the_sidecar_carries_the_apps_environment_whatever_its_python_variables(
+    pod: Pod, image: str
+) -> None:
+    """The app's env and envFrom, copied under the prefix with kubelet resolving them
+    (here tests.kube.envvars, as the emulator's kubelet): junk PYTHONPATH and
+    PYTHONHOME for the app do not reach the image's Python, which starts, and the
+    sidecar hands the app's environment to the token holder."""
+    template = app_template()
+    app = template["spec"]["containers"][0]
+    app["env"] = [
+        {"name": "PYTHONPATH", "value": "/nonexistent/junk"},
+        {"name": "PYTHONHOME", "value": "/nonexistent/home"},
+        {"name": "PASS", "valueFrom": {"secretKeyRef": {"name": "db", "key": "password"}}},
+        {"name": "URL", "value": "postgres://app:$(PASS)@db/$(MODE)"},
+        {"name": "MEM", "valueFrom": {"resourceFieldRef": {"resource": "limits.memory",
+                                                           "divisor": "1Mi"}}},
+    ]  # fmt: skip
+    app["envFrom"] = [{"configMapRef": {"name": "settings"}}]
+    app["resources"] = {"limits": {"memory": "64Mi"}}
+    injected = jsonpatch.apply_patch(template, inject(template, InjectOptions(image=image)))
+    containers = injected["spec"]["containers"]
+    container = copy.deepcopy(next(c for c in containers if c["name"] == SIDECAR_NAME))
+    objects = {
+        ("secrets", "db"): {"data": {"password": base64.b64encode(b"s3cret").decode()}},
+        ("configmaps", "settings"): {"data": {"MODE": "shop"}},
+    }
+    name = pod.start_sidecar(container, objects, containers)
+    pod.wait_ready(name, container)
+
+    def env() -> httpx.Response:
+        url = f"http://{pod.bed.pod_ip}:15081/v1/env"
+        return httpx.get(url, headers={"Authorization": f"Bearer {pod.token}"}, timeout=20)
+
+    answer = pod.bed.caller.call(env)
+    assert answer.status_code == 200, pod.logs(name)
+    assert answer.json()["env"] == {
+        "MODE": "shop",
+        "PYTHONPATH": "/nonexistent/junk",
+        "PYTHONHOME": "/nonexistent/home",
+        "PASS": "s3cret",
+        "URL": "postgres://app:s3cret@db/shop",
+        "MEM": "64",
+    }
+    assert "s3cret" not in pod.logs(name)

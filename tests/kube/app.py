@@ -1,6 +1,8 @@
 """The test app an "app image" runs: answers every request with who answered and
 whom it saw, so a test can tell the app from the local process and see whether
 the request passed through the sidecar (peer 127.0.0.1) or came straight in.
+`GET /__env` answers with its environment, to compare with what offramp hands
+the local process.
 
     python -m tests.kube.app --port 8080 [--port 9090]
 """
@@ -18,6 +20,9 @@ class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:
+        if self.path == "/__env":
+            self._send(json.dumps({"env": dict(os.environ)}).encode())
+            return
         body = json.dumps(
             {
                 "served_by": "app",
@@ -28,6 +33,9 @@ class Handler(BaseHTTPRequestHandler):
                 "user_agent": self.headers.get("User-Agent", ""),
             }
         ).encode()
+        self._send(body)
+
+    def _send(self, body: bytes) -> None:
         self.send_response(200)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(body)))

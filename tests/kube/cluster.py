@@ -154,6 +154,7 @@ class Cluster:
             "Namespace": "/api/v1/namespaces",
             "Service": f"/api/v1/namespaces/{ns}/services",
             "Secret": f"/api/v1/namespaces/{ns}/secrets",
+            "ConfigMap": f"/api/v1/namespaces/{ns}/configmaps",
             "Deployment": f"/apis/apps/v1/namespaces/{ns}/deployments",
             "StatefulSet": f"/apis/apps/v1/namespaces/{ns}/statefulsets",
         }[kind]

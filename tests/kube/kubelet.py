@@ -6,9 +6,11 @@
 - Containers: the image is looked up in the registry the test gives (an image
   is an entrypoint argv, a user, an environment, and binaries that carry file
   capabilities); `command` replaces the entrypoint and `args` are appended, as
-  a container runtime does. Env: the image's, then `value` and `fieldRef`
-  (metadata.name, metadata.namespace, status.podIP, metadata.annotations['KEY'],
-  metadata.labels['KEY']) plus HOSTNAME=<pod name>.
+  a container runtime does. Env: HOSTNAME=<pod name>, the image's, then what
+  `tests.kube.envvars` makes of `envFrom` and `env` (ConfigMaps, Secrets,
+  resourceFieldRefs, `$(VAR)` expansion, and the fieldRefs metadata.name,
+  metadata.namespace, status.podIP, metadata.annotations['KEY'] and
+  metadata.labels['KEY']); no service link variables.
   Volumes: secret (optional or not; files 0644, rewritten when the Secret
   changes) and emptyDir (0777), bind-mounted at their mount paths in a mount
   namespace of the container's own. A container that exits is restarted after
@@ -57,6 +59,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.kube.envvars import ContainerConfigError, container_env
 from tests.kube.store import Obj, Store, now
 
 REPO = Path(__file__).resolve().parents[2]
@@ -85,10 +88,6 @@ class Image:
     file_caps: tuple[tuple[str, str], ...] = ()
     """(path, capabilities as setcap writes them): the image's binary at that path
     carries them (a copy of this machine's, mounted over it)."""
-
-
-class ContainerConfigError(LookupError):
-    """The container cannot be created as its spec says (kubelet's CreateContainerConfigError)."""
 
 
 @dataclass
@@ -287,19 +286,11 @@ class Kubelet:
         for kind in ("annotations", "labels"):
             for key, value in (pod["metadata"].get(kind) or {}).items():
                 fields[f"metadata.{kind}['{key}']"] = value
-        for var in spec.get("env") or []:
-            ref = (var.get("valueFrom") or {}).get("fieldRef") or {}
-            path = ref.get("fieldPath", "")
-            if "value" in var:
-                env[var["name"]] = var["value"]
-            elif path in fields:
-                env[var["name"]] = fields[path]
-            elif path.startswith(("metadata.annotations['", "metadata.labels['")):
-                env[var["name"]] = ""
-            else:
-                raise LookupError(
-                    f"env {var['name']}: only value and fieldRef ({', '.join(fields)}) are emulated"
-                )
+
+        def lookup(plural: str, name: str) -> Obj | None:
+            return self.store.find(plural, runtime.namespace, name)
+
+        env.update(container_env(pod, spec, lookup, fields))
         return argv, env
 
     async def _run(self, runtime: PodRuntime, pod: Obj, container: Container) -> None:

@@ -50,6 +50,7 @@ KINDS = {
         Kind("pods", "Pod"),
         Kind("services", "Service"),
         Kind("secrets", "Secret"),
+        Kind("configmaps", "ConfigMap"),
         Kind("deployments", "Deployment", "apps"),
         Kind("statefulsets", "StatefulSet", "apps"),
     )
@@ -129,6 +130,8 @@ def matches(selector: Selector, labels: dict[str, str]) -> bool:
 _DNS_SUBDOMAIN = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*")
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
 _PORT_NAME = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?")
+_ENV_NAME = re.compile(r"[-._a-zA-Z][-._a-zA-Z0-9]*")
+_DATA_KEY = re.compile(r"[-._a-zA-Z0-9]+")
 
 
 def validate(kind: Kind, obj: Obj) -> None:
@@ -142,6 +145,11 @@ def validate(kind: Kind, obj: Obj) -> None:
         problems.append(f"{where}: {e.message}")
     if not (len(name) <= 253 and _DNS_SUBDOMAIN.fullmatch(name)):
         problems.append(f"metadata.name: Invalid value: {name!r}: must be a DNS-1123 subdomain")
+    if kind.plural in ("configmaps", "secrets"):
+        for key in {**(obj.get("data") or {}), **(obj.get("stringData") or {})}:
+            if not _DATA_KEY.fullmatch(key):
+                problems.append(f"data[{key}]: Invalid value: {key!r}: a valid config key must "
+                                "consist of alphanumeric characters, '-', '_' or '.'")  # fmt: skip
     if kind.plural == "pods":
         problems += _pod_spec_problems(obj.get("spec") or {}, "spec")
     elif kind.plural in WORKLOADS:
@@ -187,6 +195,21 @@ def _pod_spec_problems(spec: Obj, at: str) -> list[str]:
                 out.append(f"{where}.ports[{j}].name: Duplicate value: {pname!r}")
             port_names.add(pname)
             own.add(pname)
+        for j, var in enumerate(c.get("env") or []):
+            if not _ENV_NAME.fullmatch(str(var.get("name", ""))):
+                out.append(f"{where}.env[{j}].name: Invalid value: {var.get('name')!r}: a valid "
+                           "environment variable name must consist of alphabetic characters, "
+                           "digits, '_', '-', or '.', and must not start with a digit")  # fmt: skip
+            if "value" in var and "valueFrom" in var:
+                out.append(f"{where}.env[{j}].valueFrom: Invalid value: may not be specified "
+                           "when `value` is not empty")  # fmt: skip
+        for j, source in enumerate(c.get("envFrom") or []):
+            prefix = source.get("prefix")
+            if prefix and not _ENV_NAME.fullmatch(prefix):
+                out.append(f"{where}.envFrom[{j}].prefix: Invalid value: {prefix!r}")
+            if ("configMapRef" in source) == ("secretRef" in source):
+                out.append(f"{where}.envFrom[{j}]: Invalid value: may not have more than one "
+                           "field specified at a time")  # fmt: skip
         for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
             action = (c.get(probe) or {}).get("httpGet") or (c.get(probe) or {}).get("tcpSocket")
             port = (action or {}).get("port")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -302,3 +303,35 @@ async def test_requests_the_local_side_cannot_take_end_with_a_reason_and_no_trac
     out, err = await asyncio.wait_for(proc.communicate(), 20)
     assert proc.returncode == 0, err
     assert b"Traceback" not in out + err and b"exception" not in (out + err).lower(), out + err
+
+
+def test_with_sidecar_url_cmd_gets_the_apps_environment(
+    app: HttpApp, token_file: Path, tmp_path: Path
+) -> None:
+    """`offramp steal --sidecar-url ... -- CMD`: the environment comes from that
+    sidecar's /v1/env; --env-exclude and the defaults apply; --env-file too."""
+    sidecar = start_sidecar(app.port, token_file, tmp_path, env={
+        "OFFRAMP_APP_GREETING": "hello", "OFFRAMP_APP_TOKEN": "t0k",
+        "OFFRAMP_APP_PATH": "/app/bin",
+    })  # fmt: skip
+    port = free_port()
+    cmd = (
+        "import json, os, socket, sys, time; s = socket.socket(); "
+        f"s.bind(('127.0.0.1', {port})); s.listen(); "
+        "print('RESULT ' + json.dumps({k: os.environ.get(k) for k in "
+        "('GREETING', 'TOKEN', 'PATH')}), flush=True); time.sleep(1)"
+    )
+    try:
+        result = offramp(
+            "steal", "--sidecar-url", sidecar.control_url, "--token-file", str(token_file),
+            "--to", str(port), "--no-outgoing", "--no-dns", "--env-exclude", "TOKEN",
+            "--env-file", str(tmp_path / "x.env"), "--", sys.executable, "-c", cmd,
+        )  # fmt: skip
+    finally:
+        stop_cleanly(sidecar)
+    assert result.returncode == 0, result.stdout + result.stderr
+    line = next(x for x in result.stdout.splitlines() if x.startswith("RESULT "))
+    got = json.loads(line.removeprefix("RESULT "))
+    assert got == {"GREETING": "hello", "TOKEN": None, "PATH": os.environ["PATH"]}
+    assert "the app container's environment: 3 variables (GREETING, PATH, TOKEN)" in result.stdout
+    assert (tmp_path / "x.env").read_text() == "GREETING='hello'\n"

@@ -121,6 +121,7 @@ def test_take_removes_the_apps_names_and_keeps_service_links_under_the_apps() ->
         PREFIX + "PYTHONPATH": "/junk",
         PREFIX + "REDIS_SERVICE_PORT": "7000",
         PREFIX + "URL": f"redis://$({PREFIX}REDIS_SERVICE_HOST):1/$({PREFIX}HOSTNAME)",
+        PREFIX + "1st": "a ConfigMap key kubelet skipped for the app",
     }
     app = take_app_env(environ)
     assert app == {

@@ -30,7 +30,14 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
-from sidecar.inject.patch import ANNOTATION, SIDECAR_NAME
+from sidecar.appenv import PREFIX as APP_ENV_PREFIX
+from sidecar.inject.patch import (
+    ANNOTATION,
+    COPY_ENV_ANNOTATION,
+    SIDECAR_NAME,
+    InjectOptions,
+    inject,
+)
 from tests.support import free_port
 
 K8S = "1.30"
@@ -277,3 +284,34 @@ def test_a_malformed_review_gets_an_error_answer_and_the_server_stays_up(
     assert message in r.json()["error"]
     obj = pod(annotations={"offramp.dev/inject": "true"})
     assert "patch" in answer_of(webhook, "pod", obj)
+
+
+def test_the_webhook_copies_the_apps_env_as_the_cli_does(webhook: Webhook) -> None:
+    """The sidecar of a webhook-injected pod carries the same prefixed copy of the
+    app's env and envFrom as `offramp steal`'s injection of the same template; the
+    copy-env annotation turns it off for that pod."""
+    env = [
+        {"name": "PYTHONPATH", "value": "/junk"},
+        {"name": "URL", "value": "http://$(HOST):80"},
+        {"name": "PASS", "valueFrom": {"secretKeyRef": {"name": "db", "key": "password"}}},
+        {"name": "MEM", "valueFrom": {"resourceFieldRef": {"resource": "limits.memory"}}},
+    ]
+    env_from = [
+        {"configMapRef": {"name": "settings"}},
+        {"prefix": "S_", "secretRef": {"name": "db"}},
+    ]
+    obj = pod(annotations={"offramp.dev/inject": "true"})
+    obj["spec"]["containers"][0] |= {"env": env, "envFrom": env_from}
+    sidecar = patched(obj, answer_of(webhook, "pod", obj))["spec"]["containers"][1]
+
+    template = {"metadata": {}, "spec": copy.deepcopy(obj["spec"])}
+    by_cli = jsonpatch.apply_patch(template, inject(template, InjectOptions(image=IMAGE)))
+    cli_sidecar = by_cli["spec"]["containers"][1]
+    assert sidecar["env"] == cli_sidecar["env"] and sidecar["envFrom"] == cli_sidecar["envFrom"]
+    assert [e["name"] for e in sidecar["env"][1:]] == [APP_ENV_PREFIX + e["name"] for e in env]
+    assert sidecar["envFrom"][1]["prefix"] == APP_ENV_PREFIX + "S_"
+
+    obj["metadata"]["annotations"][COPY_ENV_ANNOTATION] = "false"
+    sidecar = patched(obj, answer_of(webhook, "pod", obj))["spec"]["containers"][1]
+    assert [e["name"] for e in sidecar["env"]] == ["OFFRAMP_OUTGOING_ALLOW"]
+    assert "envFrom" not in sidecar

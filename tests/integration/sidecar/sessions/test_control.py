@@ -184,7 +184,7 @@ async def test_a_spec_too_large_or_too_costly_is_refused_and_the_proxy_keeps_ser
     assert served and max(served) < 1.0, served
 
 
-@pytest.mark.parametrize("path", ["/v1/tunnel", "/healthz", "/v1/status"])
+@pytest.mark.parametrize("path", ["/v1/tunnel", "/healthz", "/v1/status", "/v1/env"])
 def test_a_request_that_is_not_get_gets_405_not_a_closed_connection(
     sidecar: SidecarProcess, path: str
 ) -> None:
