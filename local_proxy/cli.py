@@ -78,7 +78,8 @@ def parser() -> argparse.ArgumentParser:
         nargs="?",
         metavar="KIND/NAME",
         help="the workload in the cluster: deploy/NAME, sts/NAME or pod/NAME (kubeconfig as "
-        "kubectl uses it). The sidecar is injected if needed; every ready pod joins the session",
+        "kubectl uses it; default: the config file's target). The sidecar is injected if "
+        "needed; every ready pod joins the session",
     )
     steal.add_argument(
         "--sidecar-url",
@@ -185,7 +186,8 @@ def parser() -> argparse.ArgumentParser:
         "target",
         nargs="?",
         metavar="KIND/NAME",
-        help="the workload whose pod the connections leave from (injected if needed)",
+        help="the workload whose pod the connections leave from (injected if needed; "
+        "default: the config file's target)",
     )
     proxy.add_argument("--sidecar-url", help="instead of KIND/NAME: one sidecar's session "
                        "server, e.g. ws://127.0.0.1:15081 (needs --token-file)")  # fmt: skip
@@ -195,7 +197,8 @@ def parser() -> argparse.ArgumentParser:
     proxy.add_argument("--listen", type=int, default=1080, metavar="PORT",
                        help="port on 127.0.0.1 (default %(default)s; 0: any free one)")  # fmt: skip
     proxy.add_argument("-f", "--config-file", type=Path,
-                       help="mirrord-style JSON config; its feature.network.outgoing")  # fmt: skip
+                       help="mirrord-style JSON config; its target and "
+                       "feature.network.outgoing")  # fmt: skip
     _outgoing_flags(proxy, namespace=False)
 
     status = sub.add_parser(
@@ -390,20 +393,33 @@ def _fail(message: str, code: int = 2) -> int:
     return code
 
 
-def _steal(args: argparse.Namespace, command: list[str]) -> int:
-    try:
-        config = load_config(args.config_file) if args.config_file else FileConfig()
-    except ConfigError as e:
-        return _fail(str(e))
+def _config_file(args: argparse.Namespace) -> FileConfig:
+    """-f FILE, its notes and ignored keys said on stderr. Raises ConfigError."""
+    config = load_config(args.config_file) if args.config_file else FileConfig()
     for note in config.notes:
         print(f"offramp: {note}", file=sys.stderr)
     for key in config.ignored:
         print(f"offramp: {args.config_file}: ignoring {key} (offramp does not use it)",
               file=sys.stderr)  # fmt: skip
+    return config
+
+
+def _file_target(args: argparse.Namespace, config: FileConfig) -> FileTarget | None:
+    """The config file's target, when neither KIND/NAME nor --sidecar-url is given.
+    Raises ConfigError when there is none of the three, or both flags."""
     from_file = config.target if args.target is None and args.sidecar_url is None else None
     if (args.target is None and from_file is None) == (args.sidecar_url is None):
-        return _fail("give either KIND/NAME (a workload in the cluster, or the config file's "
-                     "target) or --sidecar-url")  # fmt: skip
+        raise ConfigError("give either KIND/NAME (a workload in the cluster, or the config "
+                          "file's target) or --sidecar-url")  # fmt: skip
+    return from_file
+
+
+def _steal(args: argparse.Namespace, command: list[str]) -> int:
+    try:
+        config = _config_file(args)
+        from_file = _file_target(args, config)
+    except ConfigError as e:
+        return _fail(str(e))
     if args.sidecar_url and args.token_file is None:
         return _fail("--sidecar-url needs --token-file (the file with the sidecar's token)")
     if not 1 <= args.sidecar_workers <= 64:
@@ -635,15 +651,17 @@ async def _listening_via(
 
 
 def _proxy(args: argparse.Namespace) -> int:
-    if (args.target is None) == (args.sidecar_url is None):
-        return _fail("give either KIND/NAME (a workload in the cluster) or --sidecar-url")
+    try:
+        config = _config_file(args)
+        from_file = _file_target(args, config)
+    except ConfigError as e:
+        return _fail(str(e))
     if args.sidecar_url and args.token_file is None:
         return _fail("--sidecar-url needs --token-file (the file with the sidecar's token)")
     try:
-        target = _target(args) if args.target else None
+        target = _target(args, from_file) if args.sidecar_url is None else None
         image = args.image or (_configured_image() if target else None)
-        incoming = load_config(args.config_file) if args.config_file else FileConfig()
-        outgoing = _outgoing_filter(args, incoming)
+        outgoing = _outgoing_filter(args, config)
         settings = LocalSettings(
             sidecar_url=args.sidecar_url or "ws://pending",
             token=read_token(args.token_file) if args.token_file else "",

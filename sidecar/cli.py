@@ -182,6 +182,12 @@ def webhook_parser() -> argparse.ArgumentParser:
         help="do not pass the app's probe paths to the sidecar (probes may then be stolen)",
     )
     p.add_argument(
+        "--no-copy-env",
+        action="store_true",
+        help="give the sidecar no copy of the app container's env and envFrom (sessions then "
+        "get no environment); a pod's offramp.dev/copy-env annotation decides for that pod",
+    )
+    p.add_argument(
         "--resources",
         type=_resources,
         default=None,
@@ -234,6 +240,7 @@ def webhook_main(argv: Sequence[str]) -> int:
             capture=Capture(args.capture),
             token_secret=args.token_secret,
             protect_probes=not args.no_probe_protection,
+            copy_env=not args.no_copy_env,
             workers=args.workers,
             **({"resources": args.resources} if args.resources is not None else {}),
         )
