@@ -408,6 +408,10 @@ def _file_target(args: argparse.Namespace, config: FileConfig) -> FileTarget | N
     """The config file's target, when neither KIND/NAME nor --sidecar-url is given.
     Raises ConfigError when there is none of the three, or both flags."""
     from_file = config.target if args.target is None and args.sidecar_url is None else None
+    if config.target is not None and from_file is None:
+        given = "--sidecar-url" if args.sidecar_url else args.target
+        print(f"offramp: {args.config_file}: ignoring target ({config.target.path}): the "
+              f"command line gives {given}", file=sys.stderr)  # fmt: skip
     if (args.target is None and from_file is None) == (args.sidecar_url is None):
         raise ConfigError("give either KIND/NAME (a workload in the cluster, or the config "
                           "file's target) or --sidecar-url")  # fmt: skip
@@ -429,6 +433,11 @@ def _steal(args: argparse.Namespace, command: list[str]) -> int:
         container = args.container or (from_file.container if from_file else None)
         image = args.image or (_configured_image() if target else None)
         env = _env_config(args, config)
+        if args.env_file and not env.enabled:
+            raise ConfigError(
+                f"--env-file {args.env_file} would be written with nothing: the environment "
+                "is turned off (--no-env, or feature.env false)"
+            )
         flags = FilterFlags(
             headers=tuple(args.header),
             paths=tuple(args.path),
@@ -468,8 +477,7 @@ def _steal(args: argparse.Namespace, command: list[str]) -> int:
             target, settings, image=image, no_iptables=args.no_iptables,
             container=container, rollout_timeout=args.rollout_timeout, report=_say,
             sidecar_workers=args.sidecar_workers,
-            outgoing=_outgoing_spec(outgoing_filter)
-            if outgoing_filter and outgoing_filter.enabled else None,
+            outgoing=_outgoing_spec(outgoing_filter) if outgoing_filter else None,
             factory=namespace.make_socket if namespace is not None else None,
         )  # fmt: skip
         return asyncio.run(_run_target(steal, command, args.to, outgoing_filter, namespace, wanted))

@@ -335,3 +335,18 @@ def test_with_sidecar_url_cmd_gets_the_apps_environment(
     assert got == {"GREETING": "hello", "TOKEN": None, "PATH": os.environ["PATH"]}
     assert "the app container's environment: 3 variables (GREETING, PATH, TOKEN)" in result.stdout
     assert (tmp_path / "x.env").read_text() == "GREETING='hello'\n"
+
+
+@pytest.mark.parametrize(
+    ("flags", "says"),
+    [
+        (["--no-env", "--env-file", "x.env"], "would be written with nothing"),
+        (["--env-include", "A", "--env-exclude", "B"], "give --env-include or --env-exclude, not"),
+    ],
+)
+def test_env_flags_that_contradict_each_other_are_refused(
+    token_file: Path, flags: list[str], says: str
+) -> None:
+    result = offramp("steal", "--sidecar-url", "ws://127.0.0.1:9", "--token-file",
+                     str(token_file), "--to", "9", *flags)  # fmt: skip
+    assert result.returncode == 2 and says in result.stderr, result.stderr

@@ -361,8 +361,9 @@ def test_a_statically_linked_client(bed: Bed) -> None:
 
 
 def test_the_seed_blogs_config_file_does_what_it_says(bed: Bed) -> None:
-    """outgoing-filter-blog.md's second config (typographic quotes, a "target" offramp
-    ignores, {"local": [":8888"]}) loaded with -f: 127.0.0.1:8888 is the laptop's."""
+    """outgoing-filter-blog.md's second config (typographic quotes, a "target" that
+    --sidecar-url overrides, {"local": [":8888"]}) loaded with -f: 127.0.0.1:8888 is
+    the laptop's."""
     config = bed.tmp / "config.json"
     config.write_text(
         '{\n  "target": \u201cpod/uwu-app\u201d,\n  "feature": {\n    "network": {\n'
@@ -374,7 +375,8 @@ def test_the_seed_blogs_config_file_does_what_it_says(bed: Bed) -> None:
         run = steal(bed, ["-f", str(config)], cmd(bed, "local_port,http", port=8888))
         server.shutdown()
     assert run.result["local_port"] == "read b'laptop-8888'", run.result
-    assert "ignoring target" in run.err, run.err
+    assert "ignoring target (pod/uwu-app): the command line gives --sidecar-url" in run.err
+    assert ":2:13: read typographic quotes as plain double quotes" in run.err, run.err
 
 
 @pytest.mark.timeout(400)
