@@ -81,10 +81,6 @@ def sidecar_for(
         stop_cleanly(s)
 
 
-async def read_all(reader: asyncio.StreamReader, within: float) -> bytes:
-    return await asyncio.wait_for(reader.read(), within)
-
-
 async def get(
     port: int,
     writer_reader: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None,
