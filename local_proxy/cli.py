@@ -25,8 +25,10 @@ from local_proxy.config import (
     FileTarget,
     FilterFlags,
     LocalSettings,
+    announce_preview,
     build_spec,
     load_config,
+    preview_link,
 )
 from local_proxy.env import EnvConfig, EnvError, fetch_env, patterns, write_env_file
 from local_proxy.env import describe as describe_env
@@ -141,6 +143,20 @@ def parser() -> argparse.ArgumentParser:
         type=int,
         default=[],
         help="app port(s) to take requests from (default: every port the sidecar fronts)",
+    )
+    steal.add_argument(
+        "--preview",
+        metavar="KEY",
+        help="team previews: steal the requests that carry this key, in the header "
+        "x-offramp-preview, the cookie offramp-preview (set by the link offramp prints) "
+        "or W3C baggage offramp-preview=KEY; stolen requests get it in their baggage. "
+        "With other filter flags, both must match",
+    )
+    steal.add_argument(
+        "--preview-host",
+        metavar="HOST",
+        help="with --preview: the host (or URL) people open the app at, for the printed "
+        "link (default: the Service's in-cluster name)",
     )
     steal.add_argument(
         "--mirror",
@@ -445,6 +461,7 @@ def _steal(args: argparse.Namespace, command: list[str]) -> int:
             ports=tuple(args.port),
             mirror=args.mirror,
             take_probes=args.take_probes,
+            preview=args.preview,
         )
         spec = build_spec(config, flags, f"{getpass.getuser()}@{socket.gethostname()}")
         settings = LocalSettings(
@@ -461,6 +478,8 @@ def _steal(args: argparse.Namespace, command: list[str]) -> int:
         return _fail(describe_validation_error(e, "option"))
     if args.token_file and (warning := loose_token_file(args.token_file)):
         print(f"offramp: warning: {warning}", file=sys.stderr)
+    if (key := spec.http_filter.preview) is not None and target is None:
+        _say(announce_preview(key, preview_link(args.preview_host or "<the app's host>", key)))
     # The pod's environment is fetched when something uses it.
     wanted = _EnvUse(env, args.env_file) if env.enabled and (command or args.env_file) else None
     outgoing_filter, namespace = None, None
@@ -476,7 +495,7 @@ def _steal(args: argparse.Namespace, command: list[str]) -> int:
         steal = StealTarget(
             target, settings, image=image, no_iptables=args.no_iptables,
             container=container, rollout_timeout=args.rollout_timeout, report=_say,
-            sidecar_workers=args.sidecar_workers,
+            sidecar_workers=args.sidecar_workers, preview_host=args.preview_host,
             outgoing=_outgoing_spec(outgoing_filter) if outgoing_filter else None,
             factory=namespace.make_socket if namespace is not None else None,
         )  # fmt: skip

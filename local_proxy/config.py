@@ -32,6 +32,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from local_proxy.env import EnvConfig, patterns
 from sidecar.sessions.filters import FilterError, compile_filter
+from sidecar.sessions.preview import BAGGAGE_MEMBER, COOKIE, DEFAULT_PREFIX, HEADER
 from sidecar.sessions.spec import FilterClause, HttpFilterSpec, Mode, SessionSpec
 from sidecar.settings import validation_problems
 
@@ -42,8 +43,10 @@ __all__ = [
     "FilterFlags",
     "LocalSettings",
     "OutgoingConfig",
+    "announce_preview",
     "build_spec",
     "load_config",
+    "preview_link",
 ]
 
 
@@ -350,6 +353,22 @@ def _ignored_top(doc: dict[str, Any]) -> tuple[str, ...]:
     return tuple(ignored)
 
 
+def preview_link(host: str, key: str, prefix: str = DEFAULT_PREFIX) -> str:
+    """The link that sets the preview cookie, for `host` (a name, host:port or a URL)."""
+    base = host if "://" in host else f"http://{host}"
+    return f"{base.rstrip('/')}{prefix}/preview/{key}?to=/"
+
+
+def announce_preview(key: str, link: str | None) -> str:
+    """What `offramp steal --preview KEY` says the user can do."""
+    how = (
+        f"send header {HEADER}: {key}, or cookie {COOKIE}={key}, or baggage {BAGGAGE_MEMBER}={key}"
+    )
+    if link is None:
+        return f"offramp: preview key {key}: {how} (this workload's sidecar serves no link)"
+    return f"offramp: preview key {key}: open {link} in a browser, or {how}"
+
+
 @dataclass(frozen=True)
 class FilterFlags:
     """Filter-related flags; each list may be empty."""
@@ -360,6 +379,7 @@ class FilterFlags:
     ports: tuple[int, ...] = ()
     mirror: bool = False
     take_probes: bool = False
+    preview: str | None = None
 
     @property
     def any_filter(self) -> bool:
@@ -388,6 +408,8 @@ def build_spec(incoming: FileConfig, flags: FilterFlags, client: str) -> Session
                 http_filter["method_filter"] = only.method
         else:
             http_filter["all_of"] = [c.model_dump(exclude_none=True) for c in clauses]
+    if flags.preview is not None:
+        http_filter["preview"] = flags.preview
     if flags.ports:
         http_filter["ports"] = list(flags.ports)
     elif "ports" not in http_filter and incoming.ports:

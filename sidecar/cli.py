@@ -17,6 +17,8 @@ from sidecar import __version__
 from sidecar.appenv import take_app_env
 from sidecar.outgoing.policy import ALLOW_ENV as OUTGOING_ALLOW_ENV
 from sidecar.outgoing.rules import RuleError, parse_rules
+from sidecar.sessions.preview import DEFAULT_PREFIX, PreviewKeyError, check_prefix
+from sidecar.sessions.preview import PREFIX_ENV as PREVIEW_PREFIX_ENV
 from sidecar.settings import (
     HEADER_TIMEOUT,
     AppPort,
@@ -146,6 +148,15 @@ def parser() -> argparse.ArgumentParser:
         f"but the guarded ones (default: ${OUTGOING_ALLOW_ENV}, set by injection from the pod "
         "annotation offramp.dev/outgoing-allow)",
     )
+    p.add_argument(
+        "--preview-prefix",
+        default=os.environ.get(PREVIEW_PREFIX_ENV) or DEFAULT_PREFIX,
+        metavar="PATH",
+        help="where the sidecar answers the preview link itself (PATH/preview/KEY?to=/ sets "
+        "the preview cookie); 'off': nowhere, the app owns every path (default: "
+        f"${PREVIEW_PREFIX_ENV}, set by injection from the pod annotation "
+        f"offramp.dev/preview-prefix, else {DEFAULT_PREFIX})",
+    )
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--version", action="version", version=f"offramp-sidecar {__version__}")
     return p
@@ -255,6 +266,15 @@ def webhook_main(argv: Sequence[str]) -> int:
         return 1
 
 
+def _preview_prefix(text: str) -> str | None:
+    if text.strip().lower() == "off":
+        return None
+    try:
+        return check_prefix(text.strip())
+    except PreviewKeyError as e:
+        raise RuleError(f"--preview-prefix: {e}") from None
+
+
 def _allow_list(text: str | None) -> tuple[str, ...] | None:
     if text is None:
         return None
@@ -304,6 +324,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             app_connect=args.app_connect,
             resolv_conf=args.resolv_conf,
             outgoing_allow=_allow_list(args.outgoing_allow),
+            preview_prefix=_preview_prefix(args.preview_prefix),
         )
     except (TokenError, RuleError) as e:
         print(f"offramp-sidecar: {e}", file=sys.stderr)

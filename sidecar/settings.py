@@ -110,6 +110,9 @@ class SidecarSettings(BaseModel):
     outgoing_allow: tuple[str, ...] | None = None
     """The admin's allow-list of outgoing destinations (sidecar.outgoing.policy);
     None: no list. Checked by the CLI with sidecar.outgoing.rules."""
+    preview_prefix: str | None = "/__offramp"
+    """Where the sidecar answers the preview link itself (sidecar.sessions.preview);
+    None: nowhere (the app owns every path). Checked by the CLI."""
 
     @model_validator(mode="after")
     def _ports_differ(self) -> Self:

@@ -38,12 +38,13 @@ from local_proxy.cluster.workload import (
     rollout_failure,
     secret_name,
     selector,
+    service_host,
     session_pods,
     session_ports,
     token_secret,
     uninjection_patch,
 )
-from local_proxy.config import LocalSettings
+from local_proxy.config import LocalSettings, announce_preview, preview_link
 from local_proxy.env import describe as describe_env
 from local_proxy.env import fetch_env
 from local_proxy.forward.dial import SocketFactory
@@ -56,6 +57,7 @@ from sidecar.inject.patch import (
     injected,
     stale_env,
 )
+from sidecar.sessions.preview import DEFAULT_PREFIX, PREFIX_ANNOTATION
 from sidecar.sessions.spec import OutgoingSpec
 from sidecar.settings import Capture
 
@@ -120,6 +122,8 @@ class StealTarget:
     """The local process runs in a namespace: sockets to it are made there."""
     incoming: bool = True
     """False: no session steals (`offramp proxy KIND/NAME`); only outgoing traffic."""
+    preview_host: str | None = None
+    """Where people open the app, for the preview link; None: the Service's name."""
     kube: Kube | None = None
     sessions: dict[str, tuple[LocalSession, asyncio.Task[None]]] = field(default_factory=dict)
     ended: list[LocalSession] = field(default_factory=list)
@@ -202,11 +206,29 @@ class StealTarget:
             else:
                 self.report("offramp: the sidecar is already injected")
             workload = await self._wait_rollout(workload)
+            await self._announce_preview(original_template(workload["spec"]["template"]))
         except KubeError as e:
             raise Failed(str(e)) from e
         except (TargetError, InjectError) as e:
             raise Failed(f"{describe(t.resource, t.name)}: {e}") from e
         return workload, token
+
+    async def _announce_preview(self, template: Obj) -> None:
+        """With a preview key: the link that sets its cookie, for the host people use."""
+        key = self.settings.spec.http_filter.preview
+        if key is None or self.kube is None:
+            return
+        prefix = ((template.get("metadata") or {}).get("annotations") or {}).get(
+            PREFIX_ANNOTATION
+        ) or DEFAULT_PREFIX
+        if prefix.strip().lower() == "off":
+            self.report(announce_preview(key, None))
+            return
+        host = self.preview_host
+        if host is None:
+            services, _ = await self._k(self.kube.list, "services")
+            host = service_host(services, template, self.kube.namespace) or "<the app's host>"
+        self.report(announce_preview(key, preview_link(host, key, prefix)))
 
     async def _patch_guarded(self, workload: Obj, options: InjectOptions, ops: list[Obj]) -> Obj:
         """Apply the injection patch. Its guard fails when the object changed since it

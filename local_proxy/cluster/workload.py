@@ -167,6 +167,19 @@ def named_target_port(
     )
 
 
+def service_host(services: list[Obj], template: Obj, namespace: str) -> str | None:
+    """`name.namespace[:port]` of the first Service (by name) that selects the
+    template's pods, for links people open; None if none does."""
+    labels = (template.get("metadata") or {}).get("labels") or {}
+    for svc in sorted(services, key=lambda s: s["metadata"]["name"]):
+        wanted = (svc.get("spec") or {}).get("selector") or {}
+        if wanted and all(labels.get(k) == v for k, v in wanted.items()):
+            ports = (svc.get("spec") or {}).get("ports") or [{}]
+            port = ports[0].get("port", 80)
+            return f"{svc['metadata']['name']}.{namespace}" + (f":{port}" if port != 80 else "")
+    return None
+
+
 def original_template(template: Obj) -> Obj:
     """The template without offramp's injection."""
     undo = uninject(template)

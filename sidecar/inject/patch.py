@@ -42,6 +42,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sidecar.appenv import PREFIX as APP_ENV_PREFIX
 from sidecar.appenv import copy_app_env
 from sidecar.outgoing.policy import ALLOW_ANNOTATION, ALLOW_ENV
+from sidecar.sessions.preview import PREFIX_ANNOTATION, PREFIX_ENV
 from sidecar.settings import Capture
 
 __all__ = [
@@ -364,7 +365,14 @@ def _sidecar(
                 "valueFrom": {
                     "fieldRef": {"fieldPath": f"metadata.annotations['{ALLOW_ANNOTATION}']"}
                 },
-            }
+            },
+            # Where the sidecar answers the preview link ("" when unset: the default).
+            {
+                "name": PREFIX_ENV,
+                "valueFrom": {
+                    "fieldRef": {"fieldPath": f"metadata.annotations['{PREFIX_ANNOTATION}']"}
+                },
+            },
         ],
         "ports": ports,
         "volumeMounts": [

@@ -21,12 +21,14 @@ from mitmproxy import http
 from sidecar.proxy.flows import (
     InFlight,
     add_forwarded_for,
+    answer_preview_link,
     peer_of,
     refuse_malformed,
     request_view,
 )
 from sidecar.proxy.gateway import ROUTE_HEADER, Gateway
 from sidecar.proxy.workers import Handoff
+from sidecar.sessions.preview import add_to_baggage
 from sidecar.sessions.registry import (
     MAX_MIRRORS_IN_FLIGHT,
     MIRROR_BACKLOG,
@@ -139,8 +141,10 @@ class OfframpAddon:
         gateway: Gateway,
         probe_paths: frozenset[str],
         handoff: Handoff | None = None,
+        preview_prefix: str | None = None,
     ):
         self.registry = registry
+        self.preview_prefix = preview_prefix
         self.handoff = handoff
         self.gateway = gateway
         self.probe_paths = probe_paths
@@ -149,7 +153,7 @@ class OfframpAddon:
     # -- hooks ------------------------------------------------------------------
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if refuse_malformed(flow):
+        if refuse_malformed(flow) or answer_preview_link(flow, self.preview_prefix):
             return
         request = flow.request
         request.stream = True
@@ -180,12 +184,16 @@ class OfframpAddon:
         no_body = _has_no_body(request) and not upgrade
         authority = request.authority if http2 else ""
 
-        def head(mirror: bool) -> Callable[[int], RequestHead]:
+        def head(mirror: bool, session: Session) -> Callable[[int], RequestHead]:
+            # A preview session's requests carry the key on in W3C baggage, so that
+            # the local process can pass it to the next service.
+            key = session.spec.http_filter.preview
+            fields = head_fields if key is None else add_to_baggage(head_fields, key)
             return lambda sid: RequestHead(
                 sid,
                 request.method,
                 request.path,
-                head_fields,
+                fields,
                 request.port,
                 peer,
                 mirror,
@@ -202,7 +210,7 @@ class OfframpAddon:
                 if session.mirrors_in_flight() >= MAX_MIRRORS_IN_FLIGHT:
                     _count_drop(session)
                     continue
-                handle = session.tunnel.open_stream(head(True))
+                handle = session.tunnel.open_stream(head(True, session))
                 if handle is not None:
                     session.mirrored += 1
                     session.mirror_streams.add(handle)
@@ -215,7 +223,7 @@ class OfframpAddon:
 
         if decision.steal is not None:
             session = decision.steal
-            handle = session.tunnel.open_stream(head(False))
+            handle = session.tunnel.open_stream(head(False, session))
             if handle is None:
                 return  # the tunnel closed a moment ago: the app serves it
             session.stolen += 1

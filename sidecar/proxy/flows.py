@@ -9,8 +9,16 @@ import weakref
 from mitmproxy import http
 
 from sidecar.sessions.filters import RequestView
+from sidecar.sessions.preview import link_answer
 
-__all__ = ["InFlight", "add_forwarded_for", "peer_of", "refuse_malformed", "request_view"]
+__all__ = [
+    "InFlight",
+    "add_forwarded_for",
+    "answer_preview_link",
+    "peer_of",
+    "refuse_malformed",
+    "request_view",
+]
 
 
 # RFC 9110 5.5: a recipient must reject or replace CR, LF and NUL in a field value.
@@ -37,6 +45,36 @@ def refuse_malformed(flow: http.HTTPFlow) -> bool:
         {"content-type": "text/plain; charset=utf-8", "connection": "close"},
     )
     return True
+
+
+def answer_preview_link(flow: http.HTTPFlow, prefix: str | None) -> bool:
+    """Answer a request for the preview link (sidecar.sessions.preview) here,
+    whatever sessions are open. True if answered."""
+    if prefix is None:
+        return False
+    request = flow.request
+    answer = link_answer(prefix, request.method, request.path, _over_tls(flow))
+    if answer is None:
+        return False
+    flow.response = http.Response.make(
+        answer.status,
+        b"" if request.method == "HEAD" else answer.body.encode(),
+        http.Headers([(k.encode(), v.encode()) for k, v in answer.headers]),
+    )
+    return True
+
+
+def _over_tls(flow: http.HTTPFlow) -> bool:
+    """The caller's connection was TLS: to this proxy, or (as it is in a cluster,
+    where an ingress ends TLS) to the proxy in front that says so."""
+    headers = flow.request.headers
+    proto = headers.get("x-forwarded-proto", "").split(",")[0].strip().lower()
+    forwarded = headers.get("forwarded", "").split(",")[0].lower().replace(" ", "")
+    return bool(
+        flow.client_conn.tls_established
+        or proto == "https"
+        or any(part == "proto=https" for part in forwarded.split(";"))
+    )
 
 
 def peer_of(flow: http.HTTPFlow) -> str:

@@ -96,7 +96,10 @@ class Sidecar:
         )
         # With workers, requests they hand over carry this secret (sidecar.proxy.workers).
         self.handoff = Handoff(secrets.token_hex(16)) if settings.workers > 1 else None
-        self.addon = OfframpAddon(self.registry, self.gateway, settings.probe_paths, self.handoff)
+        self.addon = OfframpAddon(
+            self.registry, self.gateway, settings.probe_paths, self.handoff,
+            settings.preview_prefix,
+        )  # fmt: skip
         self.workers: WorkerPool | None = None
         self._proxyserver = proxyserver.Proxyserver()
         self.master: Master | None = None
@@ -163,6 +166,7 @@ class Sidecar:
             drain_timeout=s.drain_timeout,
             header_timeout=s.header_timeout,
             app_connect=s.app_connect,
+            preview_prefix=s.preview_prefix,
             log_level=logging.getLevelName(logging.getLogger().level).lower(),
         )
         workers = WorkerPool(s.workers, config, self._worker_timeouts)

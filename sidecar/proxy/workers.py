@@ -62,6 +62,7 @@ from sidecar.proxy.connections import AppConnect
 from sidecar.proxy.flows import (
     InFlight,
     add_forwarded_for,
+    answer_preview_link,
     peer_of,
     refuse_malformed,
     request_view,
@@ -142,6 +143,7 @@ class WorkerConfig(BaseModel):
     log_level: str
     header_timeout: float
     app_connect: AppConnect
+    preview_prefix: str | None = None
 
 
 # -- the primary's side ----------------------------------------------------------
@@ -344,7 +346,7 @@ class HandoffAddon:
         }
 
     def requestheaders(self, flow: http.HTTPFlow) -> None:
-        if refuse_malformed(flow):
+        if refuse_malformed(flow) or answer_preview_link(flow, self.config.preview_prefix):
             return
         request = flow.request
         request.stream = True

@@ -10,6 +10,8 @@ request. Matching rules (shared with mirrord):
   its query; either matching is a match. Case-sensitive, as paths are.
 - method: compared case-insensitively, exactly.
 - all_of / any_of: conjunction / disjunction of the above.
+- preview: the request carries the preview key (`sidecar.sessions.preview`: a
+  header, a cookie or a baggage member); with another filter, both must match.
 
 Patterns use the `regex` module: look-arounds work (`^User-Agent: (?!kube-probe)`).
 Regex matching runs on the proxy's event loop, so it is bounded twice, and a
@@ -35,6 +37,7 @@ from dataclasses import dataclass, field
 
 import regex
 
+from sidecar.sessions.preview import keys_in
 from sidecar.sessions.spec import FilterClause, HttpFilterSpec
 
 __all__ = [
@@ -126,6 +129,7 @@ class RequestView:
     deadline: float = field(default=0.0, init=False, repr=False, compare=False)
     """perf_counter() time by which this request's regex matching must be done;
     set by its first regex search."""
+    _previews: frozenset[str] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         by_name: dict[str, list[str]] = {}
@@ -139,6 +143,14 @@ class RequestView:
     @property
     def path(self) -> str:
         return self.target.partition("?")[0]
+
+    @property
+    def preview_keys(self) -> frozenset[str]:
+        """The preview keys the request carries (header, cookie, baggage), read once."""
+        if self._previews is None:
+            object.__setattr__(self, "_previews", keys_in(self.header_lines))
+        assert self._previews is not None
+        return self._previews
 
     def first(self, name: str) -> str | None:
         """The value of the first header called `name` (lower case), or None."""
@@ -250,6 +262,14 @@ class _Method:
 
 
 @dataclass(frozen=True, slots=True)
+class _Preview:
+    key: str
+
+    def __call__(self, req: RequestView) -> bool:
+        return self.key in req.preview_keys
+
+
+@dataclass(frozen=True, slots=True)
 class _AllOf:
     parts: tuple[Predicate, ...]
 
@@ -318,6 +338,13 @@ def compile_filter(
     or an empty list.
     """
     t = timeouts if timeouts is not None else TimeoutCounter()
+    rest = _compile_rest(spec, t)
+    if spec.preview is None:
+        return rest
+    return _Preview(spec.preview) if rest is None else _AllOf((_Preview(spec.preview), rest))
+
+
+def _compile_rest(spec: HttpFilterSpec, t: TimeoutCounter) -> Predicate | None:
     if spec.header_filter is not None:
         return _header("http_filter.header_filter", spec.header_filter, t)
     if spec.path_filter is not None:

@@ -7,6 +7,7 @@ config file means the same thing here:
     http_filter:
       header_filter | path_filter | method_filter | all_of | any_of   (at most one)
       ports: [app ports the filter applies to]       (absent: every port the sidecar fronts)
+      preview: KEY     (offramp's own: the request carries the preview key; and the above)
 
 `all_of` and `any_of` are lists of one-key objects: `{"header": REGEX}`,
 `{"path": REGEX}` or `{"method": NAME}`.
@@ -33,6 +34,7 @@ from typing import Self
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from sidecar.outgoing.rules import RuleError, parse_rules
+from sidecar.sessions.preview import check_key
 
 __all__ = [
     "MAX_CLAUSES",
@@ -95,6 +97,14 @@ class HttpFilterSpec(BaseModel):
     all_of: tuple[FilterClause, ...] | None = None
     any_of: tuple[FilterClause, ...] | None = None
     ports: tuple[int, ...] | None = None
+    preview: str | None = None
+    """offramp's own key: take requests that carry this preview key; with another
+    filter, both must match."""
+
+    @field_validator("preview")
+    @classmethod
+    def _preview_key(cls, key: str | None) -> str | None:
+        return None if key is None else check_key(key)
 
     @model_validator(mode="after")
     def _at_most_one_kind(self) -> Self:
@@ -129,8 +139,9 @@ class HttpFilterSpec(BaseModel):
         """No predicate at all: every request (on the covered ports) matches."""
         return all(
             getattr(self, k) is None
-            for k in ("header_filter", "path_filter", "method_filter", "all_of", "any_of")
-        )
+            for k in ("header_filter", "path_filter", "method_filter", "all_of", "any_of",
+                      "preview")
+        )  # fmt: skip
 
 
 class OutgoingSpec(BaseModel):
