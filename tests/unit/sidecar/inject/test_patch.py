@@ -267,6 +267,10 @@ def test_the_cli_reinjects_only_when_the_options_differ() -> None:
     assert injected(after["spec"]["template"])["options"]["workers"] == 2  # type: ignore[index]
 
 
+OWN_ENV = ["OFFRAMP_OUTGOING_ALLOW", "OFFRAMP_PREVIEW_PREFIX"]
+"""The sidecar's own variables, from the pod's annotations."""
+
+
 def deployment_with_env() -> dict[str, Any]:
     obj = deployment()
     app = obj["spec"]["template"]["spec"]["containers"][0]
@@ -284,11 +288,12 @@ def test_the_apps_env_is_copied_into_the_sidecar_under_the_prefix() -> None:
     out = injected_deployment(InjectOptions(image=IMAGE), deployment_with_env())
     sidecar = sidecar_of(out)
     names = [e["name"] for e in sidecar["env"]]
-    assert names == ["OFFRAMP_OUTGOING_ALLOW"] + [
+    assert names == OWN_ENV + [
         f"{APP_ENV_PREFIX}{n}" for n in ("PYTHONPATH", "DB_URL", "POD", "MEM")
     ]
-    assert sidecar["env"][2]["value"] == f"postgres://$({APP_ENV_PREFIX}DB_HOST)/x"
-    assert sidecar["env"][4]["valueFrom"]["resourceFieldRef"]["containerName"] == "api"
+    copied = sidecar["env"][len(OWN_ENV) :]
+    assert copied[1]["value"] == f"postgres://$({APP_ENV_PREFIX}DB_HOST)/x"
+    assert copied[3]["valueFrom"]["resourceFieldRef"]["containerName"] == "api"
     assert sidecar["envFrom"] == [
         {"configMapRef": {"name": "settings"}, "prefix": APP_ENV_PREFIX + "CFG_"}
     ]
@@ -303,7 +308,7 @@ def test_uninject_removes_the_copied_env_exactly() -> None:
 
 def test_copy_env_off_by_annotation_or_option() -> None:
     out = injected_deployment(InjectOptions(image=IMAGE, copy_env=False), deployment_with_env())
-    assert [e["name"] for e in sidecar_of(out)["env"]] == ["OFFRAMP_OUTGOING_ALLOW"]
+    assert [e["name"] for e in sidecar_of(out)["env"]] == OWN_ENV
     assert "envFrom" not in sidecar_of(out)
     assert copies_env({COPY_ENV_ANNOTATION: "false"}) is False
     assert copies_env({}) is True
@@ -327,7 +332,10 @@ def test_the_cli_reinjects_when_the_apps_env_changed_since() -> None:
     assert stale_env(obj["spec"]["template"])
     after = apply(obj, injection_patch(obj, options))
     assert not stale_env(after["spec"]["template"])
-    assert sidecar_of(after)["env"][1] == {"name": APP_ENV_PREFIX + "PYTHONPATH", "value": "/other"}
+    assert sidecar_of(after)["env"][len(OWN_ENV)] == {
+        "name": APP_ENV_PREFIX + "PYTHONPATH",
+        "value": "/other",
+    }
     # Uninjecting then gives the app as it is now.
     restored = apply(after, uninject(after["spec"]["template"], "/spec/template"))
     assert restored["spec"]["template"]["spec"]["containers"][0]["env"][0]["value"] == "/other"
