@@ -153,6 +153,12 @@ def parser() -> argparse.ArgumentParser:
         "With other filter flags, both must match",
     )
     steal.add_argument(
+        "--force",
+        action="store_true",
+        help="open the session even where another developer's steal session overlaps it "
+        "(offramp refuses and says whose otherwise); theirs ends and they are told",
+    )
+    steal.add_argument(
         "--preview-host",
         metavar="HOST",
         help="with --preview: the host (or URL) people open the app at, for the printed "
@@ -225,6 +231,22 @@ def parser() -> argparse.ArgumentParser:
     )
     status.add_argument("target", metavar="KIND/NAME")
     _kube_flags(status)
+    sessions = sub.add_parser(
+        "sessions",
+        help="every open session on every replica: who, filter, since, requests taken",
+        description="Asks each ready pod's sidecar (through port-forward) for its open "
+        "sessions. --end ends sessions, yours or a colleague's (they are told who ended "
+        "them): needs the RBAC that stealing needs (the token Secret and port-forward).",
+    )
+    sessions.add_argument("target", metavar="KIND/NAME")
+    sessions.add_argument(
+        "--end",
+        action="append",
+        default=[],
+        metavar="POD/ID|WHO",
+        help="end the session listed as POD/ID, or every session of WHO (as listed); repeatable",
+    )
+    _kube_flags(sessions)
     uninject = sub.add_parser(
         "uninject",
         help="remove the sidecar from a workload, restoring its pod template exactly",
@@ -337,7 +359,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail("only 'offramp steal' takes a command after --")
     if args.command == "proxy":
         return _proxy(args)
-    if args.command in ("status", "uninject"):
+    if args.command in ("status", "uninject", "sessions"):
         return _target_command(args)
     if args.command == "set-image":
         return _set_image(args.image)
@@ -359,11 +381,14 @@ def _target(args: argparse.Namespace, from_file: FileTarget | None = None) -> Ta
 
 
 def _target_command(args: argparse.Namespace) -> int:
-    from local_proxy.cluster.target import Failed, run_status, run_uninject
+    from local_proxy.cluster.target import Failed, run_sessions, run_status, run_uninject
 
     try:
         target = _target(args)
-        (run_status if args.command == "status" else run_uninject)(target, print)
+        if args.command == "sessions":
+            run_sessions(target, print, args.end, f"{getpass.getuser()}@{socket.gethostname()}")
+        else:
+            (run_status if args.command == "status" else run_uninject)(target, print)
     except ConfigError as e:
         return _fail(str(e))
     except Failed as e:
@@ -464,6 +489,8 @@ def _steal(args: argparse.Namespace, command: list[str]) -> int:
             preview=args.preview,
         )
         spec = build_spec(config, flags, f"{getpass.getuser()}@{socket.gethostname()}")
+        if args.force:
+            spec = spec.model_copy(update={"force": True})
         settings = LocalSettings(
             sidecar_url=args.sidecar_url or "ws://pending",
             token=read_token(args.token_file) if args.token_file else "",

@@ -25,6 +25,7 @@ from websockets.exceptions import InvalidHandshake, InvalidURI, WebSocketExcepti
 from local_proxy.config import LocalSettings
 from local_proxy.forward.dial import SocketFactory
 from local_proxy.forward.forwarder import Forwarder
+from sidecar.sessions.overlap import ENDED_BY, TAKEN_OVER
 from sidecar.tunnel.driver import Tunnel
 from sidecar.tunnel.protocol import (
     MAX_HELLO,
@@ -57,7 +58,10 @@ class SessionError(Exception):
 
 
 class Refused(SessionError):
-    pass
+    def __init__(self, message: str, code: str = ""):
+        super().__init__(message)
+        self.code = code
+        """The sidecar's word for why ("conflict", "unauthorized"...), if it said."""
 
 
 class Unreachable(SessionError):
@@ -137,6 +141,9 @@ class LocalSession:
                 self._announce(welcome)
                 reason = await self._serve(ws, conn)
                 self.ready.clear()
+                if (TAKEN_OVER in reason or ENDED_BY in reason) and not self._stop.is_set():
+                    # Reconnecting would only take it back, or be refused: stop here.
+                    raise Refused(reason, "taken_over" if TAKEN_OVER in reason else "ended")
                 if not self._stop.is_set():
                     self.report(f"offramp: {reason}; reconnecting")
         finally:
@@ -171,7 +178,7 @@ class LocalSession:
             conn.receive_data(answer)
         except HandshakeRefused as e:
             await ws.close()
-            raise Refused(f"the sidecar refused the session: {e}") from e
+            raise Refused(f"the sidecar refused the session: {e}", e.code) from e
         except (ProtocolError, TimeoutError, WebSocketException, OSError) as e:
             await ws.close()
             raise SessionError(f"the handshake with {url} failed: {e}") from e
@@ -208,10 +215,21 @@ class LocalSession:
         self.ready.set()
         runner = asyncio.create_task(tunnel.run())
         stopper = asyncio.create_task(self._stop.wait())
+        goodbye = asyncio.create_task(tunnel.goodbye_received.wait())
         try:
-            await asyncio.wait({runner, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait({runner, stopper, goodbye}, return_when=asyncio.FIRST_COMPLETED)
             if runner.done():
                 return runner.result()
+            said = tunnel.goodbye_reason
+            if not stopper.done() and (TAKEN_OVER in said or ENDED_BY in said):
+                # Another developer took over (--force) or ended it: nothing new will
+                # come; finish what is held, then close.
+                reason = f"the session was {tunnel.goodbye_reason}"
+                self.report(f"offramp: {reason}")
+                await self._drain()
+                await tunnel.close("taken over")
+                await runner
+                return reason
             # Stopping: ask the sidecar to send no more; once it confirms, nothing
             # else can arrive, so finish what we hold and close.
             tunnel.say_goodbye("the developer ended the session")
@@ -224,6 +242,7 @@ class LocalSession:
             return "session ended"
         finally:
             stopper.cancel()
+            goodbye.cancel()
             self._tunnel = None
 
     async def _drain(self) -> None:

@@ -21,6 +21,8 @@ from sidecar.sessions.preview import DEFAULT_PREFIX, PreviewKeyError, check_pref
 from sidecar.sessions.preview import PREFIX_ENV as PREVIEW_PREFIX_ENV
 from sidecar.settings import (
     HEADER_TIMEOUT,
+    IDLE_TIMEOUT,
+    IDLE_TIMEOUT_ENV,
     AppPort,
     Capture,
     SidecarSettings,
@@ -147,6 +149,16 @@ def parser() -> argparse.ArgumentParser:
         "outgoing filter syntax (e.g. 'payment-service, 10.96.0.0/12:443'); unset: any "
         f"but the guarded ones (default: ${OUTGOING_ALLOW_ENV}, set by injection from the pod "
         "annotation offramp.dev/outgoing-allow)",
+    )
+    p.add_argument(
+        "--session-idle-timeout",
+        type=float,
+        default=os.environ.get(IDLE_TIMEOUT_ENV) or IDLE_TIMEOUT,
+        metavar="SECONDS",
+        help="close a session whose client has answered nothing (no message, no ping) "
+        f"for this long: its laptop has gone (default: ${IDLE_TIMEOUT_ENV}, set by "
+        f"injection from the pod annotation offramp.dev/session-idle-timeout, else "
+        f"{IDLE_TIMEOUT:g})",
     )
     p.add_argument(
         "--preview-prefix",
@@ -325,6 +337,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             resolv_conf=args.resolv_conf,
             outgoing_allow=_allow_list(args.outgoing_allow),
             preview_prefix=_preview_prefix(args.preview_prefix),
+            session_idle_timeout=args.session_idle_timeout,
         )
     except (TokenError, RuleError) as e:
         print(f"offramp-sidecar: {e}", file=sys.stderr)

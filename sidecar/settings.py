@@ -19,6 +19,14 @@ __all__ = [
 ]
 
 
+IDLE_TIMEOUT = 120.0
+"""Seconds a session's client may stay silent before its session is closed."""
+IDLE_TIMEOUT_ENV = "OFFRAMP_SESSION_IDLE_TIMEOUT"
+IDLE_TIMEOUT_ANNOTATION = "offramp.dev/session-idle-timeout"
+"""On a pod: its sidecar's idle timeout in seconds; injection passes it on as
+IDLE_TIMEOUT_ENV."""
+
+
 class Capture(StrEnum):
     IPTABLES = "iptables"
     NONE = "none"
@@ -110,6 +118,8 @@ class SidecarSettings(BaseModel):
     outgoing_allow: tuple[str, ...] | None = None
     """The admin's allow-list of outgoing destinations (sidecar.outgoing.policy);
     None: no list. Checked by the CLI with sidecar.outgoing.rules."""
+    session_idle_timeout: float = Field(default=IDLE_TIMEOUT, ge=1)
+    """Seconds a session's client may stay silent before its session is closed."""
     preview_prefix: str | None = "/__offramp"
     """Where the sidecar answers the preview link itself (sidecar.sessions.preview);
     None: nowhere (the app owns every path). Checked by the CLI."""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import HttpApp, SidecarProcess, start_app, start_sidecar, stop_cleanly
+from tests.support import HttpApp, SidecarProcess, serving, start_sidecar, stop_cleanly
 
 
 @pytest.fixture
@@ -18,10 +18,8 @@ def token_file(tmp_path: Path) -> Path:
 
 
 def _serving(name: str) -> Iterator[HttpApp]:
-    a = start_app(name)
-    yield a
-    a.server.shutdown()
-    a.server.server_close()
+    with serving(name) as a:
+        yield a
 
 
 @pytest.fixture

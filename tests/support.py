@@ -114,6 +114,17 @@ class _QuietServer(ThreadingHTTPServer):
             super().handle_error(request, client_address)  # type: ignore[arg-type]
 
 
+@contextlib.contextmanager
+def serving(name: str) -> Iterator[HttpApp]:
+    """A test app on 127.0.0.1 for the block."""
+    app = start_app(name)
+    try:
+        yield app
+    finally:
+        app.server.shutdown()
+        app.server.server_close()
+
+
 def start_app(name: str, host: str = "127.0.0.1", port: int = 0) -> HttpApp:
     app: HttpApp
 

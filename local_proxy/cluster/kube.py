@@ -149,6 +149,7 @@ class Kube:
     def __init__(self, context: str | None = None, namespace: str | None = None):
         configuration = client.Configuration()
         context_namespace = None
+        self.context_user = ""
         try:
             config.load_kube_config(context=context, client_configuration=configuration)
             _, active = config.list_kube_config_contexts()
@@ -156,6 +157,7 @@ class Kube:
                 contexts, _ = config.list_kube_config_contexts()
                 active = next(c for c in contexts if c["name"] == context)
             context_namespace = (active.get("context") or {}).get("namespace")
+            self.context_user = str((active.get("context") or {}).get("user") or "")
         except (ConfigException, OSError, StopIteration) as e:
             if context is None and os.environ.get("KUBERNETES_SERVICE_HOST"):
                 try:
@@ -205,6 +207,21 @@ class Kube:
         """Apply an RFC 6902 JSON Patch."""
         group, _, _, patch = _METHODS[resource]
         return self._call(f"patch {resource}/{name}", group, patch, name, self.namespace, ops)
+
+    def whoami(self) -> str:
+        """The user the API server knows this kubeconfig as (a SelfSubjectReview,
+        Kubernetes 1.28+); where it cannot say, the kubeconfig context's user entry."""
+        review = {"apiVersion": "authentication.k8s.io/v1", "kind": "SelfSubjectReview"}
+        try:
+            resp = client.AuthenticationV1Api(self._client).create_self_subject_review(
+                review, _preload_content=False
+            )
+            name = json.loads(resp.data)["status"]["userInfo"]["username"]
+            if isinstance(name, str) and name:
+                return name
+        except (*_ERRORS, KeyError, TypeError, ValueError):
+            pass
+        return self.context_user or "unknown user"
 
     def get_namespace(self) -> Obj:
         return self._call(

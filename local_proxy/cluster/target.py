@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import http.client
 import json
 import secrets
 import socket
@@ -48,7 +49,7 @@ from local_proxy.config import LocalSettings, announce_preview, preview_link
 from local_proxy.env import describe as describe_env
 from local_proxy.env import fetch_env
 from local_proxy.forward.dial import SocketFactory
-from local_proxy.session import LocalSession, SessionError
+from local_proxy.session import LocalSession, Refused, SessionError
 from sidecar.inject.patch import (
     SIDECAR_NAME,
     InjectError,
@@ -154,6 +155,11 @@ class StealTarget:
             f"offramp: resolving {describe(t.resource, t.name)} in namespace "
             f"{kube.namespace} ({kube.server})"
         )
+        # Who opens the sessions, as other developers' sessions show it: the
+        # Kubernetes user, and the machine's user and name.
+        who = f"{await self._k(kube.whoami)} ({self.settings.spec.client})"[:200]
+        spec = self.settings.spec.model_copy(update={"client": who})
+        self.settings = self.settings.model_copy(update={"spec": spec})
         try:
             workload = await self._k(resolve, kube, t)
             if t.resource == "pods":
@@ -484,6 +490,10 @@ class StealTarget:
             await session.run()
         except SessionError as e:
             self.report(f"offramp: pod {name}: {e}")
+            if isinstance(e, Refused) and e.code in ("conflict", "taken_over", "ended"):
+                # Another developer's session: retrying would not change that.
+                self._fatal = Failed(str(e))
+                self.stop()
             # Forget it; the next resync tries again if the pod is still there.
             if self.sessions.get(name, (None,))[0] is session:
                 del self.sessions[name]
@@ -650,6 +660,94 @@ def _sidecar_status(kube: Kube, pod: str, port: int, token: str | None) -> str:
                 f"{outgoing.get('connections', 0)} connection(s) from the pod"
             )
     return "\n".join(lines)
+
+
+def _control(
+    kube: Kube, pod: str, port: int, token: str, method: str, path: str, by: str = ""
+) -> tuple[int, bytes]:
+    """One request to a pod's sidecar control server, through port-forward."""
+    sock = kube.port_forward(pod, port)
+    conn = http.client.HTTPConnection(pod, timeout=10)
+    sock.settimeout(10)
+    conn.sock = sock
+    headers = {"Authorization": f"Bearer {token}", "Content-Length": "0"}
+    if by:
+        headers["X-Offramp-By"] = by
+    try:
+        conn.request(method, path, headers=headers)
+        response = conn.getresponse()
+        return response.status, response.read()
+    except (OSError, http.client.HTTPException) as e:
+        raise KubeError(f"pod {pod}'s sidecar did not answer {path}: {e}") from e
+    finally:
+        conn.close()
+
+
+def run_sessions(target: Target, report: Report, end: list[str], by: str) -> None:
+    """`offramp sessions KIND/NAME`: every open session on every ready replica; with
+    `end`, end those named (POD/ID as listed, or everything of one WHO)."""
+    try:
+        kube = Kube(target.context, target.namespace)
+        workload = resolve(kube, target)
+        template = workload if target.resource == "pods" else workload["spec"]["template"]
+        labels = selector(workload) if target.resource != "pods" else None
+        pods, _ = kube.list("pods", labels)
+        if target.resource == "pods":
+            pods = [p for p in pods if p["metadata"]["name"] == target.name]
+        name = token_secret(template) or "offramp-token"
+        try:
+            token = base64.b64decode(kube.get("secrets", name)["data"]["token"]).decode()
+        except (KeyError, ValueError) as e:
+            raise Failed(f"the token Secret {name} is not usable: {e}") from e
+        listed: list[tuple[str, int, dict[str, Any]]] = []
+        for pod, port in sorted(session_pods(pods).items()):
+            status, body = _control(kube, pod, port, token, "GET", "/v1/status")
+            if status != 200:
+                report(f"{pod}: status not available ({status})")
+                continue
+            listed += [(pod, port, s) for s in json.loads(body).get("sessions") or []]
+        who = f"{kube.whoami()} ({by})" if by else kube.whoami()
+        if end:
+            chosen = [
+                x for x in listed if f"{x[0]}/{x[2]['id']}" in end or x[2].get("client") in end
+            ]
+            missing = [e for e in end if not any(e in (f"{p}/{s['id']}", s.get("client"))
+                                                 for p, _, s in chosen)]  # fmt: skip
+            if missing:
+                raise Failed(
+                    f"no open session {', '.join(map(repr, missing))}; open: "
+                    + (", ".join(f"{p}/{s['id']}" for p, _, s in listed) or "none")
+                )
+            for pod, port, s in chosen:
+                status, body = _control(kube, pod, port, token, "POST",
+                                        f"/v1/sessions/{s['id']}/end", who)  # fmt: skip
+                if status == 404:
+                    # Its offramp ended it a moment ago (ending one of a steal's
+                    # sessions ends them all).
+                    report(f"offramp: {pod}/{s['id']} of {s.get('client') or '?'} had closed")
+                    continue
+                if status != 200:
+                    raise Failed(f"{pod}/{s['id']}: {body.decode(errors='replace').strip()}")
+                report(f"offramp: ended {pod}/{s['id']} of {s.get('client') or '?'}; "
+                       f"they are told it was {who}")  # fmt: skip
+            return
+        if not listed:
+            report(f"no open session on {len(session_pods(pods))} ready pod(s)")
+        now = time.time()
+        for pod, _, s in listed:
+            since = time.strftime("%H:%M:%S UTC", time.gmtime(s.get("opened_at", now)))
+            minutes = int(now - s.get("opened_at", now)) // 60
+            what = (
+                "outgoing only"
+                if not s.get("incoming", True)
+                else (f"{s['mode']} {s['filter'] or 'every request'} on {s.get('ports')}")
+            )
+            report(
+                f"{pod}/{s['id']}  {s.get('client') or '?'}  since {since} ({minutes} min)  "
+                f"{what}  {s.get('stolen', 0)} stolen, {s.get('mirrored', 0)} mirrored"
+            )
+    except KubeError as e:
+        raise Failed(str(e)) from e
 
 
 def run_uninject(target: Target, report: Report) -> None:

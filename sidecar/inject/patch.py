@@ -43,7 +43,7 @@ from sidecar.appenv import PREFIX as APP_ENV_PREFIX
 from sidecar.appenv import copy_app_env
 from sidecar.outgoing.policy import ALLOW_ANNOTATION, ALLOW_ENV
 from sidecar.sessions.preview import PREFIX_ANNOTATION, PREFIX_ENV
-from sidecar.settings import Capture
+from sidecar.settings import IDLE_TIMEOUT_ANNOTATION, IDLE_TIMEOUT_ENV, Capture
 
 __all__ = [
     "ANNOTATION",
@@ -366,13 +366,18 @@ def _sidecar(
                     "fieldRef": {"fieldPath": f"metadata.annotations['{ALLOW_ANNOTATION}']"}
                 },
             },
-            # Where the sidecar answers the preview link ("" when unset: the default).
-            {
-                "name": PREFIX_ENV,
-                "valueFrom": {
-                    "fieldRef": {"fieldPath": f"metadata.annotations['{PREFIX_ANNOTATION}']"}
-                },
-            },
+            # Where the sidecar answers the preview link, and how long a session's
+            # client may stay silent ("" when unset: the defaults).
+            *(
+                {
+                    "name": env,
+                    "valueFrom": {"fieldRef": {"fieldPath": f"metadata.annotations['{key}']"}},
+                }
+                for env, key in (
+                    (PREFIX_ENV, PREFIX_ANNOTATION),
+                    (IDLE_TIMEOUT_ENV, IDLE_TIMEOUT_ANNOTATION),
+                )
+            ),
         ],
         "ports": ports,
         "volumeMounts": [

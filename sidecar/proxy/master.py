@@ -93,6 +93,7 @@ class Sidecar:
             outgoing_policy(settings),
             ResolvConf.read(settings.resolv_conf),
             environment,
+            settings.session_idle_timeout,
         )
         # With workers, requests they hand over carry this secret (sidecar.proxy.workers).
         self.handoff = Handoff(secrets.token_hex(16)) if settings.workers > 1 else None

@@ -29,6 +29,7 @@ import contextlib
 import hmac
 import json
 import logging
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from http import HTTPStatus
 from pathlib import Path
@@ -54,9 +55,10 @@ from sidecar.sessions.filters import (
     patterns_of,
 )
 from sidecar.sessions.guard import HandshakeGuard
+from sidecar.sessions.overlap import ENDED_BY, TAKEN_OVER, Overlap, Verdict, overlap
 from sidecar.sessions.registry import Session, SessionRegistry
 from sidecar.sessions.spec import SessionSpec
-from sidecar.settings import TokenError, describe_validation_error, read_token
+from sidecar.settings import IDLE_TIMEOUT, TokenError, describe_validation_error, read_token
 from sidecar.tunnel.driver import Tunnel
 from sidecar.tunnel.protocol import (
     MAX_HELLO,
@@ -78,8 +80,12 @@ log = logging.getLogger(__name__)
 
 STATUS_PATH = "/v1/status"
 ENV_PATH = "/v1/env"
+SESSIONS_PATH = "/v1/sessions"
 WORKER_SYNC_TIMEOUT = 5.0
 HANDSHAKE_TIMEOUT = 10.0
+
+TAKEOVER_GRACE = 10.0
+"""Seconds a session taken over with --force may finish the requests it holds."""
 MAX_HANDSHAKES = 64
 """Callers between connecting and their HELLO at once; more are turned away."""
 MAX_HANDSHAKES_PER_ADDRESS = 8
@@ -94,6 +100,24 @@ def _outgoing_status(session: Session) -> dict[str, object]:
         return {}
     granted = [kind for kind in ("tcp", "dns") if getattr(service, kind)]
     return {"outgoing": {"granted": granted, "connections": service.connections}}
+
+
+def _conflict(spec: SessionSpec, other: Session, why: Overlap) -> Refused:
+    since = time.strftime("%H:%M:%S UTC", time.gmtime(other.opened_at))
+    minutes = max(0, int(time.time() - other.opened_at) // 60)
+    holder = (
+        f"{other.spec.client or 'someone'} holds these requests in session {other.id} "
+        f"(since {since}, {minutes} min; {other.stolen} taken so far)"
+    )
+    if why.verdict is Verdict.CERTAIN:
+        advice = ("use another preview key or filter, ask them to end theirs, or pass --force "
+                  "to take over (their session ends and they are told)")  # fmt: skip
+        return Refused("conflict", f"{holder}: {why.why}. To go on, {advice}")
+    return Refused(
+        "conflict",
+        f"{holder}, and your filter may overlap theirs: {why.why}. If they cannot match the "
+        "same requests, or to take over, pass --force (their session ends and they are told)",
+    )
 
 
 def _json(ws: ServerConnection, body: object) -> Response:
@@ -115,7 +139,11 @@ class ControlServer:
         policy: OutgoingPolicy | None = None,
         resolv: ResolvConf | None = None,
         environment: Mapping[str, str] | None = None,
+        idle_timeout: float = IDLE_TIMEOUT,
     ):
+        self.idle_timeout = idle_timeout
+        """Seconds a session's client may stay silent (no message, no answer to the
+        websocket's pings) before its session is closed: a laptop that vanished."""
         self.registry = registry
         self.environment = dict(environment or {})
         """The app container's environment, for `GET /v1/env`."""
@@ -131,6 +159,7 @@ class ControlServer:
         """Given the open sessions and the one about to open, before it opens:
         proxy workers learn its filter before it is welcomed."""
         self._opening: list[Session] = []
+        self._tasks: set[asyncio.Task[None]] = set()
         self.guard = HandshakeGuard()
         self._handshaking: dict[str, int] = {}
 
@@ -154,6 +183,12 @@ class ControlServer:
             max_queue=_QUEUE,
             open_timeout=HANDSHAKE_TIMEOUT,
             compression=None,
+            # A ping every half of the idle timeout, answered within the other half:
+            # a client silent for idle_timeout seconds is gone.
+            ping_interval=self.idle_timeout / 2,
+            ping_timeout=self.idle_timeout / 2,
+            # Nor is a closing handshake awaited longer from a client that is gone.
+            close_timeout=min(10.0, self.idle_timeout / 2),
         )
         self.port = self._server.sockets[0].getsockname()[1] if self.port == 0 else self.port
 
@@ -188,6 +223,8 @@ class ControlServer:
             return self._status(ws, request)
         if path == ENV_PATH:
             return self._env(ws, request)
+        if path.startswith(SESSIONS_PATH + "/") and path.endswith("/end"):
+            return self._end_request(ws, request, path[len(SESSIONS_PATH) + 1 : -len("/end")])
         if path != TUNNEL_PATH:
             return ws.respond(
                 HTTPStatus.NOT_FOUND, f"offramp sidecar: the tunnel is at {TUNNEL_PATH}\n"
@@ -232,6 +269,7 @@ class ControlServer:
                 "mirrored": s.mirrored,
                 "match_timeouts": s.timeouts.total,
                 "incoming": s.spec.incoming,
+                "opened_at": s.opened_at,
                 **_outgoing_status(s),
             }
             for s in self.registry.sessions
@@ -335,6 +373,10 @@ class ControlServer:
             session.outgoing = outgoing
             session.tunnel.on_outgoing = outgoing.on_stream
             log.info("%s: outgoing %s through the pod", session.describe(), "+".join(granted))
+        for other in session.taking_over:
+            task = asyncio.create_task(self._take_over(other, session))
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
 
         def on_goodbye(reason: str) -> None:
             # New requests go to the app from now on; open ones finish. Answering
@@ -351,6 +393,12 @@ class ControlServer:
             self.registry.remove(session)
             if outgoing is not None:
                 await outgoing.aclose()
+        if "keepalive ping timeout" in reason:
+            log.warning(
+                "%s closed: its client (%s) answered nothing for %g s (the idle timeout); "
+                "its laptop has gone or lost its connection",
+                session.describe(), address, self.idle_timeout,
+            )  # fmt: skip
         log.info(
             "%s closed (%s): %d stolen, %d mirrored, %d mirror copies dropped, %d filter timeouts",
             session.describe(),
@@ -360,6 +408,42 @@ class ControlServer:
             session.mirror_dropped,
             session.timeouts.total,
         )
+
+    def _end_request(self, ws: ServerConnection, request: Request, sid: str) -> Response:
+        """`POST /v1/sessions/ID/end`: someone with the token ends a session (theirs or
+        another's, `offramp sessions --end`); `X-Offramp-By` says who, for its owner."""
+        if request.method != "POST":
+            response = ws.respond(HTTPStatus.METHOD_NOT_ALLOWED,
+                                  "offramp sidecar: a session is ended with POST\n")  # fmt: skip
+            response.headers["Allow"] = "POST"
+            return response
+        if refused := self._refused(ws, request, "end"):
+            return refused
+        session = next((s for s in self.registry.sessions if s.id == sid), None)
+        if session is None:
+            open_ = ", ".join(s.id for s in self.registry.sessions) or "none"
+            return ws.respond(HTTPStatus.NOT_FOUND, f"offramp sidecar: no open session {sid!r} "
+                              f"here; open: {open_}\n")  # fmt: skip
+        by = request.headers.get("X-Offramp-By", "").strip()[:200] or "someone"
+        task = asyncio.create_task(self._end(session, f"{ENDED_BY} {by}"))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return _json(ws, {"ended": sid, "client": session.spec.client})
+
+    async def _take_over(self, other: Session, by: Session) -> None:
+        """End `other` for `by` (opened with force)."""
+        await self._end(other, f"{TAKEN_OVER} {by.spec.client or 'someone'} "
+                        f"(--force, session {by.id})")  # fmt: skip
+
+    async def _end(self, other: Session, reason: str) -> None:
+        """End `other`: no new request goes to it, and it is told why; its client
+        finishes what it holds and closes, or is closed after TAKEOVER_GRACE s."""
+        log.warning("%s: %s", other.describe(), reason)
+        self.registry.remove(other)
+        other.tunnel.say_goodbye(reason)
+        await asyncio.sleep(TAKEOVER_GRACE)
+        if not other.tunnel.closed:
+            await other.tunnel.close(reason)
 
     def _outgoing(self, session: Session) -> OutgoingService | None:
         asked = session.spec.outgoing
@@ -443,4 +527,22 @@ class ControlServer:
                 f"http_filter.ports {list(spec.http_filter.ports or ())} names none of the "
                 f"ports this sidecar fronts ({', '.join(map(str, self.registry.app_ports))})",
             ), None
-        return None, Session(spec, predicate, Tunnel(conn, ws), timeouts)
+        session = Session(spec, predicate, Tunnel(conn, ws), timeouts)
+        conflicts = self._conflicts(spec, ports)
+        if conflicts and not spec.force:
+            return _conflict(spec, *conflicts[0]), None
+        session.taking_over = [other for other, _ in conflicts]
+        return None, session
+
+    def _conflicts(
+        self, spec: SessionSpec, ports: tuple[int, ...]
+    ) -> list[tuple[Session, Overlap]]:
+        """Other users' open sessions that could take requests this one would."""
+        found = []
+        for other in [*self.registry.sessions, *self._opening]:
+            if other.spec.client == spec.client:
+                continue  # the same developer (a reconnect, another replica's tunnel)
+            o = overlap(other.spec, spec, self.registry.covered_ports(other.spec), ports)
+            if o.verdict is not Verdict.NONE:
+                found.append((other, o))
+        return found

@@ -48,6 +48,8 @@ class Session:
     mirror_backlog: int = 0
     outgoing: OutgoingService | None = None
     """Its outgoing connections and DNS through the pod, if it asked for them."""
+    taking_over: list[Session] = field(default_factory=list)
+    """Other users' sessions this one (opened with force) ends once it is open."""
 
     def mirrors_in_flight(self) -> int:
         self.mirror_streams = {h for h in self.mirror_streams if h.active}

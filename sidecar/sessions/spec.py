@@ -16,6 +16,9 @@ A spec is bounded: at most MAX_CLAUSES items in all_of/any_of and MAX_PATTERN
 characters in any pattern (a filter is a few short patterns; these bounds keep
 what a session costs the proxy small).
 
+`force` opens the session where another user's steal session overlaps it
+(`sidecar.sessions.overlap`): that one is ended, and told who took over.
+
 `outgoing` (absent: none) asks for the local process's connections and DNS to
 leave from the pod; `named` lists the destinations the developer named in the
 outgoing filter's remote list, which the sidecar's guards then let through
@@ -177,6 +180,9 @@ class SessionSpec(BaseModel):
     """Free text shown in the sidecar's log, e.g. user@host."""
     incoming: bool = True
     outgoing: OutgoingSpec | None = None
+    force: bool = False
+    """Take over: open even where another user's steal session overlaps this one
+    (sidecar.sessions.overlap); that session is ended and told why."""
 
     def covers_port(self, port: int) -> bool:
         ports = self.http_filter.ports

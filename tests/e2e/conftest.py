@@ -232,9 +232,11 @@ class Cli:
 
     def finish(self, timeout: float = 60) -> int:
         code = self.proc.wait(timeout)
+        assert self.proc.stdout is not None
+        if self.proc.stdout.closed:
+            return code  # finished already
         while (line := self._queue.get(timeout=10)) is not None:
             self.lines.append(line)
-        assert self.proc.stdout is not None
         self.proc.stdout.close()
         return code
 

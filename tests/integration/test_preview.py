@@ -4,13 +4,23 @@ the link sets the cookie; the key goes on in the stolen request's baggage."""
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import httpx
 import pytest
 
-from sidecar.sessions.spec import HttpFilterSpec, SessionSpec
-from tests.support import HttpApp, SidecarProcess, open_session, start_sidecar, stop_cleanly
+from local_proxy.config import LocalSettings
+from local_proxy.session import LocalSession, Refused
+from sidecar.sessions.spec import HttpFilterSpec, Mode, SessionSpec
+from tests.support import (
+    HttpApp,
+    SidecarProcess,
+    open_session,
+    serving,
+    start_sidecar,
+    stop_cleanly,
+)
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -105,3 +115,82 @@ async def test_the_link_can_be_moved_or_turned_off(
                 assert r.status_code == 200 and r.headers["x-served-by"] == "app"
         finally:
             stop_cleanly(sidecar)
+
+
+def user(key: str | None, client: str, **kw: object) -> SessionSpec:
+    f = HttpFilterSpec(preview=key) if key else HttpFilterSpec()
+    return SessionSpec(http_filter=f, client=client, **kw)  # type: ignore[arg-type]
+
+
+async def start(
+    sidecar: SidecarProcess, port: int, spec: SessionSpec, lines: list[str]
+) -> tuple[LocalSession, asyncio.Task[None]]:
+    settings = LocalSettings(sidecar_url=sidecar.control_url, token=sidecar.token,
+                             to_port=port, spec=spec)  # fmt: skip
+    session = LocalSession(settings, report=lines.append)
+    runner = asyncio.create_task(session.run())
+    ready = asyncio.create_task(session.ready.wait())
+    await asyncio.wait({runner, ready}, timeout=10, return_when=asyncio.FIRST_COMPLETED)
+    ready.cancel()
+    return session, runner
+
+
+async def test_the_same_key_of_another_user_is_refused_and_force_takes_over(
+    sidecar: SidecarProcess, local: HttpApp, app: HttpApp
+) -> None:
+    alice_lines: list[str] = []
+    alice, alice_runs = await start(sidecar, local.port, user("team", "alice@a"), alice_lines)
+    assert alice.ready.is_set(), alice_lines
+    with serving("bob's") as bobs:
+        bob, bob_runs = await start(sidecar, bobs.port, user("team", "bob@b"), [])
+        with pytest.raises(Refused) as refused:
+            await bob_runs
+        message = str(refused.value)
+        assert refused.value.code == "conflict"
+        assert "alice@a holds these requests in session s" in message, message
+        assert "the same preview key team" in message and "--force" in message
+        # The same user again (another terminal, a reconnect) is no conflict.
+        again, again_runs = await start(sidecar, local.port, user("team", "alice@a"), [])
+        assert again.ready.is_set()
+        again.stop()
+        await again_runs
+
+        bob, bob_runs = await start(sidecar, bobs.port, user("team", "bob@b", force=True), [])
+        assert bob.ready.is_set()
+        # Alice is told, and her offramp stops rather than take it back.
+        with pytest.raises(Refused) as told:
+            await asyncio.wait_for(alice_runs, 15)
+        assert told.value.code == "taken_over"
+        assert "taken over by bob@b (--force" in str(told.value)
+        assert any("the session was taken over by bob@b" in line for line in alice_lines)
+        async with httpx.AsyncClient(base_url=sidecar.url) as client:
+            r = await client.get("/", headers={"x-offramp-preview": "team"})
+        assert r.headers["x-served-by"] == "bob's"
+        bob.stop()
+        await bob_runs
+    assert "taken over by bob@b" in sidecar.log()
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "conflict"),
+    [
+        (user("alice", "alice@a"), user(None, "bob@b"), True),  # no filter takes all
+        (user(None, "alice@a"), user("bob", "bob@b"), True),
+        (user("alice", "alice@a"), user("bob", "bob@b"), False),
+        (user(None, "alice@a"), user(None, "bob@b", mode=Mode.MIRROR), False),  # mirror
+        (user(None, "alice@a", mode=Mode.MIRROR), user(None, "bob@b"), False),
+    ],
+)
+async def test_which_sessions_conflict(
+    sidecar: SidecarProcess, local: HttpApp, first: SessionSpec, second: SessionSpec,
+    conflict: bool,
+) -> None:  # fmt: skip
+    async with open_session(sidecar, local.port, first):
+        two, runs = await start(sidecar, local.port, second, [])
+        if conflict:
+            with pytest.raises(Refused, match="holds these requests"):
+                await runs
+        else:
+            assert two.ready.is_set()
+            two.stop()
+            await runs

@@ -71,9 +71,32 @@ class Api:
             )
         self.requests.append((user.name, req))
 
+    async def _self_subject_review(self, request: web.Request, user: User) -> web.Response:
+        """Who the caller is. Every authenticated user may ask (the default
+        system:basic-user ClusterRole grants it), so no RBAC rule is checked."""
+        if request.method != "POST":
+            raise ApiError(405, "MethodNotAllowed", "selfsubjectreviews accept only create")
+        body = await self._json(request)
+        if body.get("kind") != "SelfSubjectReview":
+            raise ApiError(
+                400, "BadRequest", f"expected a SelfSubjectReview, got {body.get('kind')}"
+            )
+        groups = ["system:authenticated"] + (["system:masters"] if user.superuser else [])
+        return web.json_response(
+            {
+                "kind": "SelfSubjectReview",
+                "apiVersion": "authentication.k8s.io/v1",
+                "metadata": {"creationTimestamp": None},
+                "status": {"userInfo": {"username": user.name, "groups": groups}},
+            },
+            status=201,
+        )
+
     async def _handle(self, request: web.Request) -> web.StreamResponse:
         user = self._user(request)
         parts = [p for p in request.path.split("/") if p]
+        if parts == ["apis", "authentication.k8s.io", "v1", "selfsubjectreviews"]:
+            return await self._self_subject_review(request, user)
         if parts[:2] == ["api", "v1"]:
             group, rest = "", parts[2:]
         elif parts[:3] == ["apis", "apps", "v1"]:

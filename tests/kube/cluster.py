@@ -38,11 +38,16 @@ class Cluster:
         self.store: Store
         self.admin_token = secrets.token_urlsafe(16)
         self.developer_token = secrets.token_urlsafe(16)
+        self.colleague_token = secrets.token_urlsafe(16)
+        """A second developer, with the same offramp-user role."""
         rules = offramp_user_rules()
         self.users = {
             self.admin_token: User("admin", superuser=True),
             self.developer_token: User(
                 "developer", bindings={ns: rules for ns in developer_namespaces}
+            ),
+            self.colleague_token: User(
+                "colleague", bindings={ns: rules for ns in developer_namespaces}
             ),
         }
         self.kubelet_images = images
@@ -111,7 +116,9 @@ class Cluster:
 
     # --- for the test: kubeconfig and admin operations -----------------------------------
 
-    def kubeconfig(self, path: Path, namespace: str = "default") -> Path:
+    def kubeconfig(self, path: Path, namespace: str = "default", user: str = "developer") -> Path:
+        """A kubeconfig for `user`: "developer" or "colleague"."""
+        token = {"developer": self.developer_token, "colleague": self.colleague_token}[user]
         config = {
             "apiVersion": "v1",
             "kind": "Config",
@@ -119,11 +126,11 @@ class Cluster:
             "clusters": [
                 {"name": "emulated", "cluster": {"server": f"http://127.0.0.1:{self.port}"}}
             ],
-            "users": [{"name": "developer", "user": {"token": self.developer_token}}],
+            "users": [{"name": user, "user": {"token": token}}],
             "contexts": [
                 {
                     "name": "emulated",
-                    "context": {"cluster": "emulated", "user": "developer", "namespace": namespace},
+                    "context": {"cluster": "emulated", "user": user, "namespace": namespace},
                 }
             ],
         }

@@ -308,7 +308,7 @@ def test_the_webhook_copies_the_apps_env_as_the_cli_does(webhook: Webhook) -> No
     by_cli = jsonpatch.apply_patch(template, inject(template, InjectOptions(image=IMAGE)))
     cli_sidecar = by_cli["spec"]["containers"][1]
     assert sidecar["env"] == cli_sidecar["env"] and sidecar["envFrom"] == cli_sidecar["envFrom"]
-    assert [e["name"] for e in sidecar["env"][2:]] == [APP_ENV_PREFIX + e["name"] for e in env]
+    assert [e["name"] for e in sidecar["env"][3:]] == [APP_ENV_PREFIX + e["name"] for e in env]
     assert sidecar["envFrom"][1]["prefix"] == APP_ENV_PREFIX + "S_"
 
     obj["metadata"]["annotations"][COPY_ENV_ANNOTATION] = "false"
@@ -316,5 +316,6 @@ def test_the_webhook_copies_the_apps_env_as_the_cli_does(webhook: Webhook) -> No
     assert [e["name"] for e in sidecar["env"]] == [
         "OFFRAMP_OUTGOING_ALLOW",
         "OFFRAMP_PREVIEW_PREFIX",
+        "OFFRAMP_SESSION_IDLE_TIMEOUT",
     ]
     assert "envFrom" not in sidecar

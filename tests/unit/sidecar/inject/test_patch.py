@@ -267,7 +267,7 @@ def test_the_cli_reinjects_only_when_the_options_differ() -> None:
     assert injected(after["spec"]["template"])["options"]["workers"] == 2  # type: ignore[index]
 
 
-OWN_ENV = ["OFFRAMP_OUTGOING_ALLOW", "OFFRAMP_PREVIEW_PREFIX"]
+OWN_ENV = ["OFFRAMP_OUTGOING_ALLOW", "OFFRAMP_PREVIEW_PREFIX", "OFFRAMP_SESSION_IDLE_TIMEOUT"]
 """The sidecar's own variables, from the pod's annotations."""
 
 
