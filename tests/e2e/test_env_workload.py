@@ -109,7 +109,7 @@ def test_cmd_gets_the_app_containers_environment(cluster: Cluster, tmp_path: Pat
     original = cluster.request("GET", DEPLOY)["spec"]["template"]
     pod = cluster.ready_pods(NAMESPACE, app="api")[0]
     in_pod = get(pod["status"]["podIP"], 8080, "/__env")["env"]
-    assert in_pod["DB_URL"] == f"postgres://app:{SECRET}@db:5432/on", in_pod
+    assert in_pod.get("DB_URL") == f"postgres://app:{SECRET}@db:5432/on", (pod, in_pod)
     kubeconfig = cluster.kubeconfig(tmp_path / "kubeconfig", namespace=NAMESPACE)
     config = tmp_path / "mirrord.json"
     config.write_text(json.dumps({

@@ -29,6 +29,7 @@ class Relay:
     def __init__(self, target: int):
         self.target = target
         self.frozen = asyncio.Event()
+        self.writers: list[asyncio.StreamWriter] = []
 
     async def pipe(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         with contextlib.suppress(ConnectionError):
@@ -40,6 +41,7 @@ class Relay:
 
     async def handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        self.writers += [writer, up_writer]
         await asyncio.gather(self.pipe(reader, up_writer), self.pipe(up_reader, writer),
                              return_exceptions=True)  # fmt: skip
 
@@ -52,6 +54,12 @@ async def relay_to(port: int) -> AsyncIterator[tuple[Relay, int]]:
         yield relay, server.sockets[0].getsockname()[1]
     finally:
         server.close()
+        for writer in relay.writers:
+            writer.close()
+        for writer in relay.writers:
+            with contextlib.suppress(ConnectionError):
+                await writer.wait_closed()
+        await server.wait_closed()
 
 
 async def open_sessions(base: str, token: str) -> list[dict[str, object]]:
