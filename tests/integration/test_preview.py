@@ -194,3 +194,15 @@ async def test_which_sessions_conflict(
             assert two.ready.is_set()
             two.stop()
             await runs
+
+
+async def test_probes_are_never_taken_by_a_preview_session(
+    sidecar: SidecarProcess, local: HttpApp
+) -> None:
+    async with (
+        open_session(sidecar, local.port, preview("alice")),
+        httpx.AsyncClient(base_url=sidecar.url) as client,
+    ):
+        probe = await client.get("/ready", headers={"x-offramp-preview": "alice",
+                                                    "user-agent": "kube-probe/1.30"})  # fmt: skip
+    assert probe.headers["x-served-by"] == "app"

@@ -269,3 +269,13 @@ def test_outgoing_and_dns_keys(tmp_path: Path) -> None:
                  '{"local": ["a"], "remote": ["b"]}}}}}')  # fmt: skip
     with pytest.raises(ConfigError, match="both local and remote"):
         load_config(both)
+
+
+def test_the_preview_key_from_the_file_and_the_flag(tmp_path: Path) -> None:
+    text = '{"feature": {"network": {"incoming": {"http_filter": {"preview": "alice"}}}}}'
+    loaded = load_config(write(tmp_path, text))
+    assert build_spec(loaded, FilterFlags(), "me").http_filter.preview == "alice"
+    spec = build_spec(loaded, FilterFlags(preview="bob", headers=("^x-a: 1$",)), "me")
+    assert spec.http_filter.preview == "bob" and spec.http_filter.header_filter == "^x-a: 1$"
+    with pytest.raises(ConfigError, match="preview key 'no good' is not valid"):
+        build_spec(FileConfig(), FilterFlags(preview="no good"), "me")
