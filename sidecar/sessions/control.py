@@ -102,7 +102,8 @@ def _outgoing_status(session: Session) -> dict[str, object]:
     return {"outgoing": {"granted": granted, "connections": service.connections}}
 
 
-def _conflict(spec: SessionSpec, other: Session, why: Overlap) -> Refused:
+def _conflict(other: Session, why: Overlap) -> Refused:
+    """The refusal that says who holds the requests, and what to do."""
     since = time.strftime("%H:%M:%S UTC", time.gmtime(other.opened_at))
     minutes = max(0, int(time.time() - other.opened_at) // 60)
     holder = (
@@ -530,7 +531,7 @@ class ControlServer:
         session = Session(spec, predicate, Tunnel(conn, ws), timeouts)
         conflicts = self._conflicts(spec, ports)
         if conflicts and not spec.force:
-            return _conflict(spec, *conflicts[0]), None
+            return _conflict(*conflicts[0]), None
         session.taking_over = [other for other, _ in conflicts]
         return None, session
 
