@@ -625,22 +625,11 @@ def _sidecar_status(kube: Kube, pod: str, port: int, token: str | None) -> str:
     if token is None:
         return "token Secret unreadable; sessions unknown"
     try:
-        sock = kube.port_forward(pod, port)
+        code, body = _control(kube, pod, port, token, "GET", "/v1/status")
     except KubeError as e:
         return f"unreachable ({e})"
-    with sock:
-        sock.settimeout(10)
-        sock.sendall(
-            f"GET /v1/status HTTP/1.1\r\nHost: {pod}\r\nAuthorization: Bearer {token}\r\n"
-            "Connection: close\r\n\r\n".encode()
-        )
-        raw = b""
-        with contextlib.suppress(OSError):
-            while chunk := sock.recv(65536):
-                raw += chunk
-    head, _, body = raw.partition(b"\r\n\r\n")
-    if b" 200 " not in head.split(b"\r\n")[0]:
-        return f"status not available ({head.split(b'\r\n')[0].decode(errors='replace')})"
+    if code != 200:
+        return f"status not available ({code} {body.decode(errors='replace').strip()})"
     status = json.loads(body)
     sessions = status.get("sessions") or []
     lines = [f"sidecar {status.get('version')}, {len(sessions)} open session(s)"]

@@ -50,7 +50,8 @@ def refuse_malformed(flow: http.HTTPFlow) -> bool:
 def answer_preview_link(flow: http.HTTPFlow, prefix: str | None) -> bool:
     """Answer a request for the preview link (sidecar.sessions.preview) here,
     whatever sessions are open. True if answered."""
-    if prefix is None:
+    # Every request passes here: one byte-prefix comparison for all but the link's.
+    if prefix is None or not flow.request.data.path.startswith(f"{prefix}/preview/".encode()):
         return False
     request = flow.request
     answer = link_answer(prefix, request.method, request.path, _over_tls(flow))
