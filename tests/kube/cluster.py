@@ -12,6 +12,7 @@ import asyncio
 import json
 import secrets
 import socket
+import subprocess
 import threading
 import time
 import urllib.error
@@ -67,7 +68,7 @@ class Cluster:
 
     async def _start(self) -> None:
         self.store = Store()
-        net = int(self.tag, 16) % 250 + 1
+        net = _free_net(int(self.tag, 16) % 250 + 1)
         self.kubelet = Kubelet(self.store, self.kubelet_images, self.state, self.tag, net)
         await asyncio.to_thread(self.kubelet.setup)
         self.api = Api(self.store, self.users, self.kubelet.dial, self.kubelet.container_log)
@@ -230,3 +231,14 @@ class Cluster:
 
     def logs(self) -> dict[str, str]:
         return self.kubelet.logs()
+
+
+def _free_net(wanted: int) -> int:
+    """A /24 of 10.214.0.0/16 that no interface here has: a run that was killed
+    may have left a pod network behind, and a pod address that answers from it
+    would be another cluster's pod."""
+    used = subprocess.run(["ip", "-4", "-o", "addr"], capture_output=True, text=True).stdout
+    for net in [wanted, *range(1, 251)]:
+        if f" 10.214.{net}." not in used:
+            return net
+    raise RuntimeError("every 10.214.N.0/24 is in use here; remove stale ofrk* bridges")
