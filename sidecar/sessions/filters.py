@@ -54,6 +54,7 @@ __all__ = [
     "compile_filter",
     "literal_header",
     "patterns_of",
+    "preview_key",
 ]
 
 REQUEST_BUDGET = 0.005
@@ -377,6 +378,11 @@ def patterns_of(spec: HttpFilterSpec) -> list[tuple[str, str, int]]:
             elif clause.path is not None:
                 found.append((f"{key}.{name}[{i}].path", clause.path, _PATH_FLAGS))
     return found
+
+
+def preview_key(predicate: Predicate | None) -> str | None:
+    """The preview key when `predicate` is a preview filter and nothing else."""
+    return predicate.key if isinstance(predicate, _Preview) else None
 
 
 def literal_header(predicate: Predicate | None) -> tuple[str, str] | None:

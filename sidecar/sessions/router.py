@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
-from sidecar.sessions.filters import Predicate, RequestView, literal_header
+from sidecar.sessions.filters import Predicate, RequestView, literal_header, preview_key
 from sidecar.sessions.spec import Mode
 
 __all__ = ["Candidate", "Decision", "SessionIndex", "decide", "is_probe"]
@@ -67,25 +67,31 @@ def decide[S: Candidate](sessions: Sequence[S], request: RequestView, probe: boo
 
 class SessionIndex[S: Candidate]:
     """One port's sessions, in the order they opened, with their literal header
-    filters (`^x-preview: alice$`, what team preview URLs use) looked up by line.
+    filters (`^x-preview: alice$`) looked up by line and their preview keys
+    (`--preview alice`) by key: what team previews use.
 
     `candidates(request)` leaves out only sessions that cannot match it: those
     whose filter is a literal header line that none of the request's lines
-    equals. So with 100 team-preview sessions a request is checked against the
-    one whose key it carries (if any) and the sessions with other filters,
-    instead of all 100. The order is kept, so `decide` picks the same session.
+    equals, or a preview key the request does not carry. So with 100 team-preview
+    sessions a request is checked against the one whose key it carries (if any)
+    and the sessions with other filters, instead of all 100. The order is kept,
+    so `decide` picks the same session.
     """
 
-    __slots__ = ("_by_line", "_names", "_others", "_rest", "sessions")
+    __slots__ = ("_by_key", "_by_line", "_names", "_others", "_rest", "sessions")
 
     def __init__(self, sessions: Sequence[S]):
         self.sessions: tuple[S, ...] = tuple(sessions)
         self._by_line: dict[str, list[int]] = {}
+        self._by_key: dict[str, list[int]] = {}
         names: set[str] = set()
         others: list[int] = []
         for i, session in enumerate(self.sessions):
             literal = literal_header(session.predicate)
-            if literal is None:
+            key = preview_key(session.predicate)
+            if key is not None:
+                self._by_key.setdefault(key, []).append(i)
+            elif literal is None:
                 others.append(i)
             else:
                 name, line = literal
@@ -99,13 +105,19 @@ class SessionIndex[S: Candidate]:
         return len(self.sessions)
 
     def candidates(self, request: RequestView) -> Sequence[S]:
-        by_name = request.by_name
-        if not self._by_line or by_name is None:
+        if not self._by_line and not self._by_key:
             return self.sessions
         hits: list[int] = []
-        for name in self._names:
-            for line in by_name.get(name, ()):
-                hits += self._by_line.get(line.lower(), ())
+        if self._by_line:
+            by_name = request.by_name
+            if by_name is None:
+                return self.sessions
+            for name in self._names:
+                for line in by_name.get(name, ()):
+                    hits += self._by_line.get(line.lower(), ())
+        if self._by_key:
+            for key in request.preview_keys:
+                hits += self._by_key.get(key, ())
         if not hits:
             return self._rest
         return [self.sessions[i] for i in sorted({*hits, *self._others})]

@@ -103,3 +103,31 @@ def test_the_index_leaves_out_team_preview_sessions_a_request_does_not_name() ->
     assert list(index.candidates(RequestView("GET", "/", ["accept: */*"]))) == []
     (only,) = index.candidates(RequestView("GET", "/", ["X-Preview: DEV42"]))
     assert only.name == "dev42"
+
+
+def preview(key: str) -> Predicate | None:
+    return compile_filter(HttpFilterSpec(preview=key))
+
+
+def test_the_index_looks_up_preview_keys_too() -> None:
+    """Preview sessions are found by the key a request carries (header, cookie or
+    baggage); mixed with other filters, the decisions are those of checking all."""
+    sessions = [S(f"dev{i}", Mode.STEAL, preview(f"dev{i}")) for i in range(100)]
+    index = SessionIndex(sessions)
+    assert list(index.candidates(RequestView("GET", "/", ["accept: */*"]))) == []
+    (only,) = index.candidates(RequestView("GET", "/", ["cookie: a=1; offramp-preview=dev7"]))
+    assert only.name == "dev7"
+    rng = random.Random(11)
+    both = compile_filter(HttpFilterSpec(preview="alice", method_filter="POST"))
+    filters = [preview("alice"), preview("bob"), header("^x-preview: alice$"), header("bob"),
+               both, None]  # fmt: skip
+    carriers = ["x-offramp-preview: alice", "cookie: offramp-preview=bob",
+                "baggage: offramp-preview=alice", "x-preview: alice", "x-preview: bob"]  # fmt: skip
+    for _ in range(300):
+        mixed = [S(f"s{i}", rng.choice(list(Mode)), rng.choice(filters))
+                 for i in range(rng.randint(1, 6))]  # fmt: skip
+        request = RequestView(rng.choice(["GET", "POST"]), "/",
+                              rng.sample(carriers, rng.randint(0, 3)))  # fmt: skip
+        assert decide(SessionIndex(mixed).candidates(request), request, False) == decide(
+            mixed, request, False
+        ), (mixed, request)
