@@ -75,12 +75,13 @@ SAMPLES = (
 )
 
 
-def _two_free_ports() -> tuple[int, int]:
-    """Two distinct free ports (both held while chosen, so they differ)."""
-    with socket.socket() as a, socket.socket() as b:
-        a.bind(("127.0.0.1", 0))
-        b.bind(("127.0.0.1", 0))
-        return int(a.getsockname()[1]), int(b.getsockname()[1])
+def _free_ports(n: int) -> list[int]:
+    """`n` distinct free ports (all held while chosen, so they differ)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(n)]
+        for s in socks:
+            s.bind(("127.0.0.1", 0))
+        return [int(s.getsockname()[1]) for s in socks]
 
 
 def _server(name: str) -> ThreadingHTTPServer:
@@ -138,7 +139,7 @@ async def run_demo(quiet: bool = False) -> int:
         if not quiet:
             print(line, flush=True)
 
-    listen_port, control_port = _two_free_ports()
+    listen_port, control_port, health_port = _free_ports(3)
     with tempfile.TemporaryDirectory() as tmp, _servers() as (app, local):
         token_file = Path(tmp) / "token"
         token_file.write_text(secrets.token_hex(32))
@@ -155,6 +156,7 @@ async def run_demo(quiet: bool = False) -> int:
             "--listen-host=127.0.0.1",
             f"--control-port={control_port}",
             "--control-host=127.0.0.1",
+            f"--health-port={health_port}",
             f"--token-file={token_file}",
             "--capture=none",
             "--log-level=warning",

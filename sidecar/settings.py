@@ -2,13 +2,29 @@
 
 from __future__ import annotations
 
-from enum import StrEnum
 from pathlib import Path
 from typing import Literal, Self
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from sidecar.basics import (
+    HEADER_TIMEOUT,
+    HEALTH_PORT,
+    IDLE_TIMEOUT,
+    IDLE_TIMEOUT_ANNOTATION,
+    IDLE_TIMEOUT_ENV,
+    Capture,
+    TokenError,
+    loose_token_file,
+    read_token,
+)
+
 __all__ = [
+    "HEADER_TIMEOUT",
+    "HEALTH_PORT",
+    "IDLE_TIMEOUT",
+    "IDLE_TIMEOUT_ANNOTATION",
+    "IDLE_TIMEOUT_ENV",
     "AppPort",
     "Capture",
     "SidecarSettings",
@@ -17,19 +33,6 @@ __all__ = [
     "loose_token_file",
     "read_token",
 ]
-
-
-IDLE_TIMEOUT = 120.0
-"""Seconds a session's client may stay silent before its session is closed."""
-IDLE_TIMEOUT_ENV = "OFFRAMP_SESSION_IDLE_TIMEOUT"
-IDLE_TIMEOUT_ANNOTATION = "offramp.dev/session-idle-timeout"
-"""On a pod: its sidecar's idle timeout in seconds; injection passes it on as
-IDLE_TIMEOUT_ENV."""
-
-
-class Capture(StrEnum):
-    IPTABLES = "iptables"
-    NONE = "none"
 
 
 class AppPort(BaseModel):
@@ -50,44 +53,6 @@ class AppPort(BaseModel):
             raise ValueError(
                 f"--app-port {text!r}: write PORT or PORT:LISTEN_PORT, e.g. 8080 or 8080:15080"
             ) from None
-
-
-class TokenError(ValueError):
-    """The token file is missing, unreadable or empty."""
-
-
-def read_token(path: Path) -> str:
-    try:
-        token = path.read_text().strip()
-    except OSError as e:
-        raise TokenError(f"cannot read the token file {path}: {e.strerror}") from e
-    if len(token) < 16:
-        raise TokenError(
-            f"the token in {path} is {'empty' if not token else 'shorter than 16 characters'}; "
-            "write a long random token there, e.g. `openssl rand -hex 32 > token`"
-        )
-    return token
-
-
-def loose_token_file(path: Path) -> str | None:
-    """A warning when others than its owner may read the token file (as ssh warns
-    of a private key), else None. Not for a Kubernetes Secret volume: its modes are
-    the kubelet's (`defaultMode`), and the container's user is its only reader."""
-    try:
-        mode = path.stat().st_mode & 0o777
-    except OSError:
-        return None
-    if not mode & 0o077 or (path.parent / "..data").exists():
-        return None
-    return (
-        f"the token file {path} may be read by others than its owner (mode {mode:o}); "
-        f"whoever reads it can open sessions: chmod 600 {path}"
-    )
-
-
-HEADER_TIMEOUT = 20.0
-"""Seconds a request head may take from its first byte (nginx allows 60, Apache's
-mod_reqtimeout 20); see sidecar.proxy.connections."""
 
 
 class SidecarSettings(BaseModel):

@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import random
+import re
 import signal
 import socket
 import subprocess
@@ -244,6 +245,7 @@ class SidecarProcess:
     app_port: int
     token: str
     log_path: Path
+    health_port: int = 0
 
     @property
     def url(self) -> str:
@@ -253,11 +255,31 @@ class SidecarProcess:
     def control_url(self) -> str:
         return f"ws://127.0.0.1:{self.control_port}"
 
-    def rss_kib(self, field_name: str = "VmRSS") -> int:
-        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+    def health(self) -> str:
+        """The primary's /healthz answer: `ok` and the engine's state."""
+        return httpx.get(f"http://127.0.0.1:{self.health_port}/healthz", timeout=5).text
+
+    def engine_pid(self) -> int | None:
+        """The running engine's pid (the primary's child), as the primary tells it."""
+        found = re.search(r"pid (\d+)", self.health())
+        return int(found.group(1)) if found else None
+
+    def wait_engine(self, timeout: float = 20) -> int:
+        """The engine's pid, once it is running (ready)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if "engine: running" in self.health() and (pid := self.engine_pid()):
+                return pid
+            time.sleep(0.02)
+        raise AssertionError(f"the engine did not become ready: {self.health()}\n{self.log()}")
+
+    def rss_kib(self, field_name: str = "VmRSS", pid: int | None = None) -> int:
+        """Memory of the engine (the process that proxies), or of `pid`."""
+        pid = pid or self.wait_engine()
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
             if line.startswith(field_name + ":"):
                 return int(line.split()[1])
-        raise AssertionError(f"no {field_name} for pid {self.proc.pid}")
+        raise AssertionError(f"no {field_name} for pid {pid}")
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -277,8 +299,10 @@ class SidecarProcess:
 def start_sidecar(
     app_port: int, token_file: Path, log_dir: Path, *extra: str, env: dict[str, str] | None = None
 ) -> SidecarProcess:
-    """The sidecar as a subprocess (`env`: variables added to this one's), once healthy."""
-    listen, control = free_ports(2, avoid=(app_port,))
+    """The sidecar as a subprocess (`env`: variables added to this one's), once healthy.
+    With --capture=none its engine runs from the start (`--engine always`) unless
+    `extra` says otherwise; "healthy" is then the engine's /healthz, as before."""
+    listen, control, health = free_ports(3, avoid=(app_port,))
     log_path = log_dir / f"sidecar-{listen}.log"
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
@@ -292,6 +316,7 @@ def start_sidecar(
                 f"--control-port={control}",
                 "--control-host=127.0.0.1",
                 f"--token-file={token_file}",
+                f"--health-port={health}",
                 "--capture=none",
                 *extra,
             ],
@@ -300,13 +325,17 @@ def start_sidecar(
             env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
         )
     token = token_file.read_text().strip() if token_file.exists() else ""
-    sidecar = SidecarProcess(proc, listen, control, app_port, token, log_path)
+    sidecar = SidecarProcess(proc, listen, control, app_port, token, log_path, health)
+    # On demand, the primary's health; else the engine's (its control port answers
+    # once the engine listens), so that a test starts with the engine running.
+    on_demand = any(a in ("--engine=on-demand", "--capture=iptables") for a in extra)
+    url = f"http://127.0.0.1:{health if on_demand else control}/healthz"
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise AssertionError(f"the sidecar exited with {proc.returncode}:\n{sidecar.log()}")
         with contextlib.suppress(httpx.HTTPError):
-            if httpx.get(f"http://127.0.0.1:{control}/healthz", timeout=1).status_code == 200:
+            if httpx.get(url, timeout=1).status_code == 200:
                 return sidecar
         time.sleep(0.05)
     sidecar.stop()

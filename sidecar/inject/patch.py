@@ -43,7 +43,7 @@ from sidecar.appenv import PREFIX as APP_ENV_PREFIX
 from sidecar.appenv import copy_app_env
 from sidecar.outgoing.policy import ALLOW_ANNOTATION, ALLOW_ENV
 from sidecar.sessions.preview import PREFIX_ANNOTATION, PREFIX_ENV
-from sidecar.settings import IDLE_TIMEOUT_ANNOTATION, IDLE_TIMEOUT_ENV, Capture
+from sidecar.settings import HEALTH_PORT, IDLE_TIMEOUT_ANNOTATION, IDLE_TIMEOUT_ENV, Capture
 
 __all__ = [
     "ANNOTATION",
@@ -72,6 +72,19 @@ TOKEN_KEY = "token"
 RECORD_VERSION = 1
 _PROBES = ("livenessProbe", "readinessProbe", "startupProbe")
 
+
+def default_resources(workers: int = 1) -> dict[str, dict[str, str]]:
+    """What an injected sidecar asks for. The requests fit an idle sidecar (the
+    primary alone, about 26 MiB, and 0.2 s of CPU to start), so that on a busy node
+    its start yields to the app's. The memory limit fits an open session: the
+    engine (about 100 MiB while busy) and each further --workers process (about
+    90 MiB)."""
+    return {
+        "requests": {"cpu": "10m", "memory": "32Mi"},
+        "limits": {"memory": f"{256 + 96 * (workers - 1)}Mi"},
+    }
+
+
 Template = dict[str, Any]
 Patch = list[dict[str, Any]]
 
@@ -94,13 +107,10 @@ class InjectOptions(BaseModel):
     token_secret: str = Field(default="offramp-token", min_length=1)
     listen_port: int = Field(default=15080, ge=1, le=65535)
     control_port: int = Field(default=15081, ge=1, le=65535)
+    health_port: int = Field(default=HEALTH_PORT, ge=1, le=65535)
     protect_probes: bool = True
-    resources: dict[str, dict[str, str]] = Field(
-        default_factory=lambda: {
-            "requests": {"cpu": "50m", "memory": "64Mi"},
-            "limits": {"memory": "256Mi"},
-        }
-    )
+    resources: dict[str, dict[str, str]] | None = None
+    """The sidecar container's resources; None: `default_resources(workers)`."""
     run_as_user: int = Field(default=10001, ge=1)
     workers: int = Field(default=1, ge=1, le=64)
     """The sidecar's proxy processes (`offramp-sidecar --workers`)."""
@@ -273,7 +283,13 @@ def _app_ports(app: dict[str, Any], wanted: tuple[int, ...]) -> list[int]:
 
 
 def _listen_ports(app_ports: list[int], options: InjectOptions, used: set[Any]) -> list[int]:
-    taken = {*used, options.control_port}
+    for port, what in ((options.control_port, "session"), (options.health_port, "health")):
+        if port in used:
+            raise InjectError(
+                f"port {port} (the sidecar's {what} port) is already used in the pod; "
+                f"choose another {what} port"
+            )
+    taken = {*used, options.control_port, options.health_port}
     if options.listen_port in taken:
         raise InjectError(
             f"port {options.listen_port} (the sidecar's listener) is already used in the pod; "
@@ -326,6 +342,7 @@ def _sidecar(
     args = [f"--app-port={app}:{port}" for app, port in zip(app_ports, listen, strict=True)]
     args += [
         f"--control-port={options.control_port}",
+        f"--health-port={options.health_port}",
         f"--token-file={TOKEN_DIR}/{TOKEN_KEY}",
         f"--capture={options.capture.value}",
     ]
@@ -340,6 +357,7 @@ def _sidecar(
             entry["name"] = named[app]
         ports.append(entry)
     ports.append({"name": "offramp-control", "containerPort": options.control_port})
+    ports.append({"name": "offramp-health", "containerPort": options.health_port})
     security: dict[str, Any] = {
         "runAsNonRoot": True,
         "runAsUser": options.run_as_user,
@@ -354,6 +372,9 @@ def _sidecar(
     else:
         security["capabilities"] = {"drop": ["ALL"]}
         security["allowPrivilegeEscalation"] = False
+    resources = copy.deepcopy(options.resources)
+    if resources is None:
+        resources = default_resources(options.workers)
     return {
         "name": SIDECAR_NAME,
         "image": options.image,
@@ -384,11 +405,12 @@ def _sidecar(
             {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": True},
             {"name": TMP_VOLUME, "mountPath": "/tmp"},
         ],
+        # The primary answers it; a probe never starts the engine.
         "readinessProbe": {
-            "httpGet": {"path": "/healthz", "port": options.control_port},
+            "httpGet": {"path": "/healthz", "port": options.health_port},
             "periodSeconds": 5,
         },
-        "resources": copy.deepcopy(options.resources),
+        "resources": resources,
         "securityContext": security,
     }
 

@@ -22,6 +22,12 @@ before moving the pin):
 
 Shutdown (SIGTERM or SIGINT): stop listening, let in-flight requests finish for
 up to `drain_timeout` seconds, end the sessions, exit 0.
+
+Started by the primary (`sidecar.primary`), this process is its engine: it adopts
+the primary's listening sockets (`Handover`, named in HANDOVER_ENV) instead of
+binding its own, writes `ready` on the status pipe once it listens and `busy N`
+when its count of sessions and control connections changes, and on SIGUSR1, if
+that count is still 0, writes `retiring` and shuts down as on SIGTERM.
 """
 
 from __future__ import annotations
@@ -29,18 +35,24 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
 import logging
+import os
 import secrets
 import signal
 import socket
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
 
 from mitmproxy import options
 from mitmproxy.addons import core, proxyserver
 from mitmproxy.master import Master
+from mitmproxy.proxy import mode_servers
 from mitmproxy.proxy.mode_specs import ProxyMode
 
+from sidecar.basics import HANDOVER_ENV, Capture
 from sidecar.capture import IptablesCapture, NoCapture
 from sidecar.outgoing.policy import OutgoingPolicy
 from sidecar.outgoing.resolver import ResolvConf
@@ -58,9 +70,9 @@ from sidecar.proxy.workers import (
 )
 from sidecar.sessions.control import ControlServer
 from sidecar.sessions.registry import Session, SessionRegistry
-from sidecar.settings import Capture, SidecarSettings
+from sidecar.settings import SidecarSettings
 
-__all__ = ["Sidecar", "run"]
+__all__ = ["Handover", "Sidecar", "run"]
 
 log = logging.getLogger("offramp.sidecar")
 
@@ -77,11 +89,68 @@ def outgoing_policy(settings: SidecarSettings) -> OutgoingPolicy:
     return OutgoingPolicy(frozenset(ports - {0}), frozenset(own), allow)
 
 
+@dataclass(frozen=True)
+class Handover:
+    """The primary's listening sockets this engine serves, and its status pipe."""
+
+    listen: dict[int, socket.socket]
+    """app port -> its proxy port's listening socket"""
+    control: socket.socket
+    status: int
+
+    @classmethod
+    def from_environ(cls, environ: Mapping[str, str]) -> Handover | None:
+        raw = environ.get(HANDOVER_ENV)
+        if raw is None:
+            return None
+        try:
+            data = json.loads(raw)
+            listen = {int(app): socket.socket(fileno=int(fd)) for app, fd in data["listen"].items()}
+            return cls(listen, socket.socket(fileno=int(data["control"])), int(data["status"]))
+        except (ValueError, KeyError, TypeError, OSError) as e:
+            raise ValueError(f"${HANDOVER_ENV} does not name usable sockets: {e}") from None
+
+    def listen_port(self, app: int) -> int:
+        sock = self.listen.get(app)
+        if sock is None:
+            raise ValueError(f"the primary handed over no proxy socket for app port {app}")
+        return int(sock.getsockname()[1])
+
+    @property
+    def control_port(self) -> int:
+        return int(self.control.getsockname()[1])
+
+    def tell(self, line: str) -> None:
+        """A line to the primary; lost silently if the primary has gone."""
+        with contextlib.suppress(OSError):
+            os.write(self.status, line.encode() + b"\n")
+
+
+def adopt_listeners(sockets: Mapping[int, socket.socket]) -> None:
+    """Make reverse-mode listeners on these ports (listen port -> socket) serve the
+    given sockets instead of binding new ones; others bind as before."""
+    bind = mode_servers.ReverseInstance.listen
+
+    async def listen(self: mode_servers.ReverseInstance, host: str, port: int) -> list[Any]:
+        sock = sockets.get(port)
+        if sock is None:
+            return await bind(self, host, port)
+        return [await asyncio.start_server(self.handle_stream, sock=sock)]
+
+    mode_servers.ReverseInstance.listen = listen  # type: ignore[method-assign,assignment]
+
+
 class Sidecar:
     """All the parts of a running sidecar, started and stopped together."""
 
-    def __init__(self, settings: SidecarSettings, environment: Mapping[str, str] | None = None):
+    def __init__(
+        self,
+        settings: SidecarSettings,
+        environment: Mapping[str, str] | None = None,
+        handover: Handover | None = None,
+    ):
         self.settings = settings
+        self.handover = handover
         self.registry = SessionRegistry(tuple(p.app for p in settings.app_ports))
         self.gateway = Gateway()
         self.control = ControlServer(
@@ -116,6 +185,8 @@ class Sidecar:
         self.master.addons.add(core.Core(), self._proxyserver, ProtocolDetect(self.addon))
         if self.handoff is not None:
             reuse_port_listeners()
+        if self.handover is not None:
+            adopt_listeners({sock.getsockname()[1]: sock for sock in self.handover.listen.values()})
         # When the app connection opens, and how long a request head may take.
         connections.install(s.header_timeout)
         self.master.options.update(
@@ -134,7 +205,7 @@ class Sidecar:
         self.registry.add_listener(self._on_port_change)
         if self.handoff is not None:
             await self._start_workers()
-        await self.control.start()
+        await self.control.start(self.handover.control if self.handover is not None else None)
 
     def _modes(self, shared: bool = True) -> list[str]:
         """The listeners: each app port's proxy port (`shared` with the workers), and
@@ -243,13 +314,19 @@ class Sidecar:
         self.capture.release_conntrack()
 
 
-async def run(settings: SidecarSettings, environment: Mapping[str, str] | None = None) -> int:
-    """Run the sidecar until SIGTERM; `environment` is the app container's, for sessions."""
-    sidecar = Sidecar(settings, environment)
+async def run(
+    settings: SidecarSettings,
+    environment: Mapping[str, str] | None = None,
+    handover: Handover | None = None,
+) -> int:
+    """Run the sidecar until SIGTERM (or, as the primary's engine, until SIGUSR1
+    finds it idle); `environment` is the app container's, for sessions."""
+    sidecar = Sidecar(settings, environment, handover)
     await sidecar.start()
     ports = ", ".join(f"{lp} -> app {app}" for app, lp in sidecar.listen_ports().items())
     log.info(
-        "offramp sidecar: proxy on %s (%s); capture: %s; sessions on %s:%d",
+        "offramp %s: proxy on %s (%s); capture: %s; sessions on %s:%d",
+        "engine" if handover is not None else "sidecar",
         settings.listen_host,
         ports,
         settings.capture.value,
@@ -264,6 +341,23 @@ async def run(settings: SidecarSettings, environment: Mapping[str, str] | None =
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if handover is not None:
+        control = sidecar.control
+
+        def busy() -> None:
+            handover.tell(f"busy {control.connections + len(sidecar.registry.sessions)}")
+
+        def retire_if_idle() -> None:
+            if control.idle and not stop.is_set():
+                handover.tell("retiring")
+                log.info("no session for a while: the engine goes")
+                stop.set()
+
+        control.on_busy = busy
+        sidecar.registry.watch(lambda _: busy())
+        loop.add_signal_handler(signal.SIGUSR1, retire_if_idle)
+        handover.tell("ready")
+        busy()
     await stop.wait()
     log.info(
         "shutting down: no new connections; finishing %d requests",

@@ -29,10 +29,12 @@ import contextlib
 import hmac
 import json
 import logging
+import socket
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from http import HTTPStatus
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 from websockets.asyncio.server import Server, ServerConnection, serve
@@ -163,6 +165,10 @@ class ControlServer:
         self._tasks: set[asyncio.Task[None]] = set()
         self.guard = HandshakeGuard()
         self._handshaking: dict[str, int] = {}
+        self.connections = 0
+        """Websockets open (sessions, and callers before or after their HELLO)."""
+        self.on_busy: Callable[[], None] | None = None
+        """Called when `connections` changes."""
 
     def _current_token(self) -> bytes | None:
         """The token; if the sidecar started without one, read it once the file exists."""
@@ -173,11 +179,13 @@ class ControlServer:
                 log.warning("the token file is there but unusable: %s", e)
         return self._token
 
-    async def start(self) -> None:
+    async def start(self, sock: socket.socket | None = None) -> None:
+        """Listen on host:port, or on `sock` (a listening socket the primary bound)."""
+        where: dict[str, Any] = {"sock": sock} if sock is not None else {
+            "host": self.host, "port": self.port,
+        }  # fmt: skip
         self._server = await serve(
-            self._handle,
-            self.host,
-            self.port,
+            self._counted,
             process_request=self._process_request,
             # Raised to MAX_MESSAGE once the HELLO is accepted.
             max_size=MAX_HELLO,
@@ -190,8 +198,27 @@ class ControlServer:
             ping_timeout=self.idle_timeout / 2,
             # Nor is a closing handshake awaited longer from a client that is gone.
             close_timeout=min(10.0, self.idle_timeout / 2),
+            **where,
         )
-        self.port = self._server.sockets[0].getsockname()[1] if self.port == 0 else self.port
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _counted(self, ws: ServerConnection) -> None:
+        self.connections += 1
+        self._busy_changed()
+        try:
+            await self._handle(ws)
+        finally:
+            self.connections -= 1
+            self._busy_changed()
+
+    def _busy_changed(self) -> None:
+        if self.on_busy is not None:
+            self.on_busy()
+
+    @property
+    def idle(self) -> bool:
+        """No session, and no websocket open or opening."""
+        return self.connections == 0 and not self.registry.sessions
 
     def stop_accepting(self) -> None:
         self.serving = False

@@ -19,6 +19,7 @@ import yaml
 from cryptography import x509
 
 from sidecar.cli import webhook_parser
+from sidecar.inject.patch import default_resources
 
 CHART = Path(__file__).resolve().parents[2] / "charts" / "offramp"
 K8S = "1.30"
@@ -160,16 +161,13 @@ def test_the_webhook_command_line_is_one_the_webhook_accepts(
         assert args.no_probe_protection is True
         # Helm merges maps: the default memory request stays.
         assert args.resources == {
-            "requests": {"cpu": "100m", "memory": "64Mi"},
+            "requests": {"cpu": "100m", "memory": "32Mi"},
             "limits": {"cpu": "1", "memory": "512Mi"},
         }
     else:
         assert container["image"] == "registry.example/offramp-sidecar:0.1.0"
         assert (args.capture, args.token_secret, args.port) == ("iptables", "offramp-token", 8443)
-        assert args.resources == {
-            "requests": {"cpu": "50m", "memory": "64Mi"},
-            "limits": {"memory": "256Mi"},
-        }
+        assert args.resources == default_resources()
 
 
 def test_the_user_role_grants_only_what_the_cli_does() -> None:

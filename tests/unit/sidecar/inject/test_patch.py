@@ -90,6 +90,7 @@ def test_iptables_mode_adds_the_sidecar_with_net_admin_and_the_probe_paths() -> 
     assert sidecar["args"] == [
         "--app-port=8080:15080",
         "--control-port=15081",
+        "--health-port=15079",
         "--token-file=/var/run/offramp/token",
         "--capture=iptables",
         "--probe-path=/healthz",
@@ -98,7 +99,13 @@ def test_iptables_mode_adds_the_sidecar_with_net_admin_and_the_probe_paths() -> 
     assert sidecar["securityContext"]["capabilities"] == {"drop": ["ALL"], "add": ["NET_ADMIN"]}
     assert sidecar["securityContext"]["runAsNonRoot"] is True
     assert "privileged" not in sidecar["securityContext"]
-    assert sidecar["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": 15081}
+    # The probe goes to the primary's health port: it never starts the engine.
+    assert sidecar["readinessProbe"]["httpGet"] == {"path": "/healthz", "port": 15079}
+    assert {"name": "offramp-health", "containerPort": 15079} in sidecar["ports"]
+    assert sidecar["resources"] == {
+        "requests": {"cpu": "10m", "memory": "32Mi"},
+        "limits": {"memory": "256Mi"},
+    }
     token = {"secretName": "offramp-token", "optional": True}
     assert {"name": "offramp-token", "secret": token} in out["spec"]["template"]["spec"]["volumes"]
     # The app container is untouched in this mode.
@@ -112,6 +119,21 @@ def test_iptables_mode_adds_the_sidecar_with_net_admin_and_the_probe_paths() -> 
 def test_every_declared_port_is_fronted_when_none_is_named() -> None:
     sidecar = sidecar_of(injected_deployment(InjectOptions(image=IMAGE)))
     assert sidecar["args"][:2] == ["--app-port=8080:15080", "--app-port=9090:15082"]
+
+
+def test_the_memory_limit_grows_with_the_workers_unless_resources_are_given() -> None:
+    sidecar = sidecar_of(injected_deployment(InjectOptions(image=IMAGE, workers=3)))
+    assert sidecar["resources"]["limits"] == {"memory": "448Mi"}
+    given = {"requests": {"cpu": "1"}}
+    sidecar = sidecar_of(
+        injected_deployment(InjectOptions(image=IMAGE, workers=3, resources=given))
+    )
+    assert sidecar["resources"] == given
+
+
+def test_a_pod_port_equal_to_the_health_port_is_refused() -> None:
+    with pytest.raises(InjectError, match="port 9090 .*health port"):
+        injected_deployment(InjectOptions(image=IMAGE, ports=(8080,), health_port=9090))
 
 
 def test_probe_protection_can_be_turned_off() -> None:
