@@ -132,7 +132,7 @@ def test_the_memory_limit_grows_with_the_workers_unless_resources_are_given() ->
 
 
 def test_a_pod_port_equal_to_the_health_port_is_refused() -> None:
-    with pytest.raises(InjectError, match="port 9090 .*health port"):
+    with pytest.raises(InjectError, match=r"port 9090 .*health port"):
         injected_deployment(InjectOptions(image=IMAGE, ports=(8080,), health_port=9090))
 
 
