@@ -2,7 +2,10 @@
 
     .venv/bin/python -m tests.bench [--duration 5] [--out bench-results]
 
-Every scenario sends to the same small HTTP/1.1 app (an nginx server block that
+The sidecar runs as `offramp-sidecar engine` (the engine on its own, binding its
+ports: the process requests pass through; tests/bench/footprint.py measures the
+primary in front of it, which idle requests never reach). Every scenario sends
+to the same small HTTP/1.1 app (an nginx server block that
 answers `200 app`) with wrk, at 1 connection (latency) and at 16 (throughput),
 all on 127.0.0.1. The "local process" of a stolen request is a second nginx
 server block that answers `200 local`. Before each measurement one request
@@ -581,6 +584,7 @@ class Bench:
             [
                 *_python(profile),
                 "sidecar",
+                "engine",  # the proxy engine on its own: what a request passes through
                 f"--app-port={app_port or self.app_port}",
                 f"--listen-port={listen}",
                 "--listen-host=127.0.0.1",
