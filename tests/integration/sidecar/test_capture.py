@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import socket
 import socketserver
@@ -325,6 +326,10 @@ def test_killed_sidecar_leaves_chains_that_the_next_start_removes(
     first = pod.sidecar("8080")
     with pod.session(laptop.port):
         assert "-N OFFRAMP-8080" in pod.bed.pod.nat_rules(pod.iptables)
+        # The container is killed: every process in it at once, the engine first
+        # (killed after the primary, it would drain on its parent-death signal).
+        (engine,) = children(first.pid)
+        os.kill(engine, signal.SIGKILL)
         first.kill()
         first.wait(10)
     assert "-N OFFRAMP-8080" in pod.bed.pod.nat_rules(pod.iptables)
@@ -335,6 +340,42 @@ def test_killed_sidecar_leaves_chains_that_the_next_start_removes(
         in pod.log(second)
     )
     assert pod.get(8080)["peer"] == pod.bed.caller_ip
+
+
+def children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def test_an_engine_that_dies_leaves_no_capture_behind_and_comes_back(
+    pod: Pod, laptop: HttpApp
+) -> None:
+    """The engine alone dies (a bug, the OOM killer): the primary removes its
+    chains, so callers reach the app, and the next session starts a new engine."""
+    pod.app(8080)
+    primary = pod.sidecar("8080", extra=("--engine-linger=1",))
+    with pod.session(laptop.port, "--header", "^x-preview: alice$"):
+        assert "-N OFFRAMP-8080" in pod.bed.pod.nat_rules(pod.iptables)
+        (engine,) = children(primary.pid)
+        os.kill(engine, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while "OFFRAMP-8080" in pod.bed.pod.nat_rules(pod.iptables):
+            assert time.monotonic() < deadline, pod.log(primary)
+            time.sleep(0.1)
+        assert pod.get(8080, "/x", ALICE)["peer"] == pod.bed.caller_ip
+    assert "removed the capture the engine left: OFFRAMP-8080" in pod.log(primary)
+    time.sleep(1.2)  # the pause after a death
+    with pod.session(laptop.port, "--header", "^x-preview: alice$"):
+        assert pod.get(8080, "/y", ALICE)["served_by"] == "local"
+        (second,) = children(primary.pid)
+        assert second != engine
+    # The linger passes: the engine goes, and so do its rules.
+    deadline = time.monotonic() + 15
+    while children(primary.pid):
+        assert time.monotonic() < deadline, pod.log(primary)
+        time.sleep(0.1)
+    assert "OFFRAMP" not in pod.bed.pod.nat_rules(pod.iptables)
+    assert pod.get(8080)["peer"] == pod.bed.caller_ip
+    assert "Traceback" not in pod.log(primary)
 
 
 class _Greeter(socketserver.BaseRequestHandler):
