@@ -247,6 +247,44 @@ def test_the_injected_sidecar_captures_steals_and_drains(
     assert pod.get("/cart")["peer"] == pod.bed.caller_ip, "the app serves directly again"
 
 
+def children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def mapped(pid: int, library: str) -> bool:
+    return library in Path(f"/proc/{pid}/maps").read_text()
+
+
+def test_an_idle_injected_sidecar_is_one_small_process_until_a_session_opens(
+    pod: Pod, local: HttpApp, image: str
+) -> None:
+    """Issue 19 in the real image: the primary (the container's first process)
+    passes kubelet's probe without loading mitmproxy; a session starts the engine
+    as its child, and the engine goes a while after the session ends."""
+    container = injected_sidecar(InjectOptions(image=image))
+    container["args"].append("--engine-linger=2")
+    name = pod.start_sidecar(container)
+    pod.wait_ready(name, container)
+    primary = int(pod.state(name)["Pid"])
+    assert children(primary) == [], "no engine before a session"
+    assert not mapped(primary, "mitmproxy_rs") and not mapped(primary, "pydantic_core")
+
+    with pod.session(local.port, "--header", "^x-preview: alice$"):
+        (engine,) = children(primary)
+        assert mapped(engine, "mitmproxy_rs")
+        assert status_caps(engine)["CapEff"] == 0, "the engine holds no more than the primary"
+        assert pod.get("/cart", ALICE)["served_by"] == "local"
+        assert pod.get("/cart")["served_by"] == "app"
+    pod.wait(lambda: not children(primary), "the engine to go after the linger")
+    assert "OFFRAMP-" not in pod.bed.pod.nat_rules(), pod.logs(name)
+    assert pod.get("/cart")["peer"] == pod.bed.caller_ip, "not on the path without a session"
+    with pod.session(local.port, "--header", "^x-preview: alice$"):
+        assert pod.get("/cart", ALICE)["served_by"] == "local"
+    podman("stop", "--time", "30", name, timeout=60)
+    assert pod.state(name)["ExitCode"] == 0, pod.logs(name)
+    assert "Traceback" not in pod.logs(name)
+
+
 def test_a_container_without_the_capability_its_binaries_carry_fails_with_the_reason(
     pod: Pod, image: str
 ) -> None:
