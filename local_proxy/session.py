@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 from urllib.parse import urlsplit, urlunsplit
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import InvalidHandshake, InvalidURI, WebSocketException
+from websockets.exceptions import InvalidHandshake, InvalidStatus, InvalidURI, WebSocketException
 
 from local_proxy.config import LocalSettings
 from local_proxy.forward.dial import SocketFactory
@@ -157,7 +157,13 @@ class LocalSession:
                 url, sock=sock, max_size=MAX_MESSAGE, compression=None, open_timeout=10
             )
         except (OSError, TimeoutError, InvalidHandshake, InvalidURI) as e:
-            raise SessionError(f"cannot reach the sidecar at {url}: {e}") from e
+            said = ""
+            if isinstance(e, InvalidStatus) and e.response.body:
+                # The sidecar says why in the body (e.g. its engine could not start).
+                said = e.response.body.decode("utf-8", "replace").strip()[:300]
+            raise SessionError(
+                f"cannot reach the sidecar at {url}: {e}" + (f": {said}" if said else "")
+            ) from e
         conn = Connection(Role.CLIENT)
         conn.send(
             Hello(PROTOCOL_VERSION, self.settings.token, self.settings.spec.model_dump(mode="json"))
