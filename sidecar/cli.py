@@ -427,8 +427,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (TokenError, RuleError, ValueError) as e:
         print(f"offramp-sidecar: {e}", file=sys.stderr)
         return 2
+    log = logging.getLogger("offramp.sidecar")
     if warning := loose_token_file(args.token_file):
-        logging.getLogger("offramp.sidecar").warning("%s", warning)
+        log.warning("%s", warning)
+    if not args.token_file.exists():
+        log.warning(
+            "no token file at %s yet: sessions are refused until it exists", args.token_file
+        )
     capture = Capture(args.capture)
     default_engine = Engine.ALWAYS if capture is Capture.NONE else Engine.ON_DEMAND
     # The app's variables leave this process's environment, so that nothing but

@@ -62,6 +62,7 @@ MAX_BACKOFF = 30.0
 """Longest wait, in seconds, before an engine that keeps dying is started again."""
 _READ = 64 * 1024
 _APP_CONNECT_TIMEOUT = 10.0
+_ACCEPT_BATCH = 64
 _HEALTH_HEAD_TIMEOUT = 5.0
 _KILL_AFTER = 15.0
 """Seconds past the drain timeout an engine may take to exit on SIGTERM."""
@@ -127,7 +128,8 @@ class Primary:
         """app port -> its proxy port's listening socket"""
         self._control: socket.socket | None = None
         self._health: asyncio.Server | None = None
-        self._accepting: dict[int, asyncio.Task[None]] = {}
+        self._accepting: set[int] = set()
+        """app ports whose proxy port the primary accepts on"""
         self._pipes: set[_Pipe] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._watching = False
@@ -376,27 +378,37 @@ class Primary:
     # -- passing connections to the app ----------------------------------------------
 
     def _take_proxy_ports(self) -> None:
+        loop = asyncio.get_running_loop()
         for app, sock in self._listeners.items():
-            if app not in self._accepting:
-                task = asyncio.create_task(self._accept(sock, app))
-                self._accepting[app] = task
+            if app not in self._accepting and self.state is not State.STOPPING:
+                loop.add_reader(sock.fileno(), self._accept, sock, app)
+                self._accepting.add(app)
 
     def _release_proxy_ports(self) -> None:
-        for task in self._accepting.values():
-            task.cancel()
+        """Stop accepting (what waits in the queue is the engine's now), and close
+        the idle connections passed on so far."""
+        loop = asyncio.get_running_loop()
+        for app in self._accepting:
+            loop.remove_reader(self._listeners[app].fileno())
         self._accepting.clear()
         if self._pipes:
             self._spawn(self._close_idle_pipes(IDLE_SWEEP_SECONDS))
 
-    async def _accept(self, sock: socket.socket, app: int) -> None:
-        loop = asyncio.get_running_loop()
-        while True:
+    def _accept(self, sock: socket.socket, app: int) -> None:
+        """The proxy port is readable: accept what waits (the engine, when it runs
+        too, may have taken it first)."""
+        for _ in range(_ACCEPT_BATCH):
             try:
-                conn, _ = await loop.sock_accept(sock)
+                conn, _ = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
             except OSError as e:
+                # Out of file descriptors, say: pause rather than spin on it.
                 log.warning("proxy port for app %d: %s", app, e)
-                await asyncio.sleep(0.1)
-                continue
+                self._release_proxy_ports()
+                asyncio.get_running_loop().call_later(0.5, self._take_proxy_ports)
+                return
+            conn.setblocking(False)
             self._spawn(self._pass(conn, app))
 
     async def _pass(self, conn: socket.socket, app: int) -> None:
