@@ -9,7 +9,7 @@ it to that), and for the life of the pod it:
   lives as long as one process holds it, so a connection that arrives while the
   engine starts or goes waits in the queue instead of being refused;
 - answers `GET /healthz` on its own port (kubelet's probes go there and never
-  wake the engine);
+  wake the engine); with `--engine always`, 503 until the engine is first ready;
 - starts the engine (`offramp-sidecar engine`: mitmproxy, the gateway, the
   session server, capture; `sidecar.proxy.master`) as a child that adopts those
   sockets: on demand, when a connection waits on the control port; or, with
@@ -136,6 +136,7 @@ class Primary:
         self._linger: asyncio.TimerHandle | None = None
         self._backoff = 0.0
         self._stop = asyncio.Event()
+        self._ever_ready = False
 
     # -- start and stop ------------------------------------------------------------
 
@@ -330,7 +331,7 @@ class Primary:
                 while line := await reader.readline():
                     word, _, rest = line.decode(errors="replace").strip().partition(" ")
                     if word == "ready" and not ready:
-                        ready = True
+                        ready = self._ever_ready = True
                         if self.state is State.STARTING:
                             self.state = State.RUNNING
                         self._release_proxy_ports()
@@ -468,6 +469,10 @@ class Primary:
                 status, text = "405 Method Not Allowed", "offramp sidecar: /healthz answers GET\n"
             elif self.state is State.STOPPING:
                 status, text = "503 Service Unavailable", "shutting down\n"
+            elif self.config.engine is Engine.ALWAYS and not self._ever_ready:
+                # Nothing serves the proxy ports yet (later, the primary does
+                # whenever the engine does not).
+                status, text = "503 Service Unavailable", f"engine: {self._describe()}\n"
             else:
                 status, text = "200 OK", f"ok\nengine: {self._describe()}\n"
             body = text.encode()

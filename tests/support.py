@@ -297,9 +297,15 @@ class SidecarProcess:
 
 
 def start_sidecar(
-    app_port: int, token_file: Path, log_dir: Path, *extra: str, env: dict[str, str] | None = None
+    app_port: int,
+    token_file: Path,
+    log_dir: Path,
+    *extra: str,
+    env: dict[str, str] | None = None,
+    wait: bool = True,
 ) -> SidecarProcess:
-    """The sidecar as a subprocess (`env`: variables added to this one's), once healthy.
+    """The sidecar as a subprocess (`env`: variables added to this one's), once healthy
+    (at once with `wait=False`).
     With --capture=none its engine runs from the start (`--engine always`) unless
     `extra` says otherwise; "healthy" is then the engine's /healthz, as before."""
     listen, control, health = free_ports(3, avoid=(app_port,))
@@ -326,6 +332,8 @@ def start_sidecar(
         )
     token = token_file.read_text().strip() if token_file.exists() else ""
     sidecar = SidecarProcess(proc, listen, control, app_port, token, log_path, health)
+    if not wait:
+        return sidecar
     # On demand, the primary's health; else the engine's (its control port answers
     # once the engine listens), so that a test starts with the engine running.
     on_demand = any(a in ("--engine=on-demand", "--capture=iptables") for a in extra)

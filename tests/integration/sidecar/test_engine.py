@@ -244,3 +244,32 @@ def test_an_engine_that_cannot_start_is_reported_on_the_control_port(
         assert "ok" in s.health()
     finally:
         assert s.stop() == 0, s.log()
+
+
+def test_with_engine_always_the_sidecar_is_ready_only_once_the_engine_is(
+    app: HttpApp, token_file: Path, tmp_path: Path
+) -> None:
+    """--engine always (privilege-free mode's default): an engine that cannot start
+    keeps the pod unready, is tried again after a pause, and meanwhile the
+    primary passes traffic to the app."""
+    broken = tmp_path / "broken" / "mitmproxy"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('mitmproxy broken for this test')\n")
+    s = start_sidecar(
+        app.port,
+        token_file,
+        tmp_path,
+        "--engine=always",
+        env={"PYTHONPATH": f"{broken.parent}:{os.environ.get('PYTHONPATH', '')}"},
+        wait=False,
+    )
+    try:
+        health = f"http://127.0.0.1:{s.health_port}/healthz"
+        wait_for(
+            lambda: s.log().count("proxy engine starting") >= 2, what=f"a second try: {s.log()}"
+        )
+        r = httpx.get(health)
+        assert r.status_code == 503 and "engine:" in r.text, r.text
+        assert httpx.get(s.url + "/x").json()["served_by"] == "app"
+    finally:
+        assert s.stop() == 0, s.log()
