@@ -60,6 +60,14 @@ def wait_for(check, timeout: float = 15, what: str = "") -> None:  # type: ignor
     raise AssertionError(f"timed out waiting for {what or check}")
 
 
+def broken_mitmproxy(tmp_path: Path) -> dict[str, str]:
+    """An environment in which `import mitmproxy` fails (the engine cannot start)."""
+    broken = tmp_path / "broken" / "mitmproxy"
+    broken.mkdir(parents=True)
+    (broken / "__init__.py").write_text("raise ImportError('mitmproxy broken for this test')\n")
+    return {"PYTHONPATH": f"{broken.parent}:{os.environ.get('PYTHONPATH', '')}"}
+
+
 @pytest.fixture
 def idle_sidecar(app: HttpApp, token_file: Path, tmp_path: Path):  # type: ignore[no-untyped-def]
     s = start_sidecar(app.port, token_file, tmp_path, "--engine=on-demand", "--engine-linger=1")
@@ -222,15 +230,12 @@ def test_an_engine_that_cannot_start_is_reported_on_the_control_port(
 ) -> None:
     """mitmproxy that cannot be imported: the primary, which never imports it,
     serves on; a caller of the control port learns what happened."""
-    broken = tmp_path / "broken" / "mitmproxy"
-    broken.mkdir(parents=True)
-    (broken / "__init__.py").write_text("raise ImportError('mitmproxy broken for this test')\n")
     s = start_sidecar(
         app.port,
         token_file,
         tmp_path,
         "--engine=on-demand",
-        env={"PYTHONPATH": f"{broken.parent}:{os.environ.get('PYTHONPATH', '')}"},
+        env=broken_mitmproxy(tmp_path),
     )
     try:
         assert httpx.get(s.url + "/x").json()["served_by"] == "app"
@@ -252,15 +257,12 @@ def test_with_engine_always_the_sidecar_is_ready_only_once_the_engine_is(
     """--engine always (privilege-free mode's default): an engine that cannot start
     keeps the pod unready, is tried again after a pause, and meanwhile the
     primary passes traffic to the app."""
-    broken = tmp_path / "broken" / "mitmproxy"
-    broken.mkdir(parents=True)
-    (broken / "__init__.py").write_text("raise ImportError('mitmproxy broken for this test')\n")
     s = start_sidecar(
         app.port,
         token_file,
         tmp_path,
         "--engine=always",
-        env={"PYTHONPATH": f"{broken.parent}:{os.environ.get('PYTHONPATH', '')}"},
+        env=broken_mitmproxy(tmp_path),
         wait=False,
     )
     try:
