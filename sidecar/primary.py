@@ -123,7 +123,6 @@ class Primary:
         self.state = State.IDLE
         self.engine: asyncio.subprocess.Process | None = None
         self.busy = 0
-        self.starts = 0
         self._listeners: dict[int, socket.socket] = {}
         """app port -> its proxy port's listening socket"""
         self._control: socket.socket | None = None
@@ -252,7 +251,9 @@ class Primary:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
-                log.warning("control port: %s", e)
+                log.warning("control port: %s", e)  # out of file descriptors, say
+                self._unwatch_control()
+                asyncio.get_running_loop().call_later(0.5, self._watch_control)
                 return
             self._spawn(_answer_503(conn, self._backoff))
 
@@ -300,7 +301,6 @@ class Primary:
         c = self.config
         assert self._control is not None
         self.state = State.STARTING
-        self.starts += 1
         started = time.monotonic()
         read_end, write_end = os.pipe()
         listen = {str(app): sock.fileno() for app, sock in self._listeners.items()}
