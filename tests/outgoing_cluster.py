@@ -1,6 +1,6 @@
 """A stand-in for the cluster's network, run inside the test's "cluster" namespace.
 
-    python -m tests.outgoing_cluster DNS_IP SERVICE_IP
+    python -m tests.outgoing_cluster DNS_IP SERVICE_IP [SERVICE_IP6]
 
 - kube-dns on DNS_IP:53, UDP and TCP: `payment-service.default.svc.cluster.local`
   is SERVICE_IP, `big.default.svc.cluster.local` too but over UDP only as a
@@ -29,9 +29,10 @@ from tests.support import pattern_bytes
 
 SERVICE = "payment-service.default.svc.cluster.local."
 BIG = "big.default.svc.cluster.local."
+DUAL = "dual.default.svc.cluster.local."
 
 
-def answer(wire: bytes, service_ip: str, *, tcp: bool) -> bytes:
+def answer(wire: bytes, service_ip: str, *, tcp: bool, service_ip6: str = "") -> bytes:
     query = dns.message.from_wire(wire)
     response = dns.message.make_response(query)
     response.flags |= dns.flags.AA
@@ -39,10 +40,14 @@ def answer(wire: bytes, service_ip: str, *, tcp: bool) -> bytes:
     rdtype = query.question[0].rdtype
     if name == BIG and not tcp:
         response.flags |= dns.flags.TC
-    elif name in (SERVICE, BIG):
+    elif name in (SERVICE, BIG) or (name == DUAL and service_ip6):
         if rdtype == dns.rdatatype.A:
             response.answer.append(
                 dns.rrset.from_text(query.question[0].name, 30, "IN", "A", service_ip)
+            )
+        elif rdtype == dns.rdatatype.AAAA and name == DUAL:
+            response.answer.append(
+                dns.rrset.from_text(query.question[0].name, 30, "IN", "AAAA", service_ip6)
             )
     else:
         response.set_rcode(dns.rcode.NXDOMAIN)
@@ -50,23 +55,27 @@ def answer(wire: bytes, service_ip: str, *, tcp: bool) -> bytes:
 
 
 class Udp(asyncio.DatagramProtocol):
-    def __init__(self, service_ip: str):
-        self.service_ip = service_ip
+    def __init__(self, service_ip: str, service_ip6: str):
+        self.service_ip, self.service_ip6 = service_ip, service_ip6
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport
 
     def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
-        self.transport.sendto(answer(data, self.service_ip, tcp=False), addr)  # type: ignore[attr-defined]
+        reply = answer(data, self.service_ip, tcp=False, service_ip6=self.service_ip6)
+        self.transport.sendto(reply, addr)  # type: ignore[attr-defined]
 
 
-async def main(dns_ip: str, service_ip: str) -> None:
+async def main(dns_ip: str, service_ip: str, service_ip6: str = "") -> None:
     loop = asyncio.get_running_loop()
-    await loop.create_datagram_endpoint(lambda: Udp(service_ip), local_addr=(dns_ip, 53))
+    await loop.create_datagram_endpoint(
+        lambda: Udp(service_ip, service_ip6), local_addr=(dns_ip, 53)
+    )
 
     async def dns_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         size = int.from_bytes(await reader.readexactly(2), "big")
-        reply = answer(await reader.readexactly(size), service_ip, tcp=True)
+        query = await reader.readexactly(size)
+        reply = answer(query, service_ip, tcp=True, service_ip6=service_ip6)
         writer.write(len(reply).to_bytes(2, "big") + reply)
         await writer.drain()
         writer.close()
@@ -101,9 +110,11 @@ async def main(dns_ip: str, service_ip: str) -> None:
         await asyncio.start_server(sink, service_ip, 7000),
         await asyncio.start_server(source, service_ip, 7001),
     ]
+    if service_ip6:
+        servers.append(await asyncio.start_server(whoami, service_ip6, 8080))
     print("ready", flush=True)
     await asyncio.gather(*(s.serve_forever() for s in servers))
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], sys.argv[2]))
+    asyncio.run(main(*sys.argv[1:4]))

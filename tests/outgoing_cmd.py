@@ -84,7 +84,7 @@ def attempt(host: str, port: int) -> str:
     synchronous clients use) and reads: what it read, or the error's errno name
     (ECONNREFUSED at connect, ECONNRESET on reading, ...)."""
     try:
-        with socket.socket() as s:
+        with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
             s.connect((host, port))
             s.settimeout(20)
             s.sendall(b"hello")
@@ -160,8 +160,16 @@ def bulk(host: str, size: int) -> dict[str, object]:
     }
 
 
+def resolve6(name: str) -> list[str] | str:
+    try:
+        return sorted({i[4][0] for i in socket.getaddrinfo(name, 80, socket.AF_INET6)})
+    except socket.gaierror as e:
+        return f"gaierror {e.errno}"
+
+
 def main() -> None:
     port, service_ip, hardcoded, size, checks, local_port = sys.argv[1:7]
+    service_ip6 = sys.argv[7] if len(sys.argv) > 7 else ""
     server = ThreadingHTTPServer(("127.0.0.1", int(port)), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     results: dict[str, object] = {}
@@ -208,6 +216,18 @@ def main() -> None:
                 results[check] = loop(service_ip, 1000)
             elif check == "bulk":
                 results[check] = bulk(service_ip, int(size))
+            elif check == "ipv6_resolve":
+                results[check] = [resolve("dual"), resolve6("dual"), resolve6("payment-service")]
+            elif check == "ipv6_http":  # by address, and by the name's AAAA record
+                named = resolve6("dual")
+                results[check] = [
+                    http_get(service_ip6, 8080),
+                    http_get(named[0], 8080) if isinstance(named, list) else named,
+                ]
+            elif check == "ipv6_refused":
+                results[check] = attempt(service_ip6, 9)
+            elif check == "ipv6_denied":  # a cloud metadata address, by the sidecar's policy
+                results[check] = attempt("fd00:ec2::254", 80)
         except Exception as e:  # reported, not raised: the test reads every result
             results[check] = f"error {type(e).__name__}: {e}"
     print("RESULT " + json.dumps(results), flush=True)

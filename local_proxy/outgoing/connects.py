@@ -8,8 +8,8 @@ the error a direct connect would give, it runs under a seccomp filter whose
 privilege: the process sets no_new_privs, so setuid programs it starts lose
 their setuid):
 
-- the namespace's helper (`netns`) receives each call: one that is not IPv4
-  TCP, or goes to loopback, or to a destination reached in the last 30 s
+- the namespace's helper (`netns`) receives each call: one that is not TCP
+  over IPv4 or IPv6, or goes to loopback, or to a destination reached in the last 30 s
   (`KnownGood`), continues at once;
 - it asks offramp about the others (`ConnectDecider`), which opens the way
   first: once it is open the call continues (and is redirected to the
@@ -33,6 +33,7 @@ import asyncio
 import contextlib
 import ctypes
 import errno
+import ipaddress
 import logging
 import os
 import platform
@@ -97,11 +98,12 @@ def install_filter() -> int:
     program = b"".join(
         [
             _instruction(0x20, 0, 0, 4),  # A = seccomp_data.arch
-            _instruction(0x15, 0, 5, audit_arch),  # another ABI: allow
+            _instruction(0x15, 0, 6, audit_arch),  # another ABI: allow
             _instruction(0x20, 0, 0, 0),  # A = seccomp_data.nr
-            _instruction(0x15, 0, 3, nr_connect),
+            _instruction(0x15, 0, 4, nr_connect),
             _instruction(0x20, 0, 0, 32),  # A = the low word of args[2], the address length
-            _instruction(0x15, 0, 1, 16),  # only an IPv4 address has 16 bytes
+            _instruction(0x15, 1, 0, 16),  # an IPv4 address has 16 bytes,
+            _instruction(0x15, 0, 1, 28),  # an IPv6 one 28
             _instruction(0x06, 0, 0, _RET_USER_NOTIF),
             _instruction(0x06, 0, 0, _RET_ALLOW),
         ]
@@ -128,7 +130,7 @@ class Call:
 
 
 def receive(listener: int, known: KnownGood) -> Call | bool:
-    """The next held connect() to an IPv4 TCP destination not on loopback and not
+    """The next held connect() to a TCP destination not on loopback and not
     `known`: a Call. True: one that was let go on at once. False: the listener is
     done (the process has gone)."""
     notification = ctypes.create_string_buffer(_NOTIF_SIZE)
@@ -146,27 +148,41 @@ def receive(listener: int, known: KnownGood) -> Call | bool:
 def _target(
     pid: int, sockfd: int, address: int, length: int, known: KnownGood
 ) -> tuple[str, int, bool] | None:
-    """The IPv4 TCP destination of the call and whether its socket blocks, or None
+    """The TCP destination of the call and whether its socket blocks, or None
     (let it go on untouched)."""
     if not 16 <= length <= 128:
         return None
     try:
         fd = os.open(f"/proc/{pid}/mem", os.O_RDONLY)
         try:
-            raw = os.pread(fd, 8, address)
+            raw = os.pread(fd, min(length, 28), address)
         finally:
             os.close(fd)
     except OSError:
         return None
-    if len(raw) < 8 or struct.unpack_from("=H", raw)[0] != socket.AF_INET or raw[4] == 127:
-        return None
-    target = socket.inet_ntoa(raw[4:8]), struct.unpack_from("!H", raw, 2)[0]
-    if target in known:
+    target = _destination(raw)
+    if target is None or target in known:
         return None
     kind = _socket_kind(pid, sockfd)
     if kind is None:
         return None
     return (*target, kind)
+
+
+def _destination(raw: bytes) -> tuple[str, int] | None:
+    """An IPv4 or IPv6 sockaddr's address and port, or None for loopback (or
+    anything else). A v4-mapped IPv6 address goes out as IPv4: its IPv4 text."""
+    if len(raw) < 8:
+        return None
+    family, port = struct.unpack_from("=H", raw)[0], struct.unpack_from("!H", raw, 2)[0]
+    if family == socket.AF_INET:
+        address: ipaddress.IPv4Address | ipaddress.IPv6Address = ipaddress.IPv4Address(raw[4:8])
+    elif family == socket.AF_INET6 and len(raw) >= 24:
+        v6 = ipaddress.IPv6Address(raw[8:24])
+        address = v6.ipv4_mapped or v6
+    else:
+        return None
+    return None if address.is_loopback else (str(address), port)
 
 
 def _socket_kind(pid: int, sockfd: int) -> bool | None:
@@ -204,17 +220,30 @@ def respond(listener: int, notif_id: int, code: int) -> None:
     _libc.ioctl(listener, _NOTIF_SEND, response)
 
 
-# The helper and offramp speak of held calls in these messages:
-#   helper -> offramp  b"c" + id (u64) + IPv4 (4 bytes) + port (u16): decide this one
+# The helper and offramp speak of held calls in these messages (an address is 16
+# bytes: IPv6, or IPv4 as a v4-mapped IPv6 address):
+#   helper -> offramp  b"c" + id (u64) + address + port (u16): decide this one
 #   offramp -> helper  b"a" + id (u64) + errno (i32): 0 lets it go on
-#   offramp -> helper  b"f" + IPv4 + port: forget that this destination was reached
-_ASK = struct.Struct("!cQ4sH")
+#   offramp -> helper  b"f" + address + port: forget that this destination was reached
+_ASK = struct.Struct("!cQ16sH")
 _ANSWER = struct.Struct("!cQi")
-_FORGET = struct.Struct("!c4sH")
+_FORGET = struct.Struct("!c16sH")
+
+
+def _packed(host: str) -> bytes:
+    address = ipaddress.ip_address(host)
+    if isinstance(address, ipaddress.IPv4Address):
+        return ipaddress.IPv6Address(b"\0" * 10 + b"\xff\xff" + address.packed).packed
+    return address.packed
+
+
+def _unpacked(raw: bytes) -> str:
+    address = ipaddress.IPv6Address(raw)
+    return str(address.ipv4_mapped or address)
 
 
 def ask(call: Call) -> bytes:
-    return _ASK.pack(b"c", call.notif_id, socket.inet_aton(call.host), call.port)
+    return _ASK.pack(b"c", call.notif_id, _packed(call.host), call.port)
 
 
 def answer(notif_id: int, code: int) -> bytes:
@@ -222,20 +251,20 @@ def answer(notif_id: int, code: int) -> bytes:
 
 
 def forget(host: str, port: int) -> bytes:
-    return _FORGET.pack(b"f", socket.inet_aton(host), port)
+    return _FORGET.pack(b"f", _packed(host), port)
 
 
 def parse_message(data: bytes) -> Call | tuple[int, int] | tuple[str, int] | None:
     """An ask (Call), an answer (id, errno) or a forget (host, port)."""
     if data[:1] == b"c" and len(data) == _ASK.size:
         _, notif_id, host, port = _ASK.unpack(data)
-        return Call(notif_id, socket.inet_ntoa(host), port)
+        return Call(notif_id, _unpacked(host), port)
     if data[:1] == b"a" and len(data) == _ANSWER.size:
         _, notif_id, code = _ANSWER.unpack(data)
         return notif_id, code
     if data[:1] == b"f" and len(data) == _FORGET.size:
         _, host, port = _FORGET.unpack(data)
-        return socket.inet_ntoa(host), port
+        return _unpacked(host), port
     return None
 
 

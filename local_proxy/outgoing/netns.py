@@ -5,13 +5,14 @@ mount namespace of its own (`unshare`), set up by a small helper process:
 
 - `lo` up, 198.18.0.1/32 on it (else glibc's AI_ADDRCONFIG sends no DNS query)
   and a default route through it (else connect() fails with ENETUNREACH before
-  netfilter sees the packet);
-- an nft `nat output` chain: every UDP packet to port 53 (hard-coded servers
-  too) goes to one DNS socket, every TCP connection not to loopback to one
-  listener, and loopback ones only to the ports the filter names;
-- both sockets are made inside and handed to offramp (SCM_RIGHTS), which
-  accepts on them outside and reads each connection's destination with
-  SO_ORIGINAL_DST;
+  netfilter sees the packet); where the kernel has IPv6, the same with
+  2001:2::1/128 (RFC 5180's benchmarking range) and an IPv6 default route;
+- an nft `nat output` chain per family: every UDP packet to port 53
+  (hard-coded servers too) goes to a DNS socket, every TCP connection not to
+  loopback to a listener, and loopback ones only to the ports the filter names;
+- those sockets (on 127.0.0.1, and on ::1 for IPv6) are made inside and handed
+  to offramp (SCM_RIGHTS), which accepts on them outside and reads each
+  connection's destination with SO_ORIGINAL_DST (IP6T_SO_ORIGINAL_DST);
 - /etc/resolv.conf is a bind mount with the pod's search list and ndots, so
   `payment-service` is looked up as it would be in the pod;
 - the process runs in a nested user namespace that maps it back to your uid,
@@ -73,6 +74,8 @@ NAMESERVER = "198.18.0.53"
 MARK = 0x4F46
 """Sockets offramp makes inside carry this mark; the rules leave them alone."""
 SO_ORIGINAL_DST = 80
+IP6T_SO_ORIGINAL_DST = 80
+"""The same option number, at the IPv6 level."""
 _MS_REC, _MS_PRIVATE, _MS_BIND = 0x4000, 1 << 18, 0x1000
 _PR_SET_PDEATHSIG = 1
 
@@ -110,8 +113,10 @@ def why_forbidden(error: OSError | None = None) -> str:
 class Namespace:
     pid: int
     control: socket.socket
-    listener: socket.socket
-    dns: socket.socket
+    listeners: tuple[socket.socket, ...]
+    """Where the process's TCP connections arrive: IPv4's, and IPv6's if it has it."""
+    dns: tuple[socket.socket, ...]
+    """Where its DNS queries arrive, the same way."""
     decisions: socket.socket
     """Where the helper asks offramp about the process's connect() calls (`connects`)."""
     supervised: bool = False
@@ -152,7 +157,7 @@ class Namespace:
             os.kill(self.pid, signum)
 
     def close(self) -> None:
-        for s in (self.control, self.listener, self.dns, self.decisions):
+        for s in (self.control, *self.listeners, *self.dns, self.decisions):
             s.close()
 
 
@@ -178,19 +183,22 @@ def prepare(loopback_ports: tuple[int, ...] = ()) -> Namespace:
             os._exit(code)
     child.close()
     asking.close()
-    message, fds, _, _ = socket.recv_fds(parent, 4096, 2)
-    if message != b"ok" or len(fds) != 2:
+    message, fds, _, _ = socket.recv_fds(parent, 4096, 4)
+    if message != b"ok" or len(fds) not in (2, 4):
         os.waitpid(pid, 0)
         asked.close()
         raise NamespaceError(message.decode(errors="replace").removeprefix("error: ") or
                              "the namespace helper ended without a word")  # fmt: skip
-    listener = socket.socket(fileno=fds[0])
-    dns = socket.socket(fileno=fds[1])
-    return Namespace(pid, parent, listener, dns, asked)
+    socks = [socket.socket(fileno=fd) for fd in fds]
+    return Namespace(pid, parent, tuple(socks[0::2]), tuple(socks[1::2]), asked)
 
 
 def original_destination(sock: socket.socket) -> tuple[str, int]:
-    """Where an accepted (redirected) IPv4 connection was going."""
+    """Where an accepted (redirected) connection was going."""
+    if sock.family == socket.AF_INET6:
+        raw = sock.getsockopt(socket.IPPROTO_IPV6, IP6T_SO_ORIGINAL_DST, 28)
+        port, packed = struct.unpack_from("!2xH4x16s", raw)
+        return socket.inet_ntop(socket.AF_INET6, packed), port
     raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
     port, packed = struct.unpack_from("!2xH4s", raw)
     return socket.inet_ntoa(packed), port
@@ -228,35 +236,57 @@ def _helper(
         ["route", "add", "default", "dev", "lo"],
     ):
         _run([ip, *args])
-    loopback = ""
+    socks = _listening(socket.AF_INET, "127.0.0.1")
+    rules = _rules("ip", "127.0.0.0/8", loopback_ports)
+    try:  # IPv6 where the kernel has it; without, the process gets IPv4 only, as before
+        _run([ip, "-6", "addr", "add", "2001:2::1/128", "dev", "lo", "nodad"])
+        _run([ip, "-6", "route", "add", "default", "dev", "lo"])
+        socks += _listening(socket.AF_INET6, "::1")
+        rules += _rules("ip6", "::1", loopback_ports)
+    except (NamespaceError, OSError):
+        pass
+    _run([nft, "-f", "-"], rules)
+    if libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None) != 0:
+        raise NamespaceError(f"cannot make mounts private: {os.strerror(ctypes.get_errno())}")
+    socket.send_fds(control, [b"ok"], [s.fileno() for s in socks])
+    for sock in socks:
+        sock.close()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal's Ctrl-C reaches the process
+    return _serve(control, decisions, libc, uid, gid)
+
+
+def _rules(family: str, loopback: str, loopback_ports: tuple[int, ...]) -> str:
+    """One family's nat output chain (`ip` or `ip6`): DNS and TCP to offramp."""
+    named = ""
     if loopback_ports:
         ports = ", ".join(map(str, loopback_ports))
-        loopback = f"ip daddr 127.0.0.0/8 tcp dport {{ {ports} }} redirect to :{RELAY_PORT}\n"
-    rules = f"""
-table ip offramp {{
+        named = f"{family} daddr {loopback} tcp dport {{ {ports} }} redirect to :{RELAY_PORT}\n"
+    return f"""
+table {family} offramp {{
   chain output {{
     type nat hook output priority -100; policy accept;
     meta mark {MARK} return
     udp dport 53 redirect to :53
-    {loopback}ip daddr 127.0.0.0/8 return
+    {named}{family} daddr {loopback} return
     meta l4proto tcp redirect to :{RELAY_PORT}
   }}
 }}
 """
-    _run([nft, "-f", "-"], rules)
-    if libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None) != 0:
-        raise NamespaceError(f"cannot make mounts private: {os.strerror(ctypes.get_errno())}")
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+
+
+def _listening(family: int, address: str) -> list[socket.socket]:
+    """The relay's listener and the DNS socket for one address family."""
+    listener = socket.socket(family, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    listener.bind(("127.0.0.1", RELAY_PORT))
+    if family == socket.AF_INET6:
+        listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    listener.bind((address, RELAY_PORT))
     listener.listen(1024)
-    dns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    dns.bind((DNS_ADDRESS, 53))
-    socket.send_fds(control, [b"ok"], [listener.fileno(), dns.fileno()])
-    listener.close()
-    dns.close()
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal's Ctrl-C reaches the process
-    return _serve(control, decisions, libc, uid, gid)
+    dns = socket.socket(family, socket.SOCK_DGRAM)
+    if family == socket.AF_INET6:
+        dns.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+    dns.bind((address, 53))
+    return [listener, dns]
 
 
 def _run(cmd: list[str], stdin: str | None = None) -> None:

@@ -63,7 +63,7 @@ class Outgoing:
         self.proxy: ProxyServer | None = None
         self._decider: ConnectDecider | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._dns_transport: asyncio.DatagramTransport | None = None
+        self._dns_transports: list[asyncio.DatagramTransport] = []
         self._tcp_dns: set[asyncio.Task[None]] = set()
 
     async def _tunnel(self) -> Tunnel | None:
@@ -83,8 +83,10 @@ class Outgoing:
         if not self.session.ready.is_set():
             raise SessionError(f"the outgoing session did not open within {OPEN_WAIT:g} s")
         if self.namespace is not None:
-            self._tasks.append(asyncio.create_task(self._accept(self.namespace.listener)))
-            await self._serve_dns(self.namespace.dns)
+            for listener in self.namespace.listeners:
+                self._tasks.append(asyncio.create_task(self._accept(listener)))
+            for sock in self.namespace.dns:
+                await self._serve_dns(sock)
         if self.namespace is None or proxy_port is not None:
             self.proxy = ProxyServer(self.relay, port=proxy_port or 0)
             await self.proxy.start()
@@ -179,7 +181,7 @@ class Outgoing:
 
         sock.setblocking(False)
         transport, _ = await asyncio.get_running_loop().create_datagram_endpoint(Server, sock=sock)
-        self._dns_transport = transport
+        self._dns_transports.append(transport)
 
     async def aclose(self) -> None:
         if self._decider is not None:
@@ -187,8 +189,8 @@ class Outgoing:
         self.session.stop()
         if self.proxy is not None:
             await self.proxy.aclose()
-        if self._dns_transport is not None:
-            self._dns_transport.close()
+        for transport in self._dns_transports:
+            transport.close()
         await self.relay.aclose()
         for task in self._tasks:
             task.cancel()

@@ -158,19 +158,19 @@ class OutgoingService:
             except TimeoutError:
                 problem = _Refusal(
                     ResetCode.TIMEOUT,
-                    f"{address}:{connect.port} did not answer within {CONNECT_TIMEOUT:g} s",
+                    f"{_where(address, connect.port)} did not answer within {CONNECT_TIMEOUT:g} s",
                 )
             except ConnectionRefusedError:
-                problem = _Refusal(ResetCode.REFUSED, f"{address}:{connect.port} refused")
+                problem = _Refusal(ResetCode.REFUSED, f"{_where(address, connect.port)} refused")
             except OSError as e:
                 code = (
                     ResetCode.NETWORK_UNREACHABLE
                     if e.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH)
                     else ResetCode.INTERNAL
                 )
-                problem = _Refusal(code, f"{address}:{connect.port}: {e.strerror or e}")
+                problem = _Refusal(code, f"{_where(address, connect.port)}: {e.strerror or e}")
             else:
-                return reader, writer, f"{address}:{connect.port}"
+                return reader, writer, _where(address, connect.port)
         assert problem is not None
         raise problem
 
@@ -181,6 +181,10 @@ class OutgoingService:
         self._tokens -= 1
         if self._tokens < 0:
             await asyncio.sleep(-self._tokens / RATE)
+
+
+def _where(address: IpAddress, port: int) -> str:
+    return f"[{address}]:{port}" if address.version == 6 else f"{address}:{port}"
 
 
 async def _resolve(host: str, port: int) -> tuple[str | None, list[IpAddress]]:

@@ -70,6 +70,8 @@ class Bed:
     token_file: Path
     sidecar_log: Path
     tmp: Path
+    service_ip6: str = ""
+    pod_cluster_ip6: str = ""
 
     @property
     def sidecar_url(self) -> str:
@@ -147,6 +149,11 @@ def bed() -> Iterator[Bed]:
         for address in (f"10.214.{net}.1", dns_ip, service_ip):
             cluster.sh("ip", "addr", "add", f"{address}/24", "dev", f"ooc{tag}")
         cluster.sh("ip", "link", "set", f"ooc{tag}", "up")
+        # IPv6 on the pod's link to the cluster too (a dual-stack cluster), no DAD wait.
+        pod_cluster_ip6, service_ip6 = f"fd0f:{net:x}::2", f"fd0f:{net:x}::100"
+        pod.sh("ip", "-6", "addr", "add", f"{pod_cluster_ip6}/64", "dev", f"oop{tag}", "nodad")
+        for address in (f"fd0f:{net:x}::1", service_ip6):
+            cluster.sh("ip", "-6", "addr", "add", f"{address}/64", "dev", f"ooc{tag}", "nodad")
         etc.mkdir(parents=True, exist_ok=True)
         (etc / "resolv.conf").write_text(
             f"nameserver {dns_ip}\n"
@@ -159,7 +166,8 @@ def bed() -> Iterator[Bed]:
         token_file.chmod(0o600)
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
         services = subprocess.Popen(
-            cluster.cmd(sys.executable, "-m", "tests.outgoing_cluster", dns_ip, service_ip),
+            cluster.cmd(sys.executable, "-m", "tests.outgoing_cluster", dns_ip, service_ip,
+                        service_ip6),
             cwd=REPO, stdout=subprocess.PIPE, env=env,
         )  # fmt: skip
         procs.append(services)
@@ -181,7 +189,8 @@ def bed() -> Iterator[Bed]:
             assert time.monotonic() < deadline, sidecar_log.read_text()
             time.sleep(0.1)
         yield Bed(pod, cluster, pod_ip, pod_cluster_ip, f"10.215.{net}.1", dns_ip, service_ip,
-                  f"10.214.{net}.200", token_file, sidecar_log, tmp)  # fmt: skip
+                  f"10.214.{net}.200", token_file, sidecar_log, tmp, service_ip6,
+                  pod_cluster_ip6)  # fmt: skip
     finally:
         for proc in procs:
             proc.kill()
@@ -271,7 +280,8 @@ def steal(bed: Bed, flags: list[str], cmd: list[str], *, prefix: list[str] | Non
 
 def cmd(bed: Bed, checks: str, size: int = 0, port: int = 0) -> list[str]:
     return ["/usr/bin/python3", str(REPO / "tests" / "outgoing_cmd.py"), str(CMD_PORT),
-            bed.service_ip, bed.hardcoded_dns, str(size), checks, str(port)]  # fmt: skip
+            bed.service_ip, bed.hardcoded_dns, str(size), checks, str(port),
+            bed.service_ip6]  # fmt: skip
 
 
 def test_cmd_resolves_and_connects_through_the_pod(bed: Bed) -> None:
@@ -293,6 +303,25 @@ def test_cmd_resolves_and_connects_through_the_pod(bed: Bed) -> None:
     assert result["hardcoded_dns"] == bed.service_ip, result
     assert result["dns_tcp"] == bed.service_ip, result  # DNS over TCP to resolv.conf's server
     assert "outgoing: 1 connection(s) through the pod" in run.out, run.out
+
+
+def test_ipv6_destinations_leave_from_the_pod_too(bed: Bed) -> None:
+    """A dual-stack cluster: the pod's resolver gives a name's A and AAAA records (and
+    no AAAA where it has none); CMD's connections to IPv6 addresses, literal or from
+    the AAAA answer, leave from the pod's IPv6 address; a refusal is ECONNREFUSED and
+    a metadata address EPERM, as for IPv4."""
+    checks = "ipv6_resolve,ipv6_http,ipv6_refused,ipv6_denied,http"
+    run = steal(bed, [], cmd(bed, checks))
+    assert run.code == 0, run.err + run.out
+    result = run.result
+    assert result["ipv6_resolve"] == [[bed.service_ip], [bed.service_ip6], "gaierror -5"], result
+    you = f"payment-service; you are {bed.pod_cluster_ip6}\n"
+    assert result["ipv6_http"] == [you, you], result
+    assert result["ipv6_refused"] == "ECONNREFUSED", result
+    assert result["ipv6_denied"] == "EPERM", result
+    assert result["http"] == f"payment-service; you are {bed.pod_cluster_ip}\n", result
+    log = bed.sidecar_log.read_text()
+    assert f"([{bed.service_ip6}]:8080)" in log, log
 
 
 def test_connect_errors_are_the_ones_a_direct_connect_gives(bed: Bed) -> None:
