@@ -188,7 +188,7 @@ def _where(address: IpAddress, port: int) -> str:
 
 
 async def _resolve(host: str, port: int) -> tuple[str | None, list[IpAddress]]:
-    """(the name, if a name was given; its addresses, IPv4 first as glibc sorts them)."""
+    """(the name, if a name was given; its addresses, in the order glibc sorts them)."""
     try:
         return None, [ipaddress.ip_address(host.strip("[]"))]
     except ValueError:
