@@ -284,9 +284,9 @@ def _outgoing_flags(p: argparse.ArgumentParser, namespace: bool = True) -> None:
         action="append",
         default=[],
         metavar="DEST",
-        help="with -- CMD: connections to DEST leave from this machine, all others from the "
-        "pod; DEST is [tcp://][NAME|ADDRESS|SUBNET/MASK][:PORT] as in mirrord's outgoing "
-        "filter (a NAME matches itself and NAME.anything). Repeatable",
+        help="with -- CMD: connections (and UDP) to DEST leave from this machine, all others "
+        "from the pod; DEST is [tcp://|udp://][NAME|ADDRESS|SUBNET/MASK][:PORT] as in "
+        "mirrord's outgoing filter (a NAME matches itself and NAME.anything). Repeatable",
     )
     p.add_argument(
         "--remote",
@@ -297,7 +297,7 @@ def _outgoing_flags(p: argparse.ArgumentParser, namespace: bool = True) -> None:
         "--local). Naming the pod's loopback or a link-local address here lets it through",
     )
     p.add_argument("--no-outgoing", action="store_true",
-                   help="CMD's connections leave from this machine")  # fmt: skip
+                   help="CMD's connections and UDP leave from this machine")  # fmt: skip
     p.add_argument("--no-dns", action="store_true",
                    help="CMD's DNS is answered by this machine's resolver")  # fmt: skip
     if namespace:
@@ -602,6 +602,7 @@ def _outgoing_filter(args: argparse.Namespace, incoming: FileConfig) -> Outgoing
             remote,
             tcp=not args.no_outgoing and from_file.tcp is not False,
             dns=not args.no_dns and from_file.dns is not False,
+            udp=not args.no_outgoing and from_file.udp is not False,
         )
     except RuleError as e:
         raise ConfigError(str(e)) from e
@@ -628,7 +629,7 @@ def _namespace(outgoing: OutgoingFilter, command: list[str], plain: bool) -> Nam
 def _outgoing_spec(outgoing: OutgoingFilter) -> OutgoingSpec | None:
     if not outgoing.enabled:
         return None
-    return OutgoingSpec(tcp=outgoing.tcp, dns=outgoing.dns, named=outgoing.named)
+    return OutgoingSpec(tcp=outgoing.tcp, udp=outgoing.udp, dns=outgoing.dns, named=outgoing.named)
 
 
 def _outgoing_settings(settings: LocalSettings, outgoing: OutgoingFilter) -> LocalSettings:

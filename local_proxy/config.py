@@ -71,6 +71,7 @@ class OutgoingConfig:
     local: tuple[str, ...] = ()
     remote: tuple[str, ...] = ()
     dns: bool | None = None
+    udp: bool | None = None
 
 
 @dataclass(frozen=True)
@@ -285,15 +286,15 @@ def _outgoing(network: dict[str, Any], path: Path) -> tuple[OutgoingConfig, tupl
     where = f"{path}: feature.network.outgoing"
     ignored: list[str] = []
     tcp: bool | None = None
+    udp: bool | None = None
     local: tuple[str, ...] = ()
     remote: tuple[str, ...] = ()
     value = network.get("outgoing")
     if isinstance(value, bool):
-        tcp = value
+        tcp = udp = value
     elif isinstance(value, dict):
         tcp = _bool(value.get("tcp", True), f"{where}.tcp")
-        if value.get("udp") is True:
-            ignored.append("feature.network.outgoing.udp (offramp carries only DNS over UDP)")
+        udp = _bool(value.get("udp", True), f"{where}.udp")
         ignored += [f"feature.network.outgoing.{k}" for k in value if k not in _OUTGOING_KEYS]
         filt = value.get("filter", {})
         if not isinstance(filt, dict):
@@ -324,7 +325,7 @@ def _outgoing(network: dict[str, Any], path: Path) -> tuple[OutgoingConfig, tupl
         ignored += [f"feature.network.dns.{k}" for k in dns_value if k != "enabled"]
     elif dns_value is not None:
         raise ConfigError(f"{path}: feature.network.dns must be true, false or an object")
-    return OutgoingConfig(tcp, local, remote, dns), tuple(ignored)
+    return OutgoingConfig(tcp, local, remote, dns, udp), tuple(ignored)
 
 
 def _bool(value: object, where: str) -> bool:

@@ -66,8 +66,24 @@ class Udp(asyncio.DatagramProtocol):
         self.transport.sendto(reply, addr)  # type: ignore[attr-defined]
 
 
+class UdpEcho(asyncio.DatagramProtocol):
+    def __init__(self, port: int):
+        self.port = port
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: tuple[str | int, ...]) -> None:
+        reply = f"udp {self.port}: you are {addr[0]}: ".encode() + data
+        self.transport.sendto(reply, addr)  # type: ignore[attr-defined]
+
+
 async def main(dns_ip: str, service_ip: str, service_ip6: str = "") -> None:
     loop = asyncio.get_running_loop()
+    for port in (7002, 7003):
+        await loop.create_datagram_endpoint(
+            lambda p=port: UdpEcho(p), local_addr=(service_ip, port)
+        )
     await loop.create_datagram_endpoint(
         lambda: Udp(service_ip, service_ip6), local_addr=(dns_ip, 53)
     )

@@ -160,6 +160,24 @@ def bulk(host: str, size: int) -> dict[str, object]:
     }
 
 
+def udp(host: str, ports: list[int], connected: bool = False) -> list[object]:
+    """Datagrams from one socket to each port, and what came back from where."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    answers: list[object] = []
+    with socket.socket(family, socket.SOCK_DGRAM) as s:
+        s.settimeout(10)
+        for port in ports:
+            if connected:
+                s.connect((host, port))
+                s.send(b"hello %d" % port)
+            else:
+                s.sendto(b"hello %d" % port, (host, port))
+        for _ in ports:
+            data, sender = s.recvfrom(2048)
+            answers.append([data.decode(), sender[0], sender[1]])
+    return sorted(answers, key=str)
+
+
 def resolve6(name: str) -> list[str] | str:
     try:
         return sorted({i[4][0] for i in socket.getaddrinfo(name, 80, socket.AF_INET6)})
@@ -216,6 +234,10 @@ def main() -> None:
                 results[check] = loop(service_ip, 1000)
             elif check == "bulk":
                 results[check] = bulk(service_ip, int(size))
+            elif check == "udp":  # one unconnected socket, two destinations
+                results[check] = udp(service_ip, [7002, 7003])
+            elif check == "udp_connected":
+                results[check] = udp(service_ip, [7002], connected=True)
             elif check == "ipv6_resolve":
                 results[check] = [resolve("dual"), resolve6("dual"), resolve6("payment-service")]
             elif check == "ipv6_http":  # by address, and by the name's AAAA record

@@ -44,10 +44,18 @@ class OutgoingFilter:
     """TCP through the pod at all (mirrord's `outgoing.tcp`); off: every connection is local."""
     dns: bool = True
     """DNS through the pod at all (mirrord's `feature.network.dns`)."""
+    udp: bool = True
+    """UDP other than DNS through the pod at all (mirrord's `outgoing.udp`)."""
 
     @classmethod
     def build(
-        cls, local: list[str], remote: list[str], *, tcp: bool = True, dns: bool = True
+        cls,
+        local: list[str],
+        remote: list[str],
+        *,
+        tcp: bool = True,
+        dns: bool = True,
+        udp: bool = True,
     ) -> OutgoingFilter:
         if local and remote:
             raise RuleError(
@@ -55,21 +63,28 @@ class OutgoingFilter:
                 "mirrord's): list what leaves from the laptop (--local) or what leaves from "
                 "the pod (--remote)"
             )
-        return cls(parse_rules(local), parse_rules(remote), tcp, dns)
+        return cls(parse_rules(local), parse_rules(remote), tcp, dns, udp)
 
     @property
     def enabled(self) -> bool:
-        return self.tcp or self.dns
+        return self.tcp or self.dns or self.udp
 
-    def route(self, port: int, address: IpAddress | None, name: str | None) -> Route:
-        """Where a TCP connection to `address`:`port` (asked for as `name`) leaves from."""
-        if not self.tcp:
+    def route(
+        self,
+        port: int,
+        address: IpAddress | None,
+        name: str | None,
+        protocol: Protocol = Protocol.TCP,
+    ) -> Route:
+        """Where a TCP connection (or UDP flow) to `address`:`port` (asked for as
+        `name`) leaves from."""
+        if not (self.tcp if protocol is Protocol.TCP else self.udp):
             return Route.LOCAL
         if self.local:
-            hit = match_any(self.local, Protocol.TCP, port, address, name)
+            hit = match_any(self.local, protocol, port, address, name)
             return Route.LOCAL if hit else Route.REMOTE
         if self.remote:
-            hit = match_any(self.remote, Protocol.TCP, port, address, name)
+            hit = match_any(self.remote, protocol, port, address, name)
             return Route.REMOTE if hit else Route.LOCAL
         if address is not None and address.is_loopback:
             return Route.LOCAL

@@ -10,6 +10,10 @@ mount namespace of its own (`unshare`), set up by a small helper process:
 - an nft `nat output` chain per family: every UDP packet to port 53
   (hard-coded servers too) goes to a DNS socket, every TCP connection not to
   loopback to a listener, and loopback ones only to the ports the filter names;
+  other UDP not to loopback goes to UDP sockets on UDP_PORTS (`udp`), where the
+  kernel's connection tracking can be asked over ctnetlink (a netlink socket
+  made inside and handed out too) where each flow was going; without ctnetlink
+  UDP stays unrouted, as before, and `no_udp` says why;
 - those sockets (on 127.0.0.1, and on ::1 for IPv6) are made inside and handed
   to offramp (SCM_RIGHTS), which accepts on them outside and reads each
   connection's destination with SO_ORIGINAL_DST (IP6T_SO_ORIGINAL_DST);
@@ -68,6 +72,9 @@ __all__ = ["MARK", "Namespace", "NamespaceError", "original_destination", "prepa
 
 RELAY_PORT = 15001
 """The listener's port inside the namespace (the namespace is ours: any port is free)."""
+UDP_PORTS = (15010, 15017)
+"""The UDP sockets' ports (first, last): a socket of the process that sends to
+several destinations at once has its flows spread over them."""
 DNS_ADDRESS = "127.0.0.1"
 NAMESERVER = "198.18.0.53"
 """What the process's resolv.conf names; any address would do, as all of UDP/53 is redirected."""
@@ -117,8 +124,14 @@ class Namespace:
     """Where the process's TCP connections arrive: IPv4's, and IPv6's if it has it."""
     dns: tuple[socket.socket, ...]
     """Where its DNS queries arrive, the same way."""
+    udp: tuple[socket.socket, ...]
+    """Where its other UDP arrives (empty without ctnetlink: see `no_udp`)."""
+    ctnetlink: socket.socket | None
+    """Asks the namespace's connection tracking where a UDP flow was going."""
     decisions: socket.socket
     """Where the helper asks offramp about the process's connect() calls (`connects`)."""
+    no_udp: str = ""
+    """Why UDP other than DNS is not carried, if it is not."""
     supervised: bool = False
     """Whether the process's connect() calls are held (once it runs; where the kernel
     offers no seccomp user notification, `no_connects` says why not)."""
@@ -157,8 +170,10 @@ class Namespace:
             os.kill(self.pid, signum)
 
     def close(self) -> None:
-        for s in (self.control, *self.listeners, *self.dns, self.decisions):
+        for s in (self.control, *self.listeners, *self.dns, *self.udp, self.decisions):
             s.close()
+        if self.ctnetlink is not None:
+            self.ctnetlink.close()
 
 
 def prepare(loopback_ports: tuple[int, ...] = ()) -> Namespace:
@@ -183,14 +198,22 @@ def prepare(loopback_ports: tuple[int, ...] = ()) -> Namespace:
             os._exit(code)
     child.close()
     asking.close()
-    message, fds, _, _ = socket.recv_fds(parent, 4096, 4)
-    if message != b"ok" or len(fds) not in (2, 4):
+    message, fds, _, _ = socket.recv_fds(parent, 4096, 64)
+    if not message.startswith(b"ok "):
+        for fd in fds:
+            os.close(fd)
         os.waitpid(pid, 0)
         asked.close()
         raise NamespaceError(message.decode(errors="replace").removeprefix("error: ") or
                              "the namespace helper ended without a word")  # fmt: skip
-    socks = [socket.socket(fileno=fd) for fd in fds]
-    return Namespace(pid, parent, tuple(socks[0::2]), tuple(socks[1::2]), asked)
+    said = json.loads(message[3:])
+    socks: dict[str, list[socket.socket]] = {"tcp": [], "dns": [], "udp": [], "ctnetlink": []}
+    for role, fd in zip(said["roles"], fds, strict=True):
+        socks[role].append(socket.socket(fileno=fd))
+    return Namespace(
+        pid, parent, tuple(socks["tcp"]), tuple(socks["dns"]), tuple(socks["udp"]),
+        socks["ctnetlink"][0] if socks["ctnetlink"] else None, asked, no_udp=said["no_udp"],
+    )  # fmt: skip
 
 
 def original_destination(sock: socket.socket) -> tuple[str, int]:
@@ -236,31 +259,37 @@ def _helper(
         ["route", "add", "default", "dev", "lo"],
     ):
         _run([ip, *args])
-    socks = _listening(socket.AF_INET, "127.0.0.1")
-    rules = _rules("ip", "127.0.0.0/8", loopback_ports)
+    ctnetlink, no_udp = _ctnetlink()
+    udp = ctnetlink is not None
+    socks = _listening(socket.AF_INET, "127.0.0.1", udp)
+    rules = _rules("ip", "127.0.0.0/8", loopback_ports, udp)
     try:  # IPv6 where the kernel has it; without, the process gets IPv4 only, as before
         _run([ip, "-6", "addr", "add", "2001:2::1/128", "dev", "lo", "nodad"])
         _run([ip, "-6", "route", "add", "default", "dev", "lo"])
-        socks += _listening(socket.AF_INET6, "::1")
-        rules += _rules("ip6", "::1", loopback_ports)
+        socks += _listening(socket.AF_INET6, "::1", udp)
+        rules += _rules("ip6", "::1", loopback_ports, udp)
     except (NamespaceError, OSError):
         pass
     _run([nft, "-f", "-"], rules)
     if libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None) != 0:
         raise NamespaceError(f"cannot make mounts private: {os.strerror(ctypes.get_errno())}")
-    socket.send_fds(control, [b"ok"], [s.fileno() for s in socks])
-    for sock in socks:
+    if ctnetlink is not None:
+        socks.append(("ctnetlink", ctnetlink))
+    said = json.dumps({"roles": [role for role, _ in socks], "no_udp": no_udp})
+    socket.send_fds(control, [b"ok " + said.encode()], [s.fileno() for _, s in socks])
+    for _, sock in socks:
         sock.close()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the terminal's Ctrl-C reaches the process
     return _serve(control, decisions, libc, uid, gid)
 
 
-def _rules(family: str, loopback: str, loopback_ports: tuple[int, ...]) -> str:
-    """One family's nat output chain (`ip` or `ip6`): DNS and TCP to offramp."""
+def _rules(family: str, loopback: str, loopback_ports: tuple[int, ...], udp: bool) -> str:
+    """One family's nat output chain (`ip` or `ip6`): DNS, TCP and UDP to offramp."""
     named = ""
     if loopback_ports:
         ports = ", ".join(map(str, loopback_ports))
         named = f"{family} daddr {loopback} tcp dport {{ {ports} }} redirect to :{RELAY_PORT}\n"
+    other_udp = f"meta l4proto udp redirect to :{UDP_PORTS[0]}-{UDP_PORTS[1]}" if udp else ""
     return f"""
 table {family} offramp {{
   chain output {{
@@ -269,24 +298,49 @@ table {family} offramp {{
     udp dport 53 redirect to :53
     {named}{family} daddr {loopback} return
     meta l4proto tcp redirect to :{RELAY_PORT}
+    {other_udp}
   }}
 }}
 """
 
 
-def _listening(family: int, address: str) -> list[socket.socket]:
-    """The relay's listener and the DNS socket for one address family."""
-    listener = socket.socket(family, socket.SOCK_STREAM)
-    listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    if family == socket.AF_INET6:
-        listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-    listener.bind((address, RELAY_PORT))
+def _listening(family: int, address: str, udp: bool) -> list[tuple[str, socket.socket]]:
+    """The relay's listener, the DNS socket and the UDP sockets for one address family."""
+
+    def made(kind: int, port: int) -> socket.socket:
+        sock = socket.socket(family, kind)
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        if kind == socket.SOCK_STREAM:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((address, port))
+        return sock
+
+    listener = made(socket.SOCK_STREAM, RELAY_PORT)
     listener.listen(1024)
-    dns = socket.socket(family, socket.SOCK_DGRAM)
-    if family == socket.AF_INET6:
-        dns.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-    dns.bind((address, 53))
-    return [listener, dns]
+    socks = [("tcp", listener), ("dns", made(socket.SOCK_DGRAM, 53))]
+    if udp:
+        first, last = UDP_PORTS
+        socks += [("udp", made(socket.SOCK_DGRAM, port)) for port in range(first, last + 1)]
+    return socks
+
+
+def _ctnetlink() -> tuple[socket.socket | None, str]:
+    """A ctnetlink socket in this namespace, if its connection tracking answers on it."""
+    from local_proxy.outgoing.udp import conntrack_socket, original_destination
+
+    try:
+        sock = conntrack_socket()
+    except OSError as e:
+        return None, f"no ctnetlink socket: {e.strerror or e}"
+    try:
+        original_destination(sock, ("127.0.0.1", 1), ("127.0.0.1", 1))
+    except FileNotFoundError:
+        return sock, ""  # it answered: no such flow
+    except OSError as e:
+        sock.close()
+        return None, f"connection tracking does not answer over ctnetlink: {e.strerror or e}"
+    return sock, ""
 
 
 def _run(cmd: list[str], stdin: str | None = None) -> None:

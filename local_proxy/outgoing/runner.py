@@ -28,6 +28,7 @@ from local_proxy.outgoing.filter import NameBook, OutgoingFilter
 from local_proxy.outgoing.netns import NAMESERVER, Namespace, original_destination
 from local_proxy.outgoing.proxy import ProxyServer, proxy_environment
 from local_proxy.outgoing.relay import OutgoingRelay
+from local_proxy.outgoing.udp import UdpRelay
 from local_proxy.session import LocalSession, SessionError
 from sidecar.outgoing.resolver import ResolvConf
 from sidecar.tunnel.driver import Tunnel
@@ -60,6 +61,9 @@ class Outgoing:
         self.dns = DnsHandler(
             outgoing, self.names, self._tunnel, ResolvConf.read(FilePath("/etc/resolv.conf"))
         )
+        self.udp: UdpRelay | None = None
+        if namespace is not None and namespace.ctnetlink is not None and outgoing.udp:
+            self.udp = UdpRelay(outgoing, self.names, self._tunnel, namespace.ctnetlink)
         self.proxy: ProxyServer | None = None
         self._decider: ConnectDecider | None = None
         self._tasks: list[asyncio.Task[None]] = []
@@ -87,6 +91,12 @@ class Outgoing:
                 self._tasks.append(asyncio.create_task(self._accept(listener)))
             for sock in self.namespace.dns:
                 await self._serve_dns(sock)
+            if self.udp is not None:
+                for sock in self.namespace.udp:
+                    await self.udp.serve(sock)
+            elif self.filter.udp and self.namespace.no_udp:
+                why = self.namespace.no_udp
+                self.report(f"offramp: note: UDP other than DNS is not carried ({why})")
         if self.namespace is None or proxy_port is not None:
             self.proxy = ProxyServer(self.relay, port=proxy_port or 0)
             await self.proxy.start()
@@ -191,6 +201,8 @@ class Outgoing:
             await self.proxy.aclose()
         for transport in self._dns_transports:
             transport.close()
+        if self.udp is not None:
+            await self.udp.aclose()
         await self.relay.aclose()
         for task in self._tasks:
             task.cancel()
@@ -200,9 +212,15 @@ class Outgoing:
 
     def summary(self) -> str:
         c, d = self.relay.counters, self.dns
+        udp = ""
+        if self.udp is not None and any(self.udp.flows.values()):
+            u = self.udp.flows
+            udp = (f"; UDP: {u['remote']} flow(s) through the pod, {u['local']} from here, "
+                   f"{u['failed']} failed")  # fmt: skip
         return (
             f"outgoing: {c.remote} connection(s) through the pod, {c.local} from here, "
             f"{c.failed} failed; DNS: {d.remote} through the pod, {d.local} here, {d.failed} failed"
+            + udp
         )
 
 

@@ -1,4 +1,4 @@
-"""The pod end of a session's outgoing traffic: CONNECT and DNS streams.
+"""The pod end of a session's outgoing traffic: CONNECT (TCP or UDP) and DNS streams.
 
 A CONNECT is resolved here (the pod's resolver, search list and all), every
 address checked against the policy, the first allowed one dialed; then bytes
@@ -10,7 +10,12 @@ The connections leave from the pod's network namespace with its address, as
 the app's own do (a mesh's outbound capture applies to them alike); the
 sidecar's capture chain is on PREROUTING only, so they are never captured by it.
 
-Per session: at most MAX_CONNECTIONS open at once (more are DENIED) and new
+A UDP CONNECT is resolved and checked the same way; its flow is a socket in the
+pod connected to the first allowed address, datagrams going both ways (framed
+on the stream, see `sidecar.tunnel.protocol.frame_datagram`) until the laptop
+ends it or it has been idle for UDP_IDLE seconds.
+
+Per session: at most MAX_CONNECTIONS open at once (UDP flows count) (more are DENIED) and new
 connections at most RATE per second (more wait their turn). Each dial leaves a
 line in the sidecar's log: session, destination, bytes each way, duration.
 """
@@ -25,12 +30,24 @@ import logging
 import socket
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from sidecar.outgoing.policy import OutgoingPolicy
 from sidecar.outgoing.resolver import DnsError, ResolvConf, forward_query
 from sidecar.outgoing.rules import IpAddress, Protocol, Rule
 from sidecar.tunnel.driver import StreamHandle
-from sidecar.tunnel.protocol import Connect, Connected, DnsAnswer, DnsQuery, ResetCode
+from sidecar.tunnel.protocol import (
+    MAX_DATA,
+    Connect,
+    Connected,
+    Data,
+    Datagrams,
+    DnsAnswer,
+    DnsQuery,
+    End,
+    ResetCode,
+    frame_datagram,
+)
 from sidecar.tunnel.splice import Transferred, splice
 
 __all__ = ["CONNECT_TIMEOUT", "MAX_CONNECTIONS", "RATE", "OutgoingService"]
@@ -61,6 +78,7 @@ class OutgoingService:
     named: tuple[Rule, ...]
     tcp: bool
     dns: bool
+    udp: bool = False
     _tasks: set[asyncio.Task[None]] = field(default_factory=set)
     _open: int = 0
     _dns_in_flight: int = 0
@@ -106,52 +124,79 @@ class OutgoingService:
     async def _connect(self, connect: Connect, handle: StreamHandle) -> None:
         started = time.monotonic()
         where = f"{connect.host}:{connect.port}"
-        counts = Transferred()
         self._open += 1
         try:
             try:
-                reader, writer, address = await self._dial(connect)
+                if connect.protocol == "udp":
+                    flow, address = await self._udp_flow(connect, handle)
+                else:
+                    reader, writer, address = await self._dial(connect)
             except _Refusal as e:
                 handle.reset(e.code, str(e))
-                log.info("%s: tcp to %s refused: %s", self.who, where, e)
+                log.info("%s: %s to %s refused: %s", self.who, connect.protocol, where, e)
                 return
             self.connections += 1
             handle.send(Connected(handle.id, address))
-            try:
-                broke = await splice(handle, reader, writer, counts=counts)
-            finally:
-                writer.close()
+            why: str | None
+            if connect.protocol == "udp":
+                why = await flow.run()
+                carried = (
+                    f"{flow.out} datagrams out ({flow.bytes_out} bytes), {flow.into} in "
+                    f"({flow.bytes_in} bytes), {flow.dropped} dropped"
+                )
+            else:
+                counts = Transferred()
+                try:
+                    why = await splice(handle, reader, writer, counts=counts)
+                finally:
+                    writer.close()
+                carried = f"{counts.to_socket} bytes out, {counts.to_tunnel} in"
             log.info(
-                "%s: tcp to %s (%s): %d bytes out, %d in, %.1f s%s",
-                self.who, where, address, counts.to_socket, counts.to_tunnel,
-                time.monotonic() - started, f" ({broke})" if broke else "",
+                "%s: %s to %s (%s): %s, %.1f s%s",
+                self.who, connect.protocol, where, address, carried,
+                time.monotonic() - started, f" ({why})" if why else "",
             )  # fmt: skip
         finally:
             self._open -= 1
 
-    async def _dial(
-        self, connect: Connect
-    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str]:
-        if not self.tcp:
-            raise _Refusal(ResetCode.DENIED, "outgoing TCP through the pod is off for this session")
+    async def _udp_flow(self, connect: Connect, handle: StreamHandle) -> tuple[_UdpFlow, str]:
+        address = (await self._allowed(connect, Protocol.UDP))[0]
+        loop = asyncio.get_running_loop()
+        try:
+            _, flow = await loop.create_datagram_endpoint(
+                lambda: _UdpFlow(handle), remote_addr=(str(address), connect.port)
+            )
+        except OSError as e:
+            raise _network_refusal(e, _where(address, connect.port)) from e
+        return flow, _where(address, connect.port)
+
+    async def _allowed(self, connect: Connect, protocol: Protocol) -> list[IpAddress]:
+        """The addresses of the CONNECT's host that the policy allows, in order: at
+        least one, else _Refusal (also when the session may not open more)."""
+        if not (self.tcp if protocol is Protocol.TCP else self.udp):
+            raise _Refusal(
+                ResetCode.DENIED,
+                f"outgoing {protocol.value.upper()} through the pod is off for this session",
+            )
         if self._open > MAX_CONNECTIONS:
             raise _Refusal(
                 ResetCode.DENIED, f"this session already has {MAX_CONNECTIONS} outgoing connections"
             )
         await self._take_token()
         name, addresses = await _resolve(connect.host, connect.port)
-        allowed: list[IpAddress] = []
-        first_reason = ""
-        for address in addresses:
-            reason = self.policy.check(Protocol.TCP, address, connect.port, name, self.named)
-            if reason is None:
-                allowed.append(address)
-            elif not first_reason:
-                first_reason = reason
+        reasons = [
+            self.policy.check(protocol, a, connect.port, name, self.named) for a in addresses
+        ]
+        allowed = [a for a, reason in zip(addresses, reasons, strict=True) if reason is None]
         if not allowed:
-            raise _Refusal(ResetCode.DENIED, first_reason)
+            raise _Refusal(ResetCode.DENIED, next(r for r in reasons if r))
+        return allowed
+
+    async def _dial(
+        self, connect: Connect
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str]:
         problem: _Refusal | None = None
-        for address in allowed:
+        for address in await self._allowed(connect, Protocol.TCP):
             try:
                 async with asyncio.timeout(CONNECT_TIMEOUT):
                     reader, writer = await asyncio.open_connection(str(address), connect.port)
@@ -163,12 +208,7 @@ class OutgoingService:
             except ConnectionRefusedError:
                 problem = _Refusal(ResetCode.REFUSED, f"{_where(address, connect.port)} refused")
             except OSError as e:
-                code = (
-                    ResetCode.NETWORK_UNREACHABLE
-                    if e.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH)
-                    else ResetCode.INTERNAL
-                )
-                problem = _Refusal(code, f"{_where(address, connect.port)}: {e.strerror or e}")
+                problem = _network_refusal(e, _where(address, connect.port))
             else:
                 return reader, writer, _where(address, connect.port)
         assert problem is not None
@@ -181,6 +221,84 @@ class OutgoingService:
         self._tokens -= 1
         if self._tokens < 0:
             await asyncio.sleep(-self._tokens / RATE)
+
+
+UDP_IDLE = 60.0
+"""Seconds a UDP flow lasts without a datagram either way."""
+
+
+class _UdpFlow(asyncio.DatagramProtocol):
+    """One UDP flow's socket in the pod (connected to its destination) and its
+    tunnel stream. A datagram the tunnel has no window for is dropped, as a full
+    network would: UDP promises no delivery, and nothing may pile up here."""
+
+    def __init__(self, handle: StreamHandle):
+        self.handle = handle
+        self.transport: asyncio.DatagramTransport | None = None
+        self.out = self.into = self.bytes_out = self.bytes_in = self.dropped = 0
+        self.last = time.monotonic()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.DatagramTransport)
+        self.transport = transport
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        self.last = time.monotonic()
+        framed = frame_datagram(data)
+        if not self.handle.active or self.handle.tunnel.conn.send_window(self.handle.id) < len(
+            framed
+        ):
+            self.dropped += 1
+            return
+        for i in range(0, len(framed), MAX_DATA):
+            self.handle.send(Data(self.handle.id, framed[i : i + MAX_DATA]))
+        self.into += 1
+        self.bytes_in += len(data)
+
+    def error_received(self, exc: Exception) -> None:
+        # An ICMP error for an earlier datagram (port unreachable, say): the
+        # destination's answer to it, as a direct socket would see and ignore it.
+        log.debug("udp flow: %s", exc)
+
+    async def run(self) -> str:
+        """Datagrams from the tunnel to the destination until the stream ends or
+        the flow idles; says why it ended."""
+        assert self.transport is not None
+        datagrams = Datagrams()
+        try:
+            while True:
+                wait = UDP_IDLE - (time.monotonic() - self.last)
+                try:
+                    event = await asyncio.wait_for(self.handle.next(), max(wait, 0.01))
+                except TimeoutError:
+                    if time.monotonic() - self.last < UDP_IDLE:
+                        continue
+                    self.handle.send(End(self.handle.id))
+                    return f"idle for {UDP_IDLE:g} s"
+                if isinstance(event, Data):
+                    self.last = time.monotonic()
+                    for datagram in datagrams.feed(event.data):
+                        self.transport.sendto(datagram)
+                        self.out += 1
+                        self.bytes_out += len(datagram)
+                    self.handle.ack(len(event.data))
+                elif isinstance(event, End):
+                    if self.handle.active:
+                        self.handle.send(End(self.handle.id))
+                    return "ended by the laptop"
+                else:
+                    return f"the stream broke: {event!r}"
+        finally:
+            self.transport.close()
+
+
+def _network_refusal(error: OSError, where: str) -> _Refusal:
+    code = (
+        ResetCode.NETWORK_UNREACHABLE
+        if error.errno in (errno.ENETUNREACH, errno.EHOSTUNREACH)
+        else ResetCode.INTERNAL
+    )
+    return _Refusal(code, f"{where}: {error.strerror or error}")
 
 
 def _where(address: IpAddress, port: int) -> str:

@@ -100,7 +100,7 @@ def _outgoing_status(session: Session) -> dict[str, object]:
     service = session.outgoing
     if service is None:
         return {}
-    granted = [kind for kind in ("tcp", "dns") if getattr(service, kind)]
+    granted = [kind for kind in ("tcp", "udp", "dns") if getattr(service, kind)]
     return {"outgoing": {"granted": granted, "connections": service.connections}}
 
 
@@ -379,7 +379,7 @@ class ControlServer:
         ws.protocol.max_message_size = MAX_MESSAGE
         ports = self.registry.covered_ports(session.spec)
         outgoing = self._outgoing(session)
-        granted = tuple(k for k in ("tcp", "dns") if outgoing and getattr(outgoing, k))
+        granted = tuple(k for k in ("tcp", "udp", "dns") if outgoing and getattr(outgoing, k))
         welcome = Welcome(
             PROTOCOL_VERSION, session.id, __version__, ports, granted,
             self.resolv.search, self.resolv.ndots,
@@ -475,11 +475,11 @@ class ControlServer:
 
     def _outgoing(self, session: Session) -> OutgoingService | None:
         asked = session.spec.outgoing
-        if asked is None or not (asked.tcp or asked.dns):
+        if asked is None or not (asked.tcp or asked.udp or asked.dns):
             return None
         return OutgoingService(
             session.describe(), self.policy, self.resolv, parse_rules(asked.named),
-            asked.tcp, asked.dns,
+            asked.tcp, asked.dns, asked.udp,
         )  # fmt: skip
 
     async def _report_timeouts(self, session: Session) -> None:

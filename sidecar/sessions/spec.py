@@ -153,6 +153,8 @@ class OutgoingSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     tcp: bool = True
+    udp: bool = True
+    """UDP other than DNS (mirrord's `outgoing.udp`)."""
     dns: bool = True
     named: tuple[str, ...] = Field(default=(), max_length=MAX_CLAUSES)
 

@@ -7,7 +7,9 @@ concurrent exchanges as *streams*, of three kinds:
   client (the local proxy) answers with RESPONSE_HEAD;
 - CONNECT: the client asks for a TCP connection from the pod to a host and port;
   the sidecar answers CONNECTED once it is open (or RESET with why not), then
-  DATA and END carry the bytes and half-closes both ways;
+  DATA and END carry the bytes and half-closes both ways. With protocol "udp"
+  it asks for a UDP flow instead: DATA then carries datagrams, each as a u16
+  length and its bytes (`frame_datagram`, `Datagrams`), and END ends the flow;
 - DNS: the client sends one DNS_QUERY (a DNS message as on the wire), the sidecar
   answers one DNS_ANSWER from the pod's nameservers (or RESET).
 
@@ -62,6 +64,7 @@ __all__ = [
     "HOP_BY_HOP",
     "INITIAL_WINDOW",
     "MAX_DATA",
+    "MAX_DATAGRAM",
     "MAX_DNS",
     "MAX_FRAME",
     "MAX_HELLO",
@@ -72,6 +75,7 @@ __all__ = [
     "Connected",
     "Connection",
     "Data",
+    "Datagrams",
     "DnsAnswer",
     "DnsQuery",
     "End",
@@ -93,6 +97,7 @@ __all__ = [
     "WindowUpdate",
     "decode_frame",
     "encode",
+    "frame_datagram",
 ]
 
 PROTOCOL_VERSION = 3
@@ -251,7 +256,7 @@ class Welcome:
     sidecar_version: str
     app_ports: tuple[int, ...]
     outgoing: tuple[str, ...] = ()
-    """What outgoing traffic this session may send through the pod: "tcp", "dns"."""
+    """What outgoing traffic this session may send through the pod: "tcp", "udp", "dns"."""
     dns_search: tuple[str, ...] = ()
     """The pod's resolver search list and ndots, for the local process's resolv.conf."""
     dns_ndots: int = 1
@@ -495,22 +500,28 @@ class WindowUpdate:
 
 @dataclass(frozen=True, slots=True)
 class Connect:
-    """The client asks for a TCP connection from the pod to `host`:`port`; `host`
-    is a name (resolved in the pod) or an IP address."""
+    """The client asks for a TCP connection (or, `protocol` "udp", a UDP flow) from
+    the pod to `host`:`port`; `host` is a name (resolved in the pod) or an IP address."""
 
     TYPE: ClassVar[FrameType] = FrameType.CONNECT
     stream_id: int
     host: str
     port: int
+    protocol: str = "tcp"
 
     def __post_init__(self) -> None:
         if not self.host or len(self.host) > 255:
             raise ValueError("CONNECT needs a host of 1 to 255 characters")
         if not 1 <= self.port <= 65535:
-            raise ValueError(f"CONNECT port {self.port} is not a TCP port")
+            raise ValueError(f"CONNECT port {self.port} is not a port number")
+        if self.protocol not in ("tcp", "udp"):
+            raise ValueError(f"CONNECT protocol {self.protocol!r} is neither tcp nor udp")
 
     def payload(self) -> bytes:
-        return _json({"host": self.host, "port": self.port})
+        body: dict[str, object] = {"host": self.host, "port": self.port}
+        if self.protocol != "tcp":
+            body["protocol"] = self.protocol
+        return _json(body)
 
     @classmethod
     def parse(cls, stream_id: int, payload: bytes) -> Self:
@@ -520,9 +531,39 @@ class Connect:
                 stream_id,
                 _field(cls.TYPE, obj, "host", str),
                 _field(cls.TYPE, obj, "port", int),
+                _field(cls.TYPE, obj, "protocol", str) if "protocol" in obj else "tcp",
             )
         except ValueError as e:
             raise ProtocolError(str(e)) from e
+
+
+MAX_DATAGRAM = 65535
+"""Largest datagram a UDP flow carries (its u16 length prefix's limit)."""
+
+
+def frame_datagram(datagram: bytes) -> bytes:
+    """One datagram as a UDP flow's DATA carries it: u16 length, then the bytes."""
+    if len(datagram) > MAX_DATAGRAM:
+        raise ValueError(f"a datagram has at most {MAX_DATAGRAM} bytes, got {len(datagram)}")
+    return len(datagram).to_bytes(2, "big") + datagram
+
+
+class Datagrams:
+    """Reassembles a UDP flow's datagrams from its DATA, however the bytes were cut."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self._buffer += data
+        out = []
+        while len(self._buffer) >= 2:
+            size = int.from_bytes(self._buffer[:2], "big")
+            if len(self._buffer) < 2 + size:
+                break
+            out.append(bytes(self._buffer[2 : 2 + size]))
+            del self._buffer[: 2 + size]
+        return out
 
 
 @dataclass(frozen=True, slots=True)

@@ -305,6 +305,24 @@ def test_cmd_resolves_and_connects_through_the_pod(bed: Bed) -> None:
     assert "outgoing: 1 connection(s) through the pod" in run.out, run.out
 
 
+def test_udp_leaves_from_the_pod(bed: Bed) -> None:
+    """UDP other than DNS: each flow through the pod, the answers back from the
+    address the process sent to, one socket to two destinations at once, and a
+    connected socket."""
+    run = steal(bed, [], cmd(bed, "udp,udp_connected"))
+    assert run.code == 0, run.err + run.out
+    result = run.result
+    you = f"you are {bed.pod_cluster_ip}"
+    assert result["udp"] == [
+        [f"udp 7002: {you}: hello 7002", bed.service_ip, 7002],
+        [f"udp 7003: {you}: hello 7003", bed.service_ip, 7003],
+    ], result
+    assert result["udp_connected"] == [[f"udp 7002: {you}: hello 7002", bed.service_ip, 7002]]
+    assert "UDP: 3 flow(s) through the pod" in run.out, run.out
+    log = bed.sidecar_log.read_text()
+    assert f"udp to {bed.service_ip}:7003 ({bed.service_ip}:7003): 1 datagrams out" in log, log
+
+
 def test_ipv6_destinations_leave_from_the_pod_too(bed: Bed) -> None:
     """A dual-stack cluster: the pod's resolver gives a name's A and AAAA records (and
     no AAAA where it has none); CMD's connections to IPv6 addresses, literal or from

@@ -264,7 +264,13 @@ def test_outgoing_and_dns_keys(tmp_path: Path) -> None:
     loaded = load_config(path)
     assert loaded.outgoing.remote == ("payment-service:8080",)
     assert loaded.outgoing.dns is False and loaded.outgoing.tcp is True
-    assert any("outgoing.udp" in k for k in loaded.ignored)
+    assert loaded.outgoing.udp is True and not loaded.ignored
+    off = write(tmp_path, '{"feature": {"network": {"outgoing": {"udp": false}}}}')
+    assert load_config(off).outgoing.udp is False and load_config(off).outgoing.tcp is True
+    assert (
+        load_config(write(tmp_path, '{"feature": {"network": {"outgoing": false}}}')).outgoing.udp
+        is False
+    )
     both = write(tmp_path, '{"feature": {"network": {"outgoing": {"filter": '
                  '{"local": ["a"], "remote": ["b"]}}}}}')  # fmt: skip
     with pytest.raises(ConfigError, match="both local and remote"):

@@ -7,7 +7,7 @@ import ipaddress
 import pytest
 
 from local_proxy.outgoing.filter import NameBook, OutgoingFilter, Route
-from sidecar.outgoing.rules import RuleError
+from sidecar.outgoing.rules import Protocol, RuleError
 
 pytestmark = pytest.mark.timeout(10)
 
@@ -50,10 +50,17 @@ def test_local_and_remote_together_are_refused() -> None:
 
 
 def test_off_switches() -> None:
-    f = OutgoingFilter.build([], [], tcp=False, dns=False)
+    f = OutgoingFilter.build([], [], tcp=False, dns=False, udp=False)
     assert not f.enabled
     assert f.route(80, ip("10.0.0.5"), None) is Route.LOCAL
+    assert f.route(53, ip("10.0.0.5"), None, Protocol.UDP) is Route.LOCAL
     assert f.dns_route("payment-service") is Route.LOCAL
+    # UDP alone: its own switch, and udp:// entries in the filter.
+    udp_only = OutgoingFilter.build(["udp://:8125"], [], tcp=False, dns=False)
+    assert udp_only.enabled
+    assert udp_only.route(80, ip("10.0.0.5"), None) is Route.LOCAL
+    assert udp_only.route(8125, ip("10.0.0.5"), None, Protocol.UDP) is Route.LOCAL
+    assert udp_only.route(514, ip("10.0.0.5"), None, Protocol.UDP) is Route.REMOTE
 
 
 def test_the_name_book_remembers_the_latest_names_up_to_its_size() -> None:

@@ -5,16 +5,20 @@ from __future__ import annotations
 import struct
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from sidecar.tunnel.protocol import (
     INITIAL_WINDOW,
     MAX_DATA,
+    MAX_DATAGRAM,
     MAX_MESSAGE,
     PROTOCOL_VERSION,
     Connect,
     Connected,
     Connection,
     Data,
+    Datagrams,
     DnsAnswer,
     DnsQuery,
     End,
@@ -36,6 +40,7 @@ from sidecar.tunnel.protocol import (
     WindowUpdate,
     decode_frame,
     encode,
+    frame_datagram,
 )
 
 pytestmark = pytest.mark.timeout(10)
@@ -46,6 +51,7 @@ MESSAGES: list[Message] = [
     Hello(PROTOCOL_VERSION, "tok", {"mode": "steal"}),
     Welcome(PROTOCOL_VERSION, "s1", "0.1.0", (80,), ("tcp", "dns"), ("default.svc",), 5),
     Connect(2, "payment-service.default", 8080),
+    Connect(6, "statsd.monitoring", 8125, "udp"),
     Connected(2, "10.96.0.7:8080"),
     DnsQuery(4, bytes(12) + b"\x00"),
     DnsAnswer(4, bytes(20)),
@@ -366,7 +372,38 @@ def test_outgoing_messages_validate_when_built() -> None:
     with pytest.raises(ValueError):
         Connect(2, "h", 70000)
     with pytest.raises(ValueError):
+        Connect(2, "h", 80, "sctp")
+    with pytest.raises(ValueError):
         DnsQuery(2, b"short")
+
+
+def test_a_tcp_connect_says_no_protocol_so_older_sidecars_read_it_as_before() -> None:
+    assert b"protocol" not in Connect(2, "h", 80).payload()
+    assert Connect.parse(2, b'{"host": "h", "port": 80}') == Connect(2, "h", 80, "tcp")
+
+
+@given(
+    st.lists(st.binary(max_size=MAX_DATAGRAM), max_size=5).filter(
+        lambda d: sum(map(len, d)) < 200_000
+    ),
+    st.lists(st.integers(1, 70_000), max_size=10),
+)
+def test_datagrams_come_out_as_they_went_in_however_the_bytes_are_cut(
+    datagrams: list[bytes], cuts: list[int]
+) -> None:
+    stream = b"".join(map(frame_datagram, datagrams))
+    pieces, at = [], 0
+    for cut in cuts:
+        pieces.append(stream[at : at + cut])
+        at += cut
+    pieces.append(stream[at:])
+    reassembler = Datagrams()
+    assert [d for piece in pieces for d in reassembler.feed(piece)] == datagrams
+
+
+def test_a_datagram_larger_than_its_length_prefix_is_refused() -> None:
+    with pytest.raises(ValueError):
+        frame_datagram(bytes(MAX_DATAGRAM + 1))
 
 
 def test_no_connect_after_goodbye() -> None:
