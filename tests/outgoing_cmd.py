@@ -188,6 +188,7 @@ def resolve6(name: str) -> list[str] | str:
 def main() -> None:
     port, service_ip, hardcoded, size, checks, local_port = sys.argv[1:7]
     service_ip6 = sys.argv[7] if len(sys.argv) > 7 else ""
+    laptop_ip = sys.argv[8] if len(sys.argv) > 8 else ""
     server = ThreadingHTTPServer(("127.0.0.1", int(port)), Handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     results: dict[str, object] = {}
@@ -236,6 +237,8 @@ def main() -> None:
                 results[check] = bulk(service_ip, int(size))
             elif check == "udp":  # one unconnected socket, two destinations
                 results[check] = udp(service_ip, [7002, 7003])
+            elif check == "udp_local":  # a --local udp:// destination: from the laptop
+                results[check] = udp(laptop_ip, [int(local_port)])
             elif check == "udp_connected":
                 results[check] = udp(service_ip, [7002], connected=True)
             elif check == "ipv6_resolve":

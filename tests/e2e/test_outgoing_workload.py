@@ -74,7 +74,7 @@ def test_cmd_reaches_the_pods_loopback_when_it_names_it(cluster: Cluster, tmp_pa
         mine = get(pod["status"]["podIP"], 8080, "/mine")
         assert mine["served_by"] == "local" and mine["peer"] == "127.0.0.1"
         status = offramp(kubeconfig, "status", "deploy/api").stdout
-        assert "outgoing (tcp+dns) by " in status and "1 connection(s) from the pod" in status
+        assert "outgoing (tcp+udp+dns) by " in status and "1 connection(s) from the pod" in status
         assert "steal by " in status, status
     finally:
         code = cli.stop()

@@ -12,10 +12,12 @@ Only addresses of the namespaces made here are used.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
 import shutil
+import socket
 import socketserver
 import subprocess
 import sys
@@ -281,7 +283,7 @@ def steal(bed: Bed, flags: list[str], cmd: list[str], *, prefix: list[str] | Non
 def cmd(bed: Bed, checks: str, size: int = 0, port: int = 0) -> list[str]:
     return ["/usr/bin/python3", str(REPO / "tests" / "outgoing_cmd.py"), str(CMD_PORT),
             bed.service_ip, bed.hardcoded_dns, str(size), checks, str(port),
-            bed.service_ip6]  # fmt: skip
+            bed.service_ip6, bed.laptop_ip]  # fmt: skip
 
 
 def test_cmd_resolves_and_connects_through_the_pod(bed: Bed) -> None:
@@ -321,6 +323,34 @@ def test_udp_leaves_from_the_pod(bed: Bed) -> None:
     assert "UDP: 3 flow(s) through the pod" in run.out, run.out
     log = bed.sidecar_log.read_text()
     assert f"udp to {bed.service_ip}:7003 ({bed.service_ip}:7003): 1 datagrams out" in log, log
+
+
+def test_a_local_udp_destination_is_reached_from_the_laptop(bed: Bed) -> None:
+    """--local udp://ADDRESS:PORT: that flow leaves from this machine (offramp's own
+    socket), and its answers reach CMD from the address it sent to."""
+    (port,) = free_ports(1)
+    echo = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    echo.bind((bed.laptop_ip, port))
+    echo.settimeout(30)
+
+    def serve() -> None:
+        with contextlib.suppress(OSError):
+            data, peer = echo.recvfrom(2048)
+            echo.sendto(b"laptop saw " + data + f" from {peer[0]}".encode(), peer)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        flags = ["--local", f"udp://{bed.laptop_ip}:{port}"]
+        run = steal(bed, flags, cmd(bed, "udp_local", port=port))
+    finally:
+        echo.close()
+        server.join(5)
+    assert run.code == 0, run.err + run.out
+    # offramp's socket on the laptop sent it: the laptop's own address.
+    reply = f"laptop saw hello {port} from {bed.laptop_ip}"
+    assert run.result["udp_local"] == [[reply, bed.laptop_ip, port]], run.result
+    assert "UDP: 0 flow(s) through the pod, 1 from here" in run.out, run.out
 
 
 def test_ipv6_destinations_leave_from_the_pod_too(bed: Bed) -> None:
