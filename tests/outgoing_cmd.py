@@ -160,12 +160,12 @@ def bulk(host: str, size: int) -> dict[str, object]:
     }
 
 
-def udp(host: str, ports: list[int], connected: bool = False) -> list[object]:
+def udp(host: str, ports: list[int], connected: bool = False, timeout: float = 10) -> list[object]:
     """Datagrams from one socket to each port, and what came back from where."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     answers: list[object] = []
     with socket.socket(family, socket.SOCK_DGRAM) as s:
-        s.settimeout(10)
+        s.settimeout(timeout)
         for port in ports:
             if connected:
                 s.connect((host, port))
@@ -237,6 +237,11 @@ def main() -> None:
                 results[check] = bulk(service_ip, int(size))
             elif check == "udp":  # one unconnected socket, two destinations
                 results[check] = udp(service_ip, [7002, 7003])
+            elif check == "udp_denied":  # the sidecar's policy: dropped, as UDP is
+                try:
+                    results[check] = udp("169.254.169.254", [123], timeout=2)
+                except TimeoutError:
+                    results[check] = "no answer"
             elif check == "udp_local":  # a --local udp:// destination: from the laptop
                 results[check] = udp(laptop_ip, [int(local_port)])
             elif check == "udp_connected":

@@ -18,7 +18,9 @@ process's address and port and its destination:
 - a flow that has seen no datagram for IDLE seconds is closed (the pod closes
   its end after the same time). Datagrams that cannot go on at once (the flow
   is still opening, beyond QUEUE of them, or the tunnel's window is full) are
-  dropped, as a full network would drop them: nothing piles up.
+  dropped, as a full network would drop them: nothing piles up. So are those
+  that would open more than MAX_FLOWS flows, and for REFUSED_FOR seconds those
+  to a destination that could not be reached.
 """
 
 from __future__ import annotations
@@ -58,6 +60,11 @@ IDLE = 60.0
 CONNECT_TIMEOUT = 15.0
 QUEUE = 64
 """Datagrams a flow keeps while it opens."""
+MAX_FLOWS = 1024
+"""Flows at once; datagrams that would open more are dropped."""
+REFUSED_FOR = 5.0
+"""Seconds datagrams to a destination that could not be reached are dropped
+without asking again (the pod would refuse each of them the same way)."""
 _Address = tuple[str, int]
 
 # ctnetlink (linux/netfilter/nfnetlink_conntrack.h)
@@ -197,6 +204,8 @@ class UdpRelay:
         self._tunnel = tunnel
         self._ctnetlink = ctnetlink
         self._flows: dict[tuple[_Address, _Address], _Flow] = {}
+        self._refused: dict[_Address, float] = {}
+        """Destinations that could not be reached, and until when that holds."""
         self._transports: list[asyncio.DatagramTransport] = []
         self._tasks: set[asyncio.Task[None]] = set()
         self.flows = {"remote": 0, "local": 0, "failed": 0}
@@ -232,6 +241,11 @@ class UdpRelay:
             except (OSError, KeyError, struct.error) as e:
                 log.info("udp from %s:%d: where it was going is not known: %s", *peer, e)
                 return
+            if self._refused.get(destination, 0.0) > time.monotonic():
+                return
+            if len(self._flows) >= MAX_FLOWS:
+                log.info("udp to %s:%d dropped: %d flows are open", *destination, MAX_FLOWS)
+                return
             flow = _Flow(peer, destination, inbound)
             self._flows[key] = flow
             self._spawn(self._open(key, flow))
@@ -254,6 +268,7 @@ class UdpRelay:
             self.flows["failed"] += 1
             log.info("udp to %s:%d: %s", host, port, e)
             self._flows.pop(key, None)
+            self._refused[flow.destination] = time.monotonic() + REFUSED_FOR
             return
         self.flows[route.value] += 1
         flow.opened = True
@@ -304,6 +319,7 @@ class UdpRelay:
         while True:
             await asyncio.sleep(min(IDLE / 4, 5.0))
             now = time.monotonic()
+            self._refused = {d: until for d, until in self._refused.items() if until > now}
             for key, flow in list(self._flows.items()):
                 if now - flow.last >= IDLE and flow.opened:
                     del self._flows[key]

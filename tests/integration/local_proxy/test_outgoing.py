@@ -311,7 +311,7 @@ def test_udp_leaves_from_the_pod(bed: Bed) -> None:
     """UDP other than DNS: each flow through the pod, the answers back from the
     address the process sent to, one socket to two destinations at once, and a
     connected socket."""
-    run = steal(bed, [], cmd(bed, "udp,udp_connected"))
+    run = steal(bed, [], cmd(bed, "udp,udp_connected,udp_denied"))
     assert run.code == 0, run.err + run.out
     result = run.result
     you = f"you are {bed.pod_cluster_ip}"
@@ -320,9 +320,11 @@ def test_udp_leaves_from_the_pod(bed: Bed) -> None:
         [f"udp 7003: {you}: hello 7003", bed.service_ip, 7003],
     ], result
     assert result["udp_connected"] == [[f"udp 7002: {you}: hello 7002", bed.service_ip, 7002]]
+    assert result["udp_denied"] == "no answer", result
     assert "UDP: 3 flow(s) through the pod" in run.out, run.out
     log = bed.sidecar_log.read_text()
     assert f"udp to {bed.service_ip}:7003 ({bed.service_ip}:7003): 1 datagrams out" in log, log
+    assert "udp to 169.254.169.254:123 refused: " in log, log
 
 
 def test_a_local_udp_destination_is_reached_from_the_laptop(bed: Bed) -> None:
