@@ -53,9 +53,10 @@ def parser() -> argparse.ArgumentParser:
             "go through that session's tunnel to a developer's machine; everything else "
             "goes to the app. `offramp-sidecar webhook --help`: the injector webhook."
         ),
-        epilog="While no session is open the sidecar is one small process that passes the "
-        "proxy ports' connections to the app; the proxy engine (mitmproxy and the session "
-        "server) starts when a connection reaches the control port (`--engine`).",
+        epilog="With --engine on-demand (the default with --capture iptables), while no "
+        "session is open the sidecar is one small process that passes the proxy ports' "
+        "connections to the app; the proxy engine (mitmproxy and the session server) starts "
+        "when a connection reaches the control port.",
     )
     p.add_argument(
         "--app-port",
@@ -79,8 +80,9 @@ def parser() -> argparse.ArgumentParser:
         "--control-port",
         type=_port,
         default=15081,
-        help="the session server's port: websocket /v1/tunnel and GET /healthz "
-        "(default %(default)s)",
+        help="the session server's port: websocket /v1/tunnel, GET /v1/status and the "
+        "engine's /healthz; a connection here starts the engine, so probes belong on "
+        "--health-port (default %(default)s)",
     )
     p.add_argument("--control-host", default="0.0.0.0", help="default %(default)s")
     p.add_argument(
