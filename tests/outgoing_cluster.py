@@ -80,10 +80,11 @@ class UdpEcho(asyncio.DatagramProtocol):
 
 async def main(dns_ip: str, service_ip: str, service_ip6: str = "") -> None:
     loop = asyncio.get_running_loop()
-    for port in (7002, 7003):
-        await loop.create_datagram_endpoint(
-            lambda p=port: UdpEcho(p), local_addr=(service_ip, port)
-        )
+    for address in (service_ip, service_ip6) if service_ip6 else (service_ip,):
+        for port in (7002, 7003):
+            await loop.create_datagram_endpoint(
+                lambda p=port: UdpEcho(p), local_addr=(address, port)
+            )
     await loop.create_datagram_endpoint(
         lambda: Udp(service_ip, service_ip6), local_addr=(dns_ip, 53)
     )

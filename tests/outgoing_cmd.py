@@ -254,6 +254,8 @@ def main() -> None:
                     http_get(service_ip6, 8080),
                     http_get(named[0], 8080) if isinstance(named, list) else named,
                 ]
+            elif check == "ipv6_udp":
+                results[check] = udp(service_ip6, [7002, 7003])
             elif check == "ipv6_refused":
                 results[check] = attempt(service_ip6, 9)
             elif check == "ipv6_denied":  # a cloud metadata address, by the sidecar's policy

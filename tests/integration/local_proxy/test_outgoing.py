@@ -359,8 +359,8 @@ def test_ipv6_destinations_leave_from_the_pod_too(bed: Bed) -> None:
     """A dual-stack cluster: the pod's resolver gives a name's A and AAAA records (and
     no AAAA where it has none); CMD's connections to IPv6 addresses, literal or from
     the AAAA answer, leave from the pod's IPv6 address; a refusal is ECONNREFUSED and
-    a metadata address EPERM, as for IPv4."""
-    checks = "ipv6_resolve,ipv6_http,ipv6_refused,ipv6_denied,http"
+    a metadata address EPERM, as for IPv4; UDP to IPv6 goes through the pod too."""
+    checks = "ipv6_resolve,ipv6_http,ipv6_refused,ipv6_denied,ipv6_udp,http"
     run = steal(bed, [], cmd(bed, checks))
     assert run.code == 0, run.err + run.out
     result = run.result
@@ -369,6 +369,10 @@ def test_ipv6_destinations_leave_from_the_pod_too(bed: Bed) -> None:
     assert result["ipv6_http"] == [you, you], result
     assert result["ipv6_refused"] == "ECONNREFUSED", result
     assert result["ipv6_denied"] == "EPERM", result
+    assert result["ipv6_udp"] == [
+        [f"udp {port}: you are {bed.pod_cluster_ip6}: hello {port}", bed.service_ip6, port]
+        for port in (7002, 7003)
+    ], result
     assert result["http"] == f"payment-service; you are {bed.pod_cluster_ip}\n", result
     log = bed.sidecar_log.read_text()
     assert f"([{bed.service_ip6}]:8080)" in log, log
