@@ -216,7 +216,7 @@ class Outgoing:
         if self.udp is not None and any(self.udp.flows.values()):
             u = self.udp.flows
             udp = (f"; UDP: {u['remote']} flow(s) through the pod, {u['local']} from here, "
-                   f"{u['failed']} failed")  # fmt: skip
+                   f"{u['failed']} failed, {u['dropped']} datagram(s) dropped")  # fmt: skip
         return (
             f"outgoing: {c.remote} connection(s) through the pod, {c.local} from here, "
             f"{c.failed} failed; DNS: {d.remote} through the pod, {d.local} here, {d.failed} failed"

@@ -137,12 +137,13 @@ class _Flow:
     destination: _Address
     inbound: asyncio.DatagramTransport
     """The socket the process's datagrams arrive on; answers leave from it."""
+    counts: dict[str, int]
+    """The relay's counters: this flow adds the datagrams it drops."""
     queue: list[bytes] = field(default_factory=list)
     stream: StreamHandle | None = None
     local: asyncio.DatagramTransport | None = None
     opened: bool = False
     last: float = field(default_factory=time.monotonic)
-    dropped: int = 0
 
     def answer(self, datagram: bytes) -> None:
         self.last = time.monotonic()
@@ -154,7 +155,7 @@ class _Flow:
             if len(self.queue) < QUEUE:
                 self.queue.append(datagram)
             else:
-                self.dropped += 1
+                self.counts["dropped"] += 1
             return
         if self.local is not None:
             self.local.sendto(datagram)
@@ -166,7 +167,7 @@ class _Flow:
             or not stream.active
             or (stream.tunnel.conn.send_window(stream.id) < len(framed))
         ):
-            self.dropped += 1
+            self.counts["dropped"] += 1
             return
         for i in range(0, len(framed), MAX_DATA):
             stream.send(Data(stream.id, framed[i : i + MAX_DATA]))
@@ -208,7 +209,8 @@ class UdpRelay:
         """Destinations that could not be reached, and until when that holds."""
         self._transports: list[asyncio.DatagramTransport] = []
         self._tasks: set[asyncio.Task[None]] = set()
-        self.flows = {"remote": 0, "local": 0, "failed": 0}
+        self.flows = {"remote": 0, "local": 0, "failed": 0, "dropped": 0}
+        """Flows opened each way, flows that could not open, datagrams dropped."""
 
     async def serve(self, sock: socket.socket) -> None:
         """Take the process's datagrams that arrive on `sock` (redirected to it)."""
@@ -242,11 +244,13 @@ class UdpRelay:
                 log.info("udp from %s:%d: where it was going is not known: %s", *peer, e)
                 return
             if self._refused.get(destination, 0.0) > time.monotonic():
+                self.flows["dropped"] += 1
                 return
             if len(self._flows) >= MAX_FLOWS:
                 log.info("udp to %s:%d dropped: %d flows are open", *destination, MAX_FLOWS)
+                self.flows["dropped"] += 1
                 return
-            flow = _Flow(peer, destination, inbound)
+            flow = _Flow(peer, destination, inbound, self.flows)
             self._flows[key] = flow
             self._spawn(self._open(key, flow))
         flow.send(data)
@@ -266,6 +270,7 @@ class UdpRelay:
                 )
         except (OSError, _Refused) as e:
             self.flows["failed"] += 1
+            self.flows["dropped"] += len(flow.queue)
             log.info("udp to %s:%d: %s", host, port, e)
             self._flows.pop(key, None)
             self._refused[flow.destination] = time.monotonic() + REFUSED_FOR
