@@ -46,8 +46,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from mitmproxy import options
-from mitmproxy.addons import core, proxyserver
+from mitmproxy.addons import proxyserver
 from mitmproxy.master import Master
 from mitmproxy.proxy import mode_servers
 from mitmproxy.proxy.mode_specs import ProxyMode
@@ -60,7 +59,7 @@ from sidecar.outgoing.rules import IpAddress, parse_rules
 from sidecar.proxy import connections
 from sidecar.proxy.addon import OfframpAddon
 from sidecar.proxy.gateway import Gateway
-from sidecar.proxy.h2c import ProtocolDetect
+from sidecar.proxy.h2c import new_master
 from sidecar.proxy.workers import (
     Handoff,
     WorkerConfig,
@@ -179,10 +178,9 @@ class Sidecar:
     async def start(self) -> None:
         s = self.settings
         await self.gateway.start()
-        self.master = Master(options.Options())
         # ProtocolDetect stands in for mitmproxy's NextLayer (raw TCP, HTTP/1.1 or
         # h2c) and carries our addon's hooks: as many addons as bare mitmproxy.
-        self.master.addons.add(core.Core(), self._proxyserver, ProtocolDetect(self.addon))
+        self.master = new_master(self._proxyserver, self.addon)
         if self.handoff is not None:
             reuse_port_listeners()
         if self.handover is not None:

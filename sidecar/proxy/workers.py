@@ -51,9 +51,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from mitmproxy import http, options
-from mitmproxy.addons import core, proxyserver
-from mitmproxy.master import Master
+from mitmproxy import http
+from mitmproxy.addons import proxyserver
 from mitmproxy.proxy import mode_servers
 from pydantic import BaseModel, ConfigDict
 
@@ -67,7 +66,7 @@ from sidecar.proxy.flows import (
     refuse_malformed,
     request_view,
 )
-from sidecar.proxy.h2c import ProtocolDetect
+from sidecar.proxy.h2c import new_master
 from sidecar.sessions.filters import (
     TIMEOUT_REPORT_EVERY,
     FilterError,
@@ -401,8 +400,7 @@ async def _serve(stdin: asyncio.StreamReader, out: int) -> int:
     first = await stdin.readline()
     generation = addon.apply(first)
     server = proxyserver.Proxyserver()
-    master = Master(options.Options())
-    master.addons.add(core.Core(), server, ProtocolDetect(addon))  # carries addon's hooks
+    master = new_master(server, addon)  # ProtocolDetect carries addon's hooks
     master.options.update(
         mode=[
             f"reverse:http://{config.app_host}:{app}@{config.listen_host}:{listen}"
