@@ -108,6 +108,10 @@ class LocalSession:
         if not self.ready.is_set():  # (every outgoing connection asks: no task when open)
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self.ready.wait(), wait)
+        return self.open_tunnel()
+
+    def open_tunnel(self) -> Tunnel | None:
+        """The tunnel if one is open now (no waiting), else None."""
         return self._tunnel if self._tunnel is not None and not self._tunnel.closed else None
 
     def stop(self) -> None:

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 from local_proxy.outgoing.dns import TunnelSource
 from local_proxy.outgoing.filter import NameBook, OutgoingFilter, Route
 from sidecar.outgoing.rules import IpAddress
-from sidecar.tunnel.driver import Lost, StreamHandle
-from sidecar.tunnel.protocol import Connect, Connected, Reset, ResetCode
+from sidecar.tunnel.driver import Lost, StreamHandle, Tunnel
+from sidecar.tunnel.protocol import Connect, Connected, Data, Reset, ResetCode
 from sidecar.tunnel.splice import Transferred, splice
 
 __all__ = ["CONNECT_TIMEOUT", "ERRNO", "Failure", "OutgoingRelay", "Path", "reset"]
@@ -79,10 +79,18 @@ class Counters:
 
 
 class OutgoingRelay:
-    def __init__(self, outgoing: OutgoingFilter, names: NameBook, tunnel: TunnelSource):
+    def __init__(
+        self,
+        outgoing: OutgoingFilter,
+        names: NameBook,
+        tunnel: TunnelSource,
+        open_tunnel: Callable[[], Tunnel | None] = lambda: None,
+    ):
+        """`tunnel` waits a while for a tunnel; `open_tunnel` is the one open now."""
         self.filter = outgoing
         self.names = names
         self._tunnel = tunnel
+        self._open_tunnel = open_tunnel
         self.counters = Counters()
         self._tasks: set[asyncio.Task[None]] = set()
         self._ready: dict[tuple[str, int], deque[Path]] = {}
@@ -163,20 +171,51 @@ class OutgoingRelay:
                 if w is not None:
                     w.close()
 
-    def serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-              host: str, port: int, first: bytes = b"") -> None:  # fmt: skip
+    def serve(self, sock: socket.socket, host: str, port: int, first: bytes = b"") -> None:
         """Carry an accepted connection to `host`:`port` in a task of its own; if the
         destination cannot be reached, reset the connection. `first`: bytes the
-        process had sent when it was accepted (they travel with the CONNECT)."""
-        task = asyncio.create_task(self._serve(reader, writer, host, port, first))
+        process had sent when it was accepted (they travel with the CONNECT).
+
+        A remote connection with no way made ready for it sends its CONNECT (and
+        `first`) before this returns, while its socket is still being set up."""
+        stream = self._connect_now(host, port, first)
+        task = asyncio.create_task(self._serve(sock, host, port, first, stream))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
-                     host: str, port: int, first: bytes) -> None:  # fmt: skip
+    def _connect_now(self, host: str, port: int, first: bytes) -> StreamHandle | None:
+        """A CONNECT (with `first`) on the open tunnel, for a connection that goes
+        through the pod without waiting for a decision; else None."""
+        key = (host, port)
+        if self._ready.get(key) or self._deciding.get(key):
+            return None
+        address, name = self._address_and_name(host)
+        if self.filter.route(port, address, name) is not Route.REMOTE:
+            return None
+        tunnel = self._open_tunnel()
+        if tunnel is None:
+            return None
+        stream = tunnel.open_stream(lambda sid: Connect(sid, name or host, port))
+        if stream is not None and first:  # within the stream's first window: MAX_DATA at most
+            stream.send(Data(stream.id, first))
+        return stream
+
+    async def _serve(self, sock: socket.socket, host: str, port: int, first: bytes,
+                     stream: StreamHandle | None) -> None:  # fmt: skip
         """The way `decide` made ready, if any; else (a connect that went on at once,
         or no supervisor) a remote connection does not wait for CONNECTED: its
         first bytes go with the CONNECT, and a failure can only reset it."""
+        try:
+            reader, writer = await asyncio.open_connection(sock=sock)
+        except OSError as e:
+            log.info("outgoing %s:%d: the connection could not be read: %s", host, port, e)
+            sock.close()
+            if stream is not None:
+                stream.reset(ResetCode.CANCEL, "the connection broke")
+            return
+        if stream is not None:
+            await self._through_pod(stream, reader, writer, host, port, sent=len(first))
+            return
         key = (host, port)
         if not self._ready.get(key) and (deciding := self._deciding.get(key)):
             await asyncio.wait(list(deciding), return_when=asyncio.FIRST_COMPLETED)
@@ -193,7 +232,6 @@ class OutgoingRelay:
         address, name = self._address_and_name(host)
         if self.filter.route(port, address, name) is Route.REMOTE:
             tunnel = await self._tunnel()
-            stream = None
             if tunnel is not None:
                 stream = tunnel.open_stream(lambda sid: Connect(sid, name or host, port))
             if stream is None:
@@ -201,18 +239,7 @@ class OutgoingRelay:
                 log.info("outgoing %s:%d: no tunnel to the pod is open", host, port)
                 reset(writer)
                 return
-            counts = Transferred()
-            try:
-                broke = await splice(stream, reader, writer, first, counts, reset_socket=True)
-            finally:
-                writer.close()
-            if counts.connected is None:
-                self.counters.failed += 1
-                if self.forget is not None:
-                    self.forget(host, port)
-                log.info("outgoing %s:%d: %s", host, port, broke)
-            else:
-                self.counters.remote += 1
+            await self._through_pod(stream, reader, writer, host, port, first=first)
             return
         try:
             path = await self.open(host, port)
@@ -221,6 +248,25 @@ class OutgoingRelay:
             reset(writer)
             return
         await self.carry(path, reader, writer, first)
+
+    async def _through_pod(
+        self, stream: StreamHandle, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+        host: str, port: int, *, first: bytes = b"", sent: int = 0,
+    ) -> None:  # fmt: skip
+        """Splice a CONNECT sent without waiting for its answer; `sent`: bytes that
+        went with it, `first`: bytes still to send."""
+        counts = Transferred(to_tunnel=sent)
+        try:
+            broke = await splice(stream, reader, writer, first, counts, reset_socket=True)
+        finally:
+            writer.close()
+        if counts.connected is None:
+            self.counters.failed += 1
+            if self.forget is not None:
+                self.forget(host, port)
+            log.info("outgoing %s:%d: %s", host, port, broke)
+        else:
+            self.counters.remote += 1
 
     def _address_and_name(self, host: str) -> tuple[IpAddress | None, str | None]:
         try:

@@ -42,6 +42,8 @@ OPEN_WAIT = 30.0
 """How long the first outgoing session may take to open before the command fails."""
 TUNNEL_WAIT = 10.0
 """How long a connection or query waits for a tunnel while the session reconnects."""
+ACCEPT_BATCH = 64
+"""Connections taken from a listener in one turn of the event loop, at most."""
 
 
 class Outgoing:
@@ -57,7 +59,7 @@ class Outgoing:
         self.namespace = namespace
         self.report = report
         self.names = NameBook()
-        self.relay = OutgoingRelay(outgoing, self.names, self._tunnel)
+        self.relay = OutgoingRelay(outgoing, self.names, self._tunnel, session.open_tunnel)
         self.dns = DnsHandler(
             outgoing, self.names, self._tunnel, ResolvConf.read(FilePath("/etc/resolv.conf"))
         )
@@ -87,8 +89,10 @@ class Outgoing:
         if not self.session.ready.is_set():
             raise SessionError(f"the outgoing session did not open within {OPEN_WAIT:g} s")
         if self.namespace is not None:
+            loop = asyncio.get_running_loop()
             for listener in self.namespace.listeners:
-                self._tasks.append(asyncio.create_task(self._accept(listener)))
+                listener.setblocking(False)
+                loop.add_reader(listener.fileno(), self._accept, listener)
             for sock in self.namespace.dns:
                 await self._serve_dns(sock)
             if self.udp is not None:
@@ -130,34 +134,45 @@ class Outgoing:
         assert self.proxy is not None
         return proxy_environment(self.proxy.host, self.proxy.port)
 
-    async def _accept(self, listener: socket.socket) -> None:
-        loop = asyncio.get_running_loop()
-        listener.setblocking(False)
-        while True:
-            conn, _ = await loop.sock_accept(listener)
+    def _accept(self, listener: socket.socket) -> None:
+        """Take the connections waiting on `listener` (a bounded batch, so other work
+        is not held up). Runs as the listener's reader callback, so a connection's
+        CONNECT leaves in the same turn of the event loop as its accept."""
+        for _ in range(ACCEPT_BATCH):
             try:
+                conn, _ = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:  # out of descriptors, say: the next turn tries again
+                log.warning("an outgoing connection could not be accepted: %s", e)
+                return
+            try:
+                conn.setblocking(False)
                 host, port = original_destination(conn)
                 dns = (host, port) == (NAMESERVER, 53)  # the resolver retrying over TCP
                 # What the process sent already goes out with the CONNECT, in one message.
                 first = b""
                 if not dns:
                     with contextlib.suppress(BlockingIOError):
-                        first = conn.recv(MAX_DATA, socket.MSG_DONTWAIT)
-                reader, writer = await asyncio.open_connection(sock=conn)
+                        first = conn.recv(MAX_DATA)
             except OSError as e:
                 log.info("an outgoing connection could not be read: %s", e)
                 conn.close()
                 continue
             if dns:
-                task = asyncio.create_task(self._dns_over_tcp(reader, writer))
+                task = asyncio.create_task(self._dns_over_tcp(conn))
                 self._tcp_dns.add(task)
                 task.add_done_callback(self._tcp_dns.discard)
-                continue
-            self.relay.serve(reader, writer, host, port, first)
+            else:
+                self.relay.serve(conn, host, port, first)
 
-    async def _dns_over_tcp(
-        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
-    ) -> None:
+    async def _dns_over_tcp(self, conn: socket.socket) -> None:
+        try:
+            reader, writer = await asyncio.open_connection(sock=conn)
+        except OSError as e:
+            log.info("an outgoing connection could not be read: %s", e)
+            conn.close()
+            return
         try:
             while True:
                 size = int.from_bytes(await reader.readexactly(2), "big")
@@ -196,6 +211,10 @@ class Outgoing:
     async def aclose(self) -> None:
         if self._decider is not None:
             self._decider.close()
+        if self.namespace is not None:
+            for listener in self.namespace.listeners:
+                with contextlib.suppress(ValueError, OSError):
+                    asyncio.get_running_loop().remove_reader(listener.fileno())
         self.session.stop()
         if self.proxy is not None:
             await self.proxy.aclose()
