@@ -76,12 +76,19 @@ class StreamHandle:
         self.id = stream_id
         self._inbox: asyncio.Queue[StreamEvent] = asyncio.Queue()
         self._window = asyncio.Event()
+        self._sink: Callable[[Data | Connected], bool] | None = None
 
     async def next(self) -> StreamEvent:
         return await self._inbox.get()
 
-    def send(self, message: Message) -> bool:
-        return self.tunnel.send(message)
+    def send(self, message: Message, *, flush: bool = True) -> bool:
+        """Queue `message`; see `Tunnel.send` for `flush`."""
+        return self.tunnel.send(message, flush=flush)
+
+    @property
+    def has_pending(self) -> bool:
+        """Whether messages from the peer wait to be taken with `next()`."""
+        return not self._inbox.empty()
 
     async def send_body(self, data: bytes) -> bool:
         """Send `data` as DATA frames, waiting for window as needed. Returns False
@@ -102,8 +109,8 @@ class StreamHandle:
         return True
 
     def ack(self, n: int) -> None:
-        self.tunnel.conn.acknowledge(self.id, n)
-        self.tunnel.wake()
+        if self.tunnel.conn.acknowledge(self.id, n):
+            self.tunnel.wake()
 
     def reset(self, code: ResetCode, message: str = "") -> None:
         self.tunnel.send(Reset(self.id, code, message))
@@ -112,7 +119,18 @@ class StreamHandle:
     def active(self) -> bool:
         return self.tunnel.conn.is_active(self.id) and not self.tunnel.closed
 
+    def take_data(self, sink: Callable[[Data | Connected], bool] | None) -> None:
+        """Hand DATA (and CONNECTED) to `sink` as it arrives, in the tunnel's own
+        turn of the event loop, rather than queue it for `next()` (which costs the
+        reading task a turn). `sink` returns False to have it queued after all;
+        other messages, and any that arrive behind queued ones, are queued as
+        always. None: queue everything again."""
+        self._sink = sink
+
     def _deliver(self, event: StreamEvent) -> None:
+        sink = self._sink
+        if sink and isinstance(event, Data | Connected) and self._inbox.empty() and sink(event):
+            return
         self._inbox.put_nowait(event)
 
     def _wake_window(self) -> None:
@@ -148,13 +166,16 @@ class Tunnel:
     def wake(self) -> None:
         self._wake.set()
 
-    def send(self, message: Message) -> bool:
+    def send(self, message: Message, *, flush: bool = True) -> bool:
+        """Queue `message` to go at the next turn of the writer. `flush=False`: not
+        urgent, it goes with the next message sent with a flush (in order)."""
         if self.closed:
             return False
         sent = self.conn.send(message)
         if isinstance(message, Reset) or (sent and not self.conn.is_active(message.stream_id)):
             self._streams.pop(message.stream_id, None)
-        self._wake.set()
+        if flush:
+            self._wake.set()
         return sent
 
     def open_stream(self, make_head: Callable[[int], OpeningHead]) -> StreamHandle | None:

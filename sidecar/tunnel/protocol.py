@@ -846,18 +846,21 @@ class Connection:
         stream = self._streams.get(stream_id)
         return stream.send_window if stream is not None and stream.sent is Half.OPEN else 0
 
-    def acknowledge(self, stream_id: int, n: int) -> None:
+    def acknowledge(self, stream_id: int, n: int) -> bool:
         """The application has passed on `n` received bytes; give the credit back.
+        Returns whether a WINDOW_UPDATE was queued.
 
         Updates are batched (a quarter window at a time) to keep frames few."""
         stream = self._streams.get(stream_id)
         if stream is None or stream.received is not Half.OPEN or n <= 0:
-            return
+            return False
         stream.unacked += n
-        if stream.unacked >= INITIAL_WINDOW // 4:
-            increment, stream.unacked = stream.unacked, 0
-            stream.recv_window += increment
-            self._out.append(encode(WindowUpdate(stream_id, increment)))
+        if stream.unacked < INITIAL_WINDOW // 4:
+            return False
+        increment, stream.unacked = stream.unacked, 0
+        stream.recv_window += increment
+        self._out.append(encode(WindowUpdate(stream_id, increment)))
+        return True
 
     def data_to_send(self, limit: int = MAX_MESSAGE) -> bytes:
         """The next websocket message: whole frames, at most `limit` bytes of them

@@ -96,25 +96,44 @@ async def _socket_to_tunnel(
 async def _tunnel_to_socket(
     handle: StreamHandle, writer: asyncio.StreamWriter, counts: Transferred
 ) -> str | None:
-    while True:
-        event = await handle.next()
-        if isinstance(event, Data):
-            writer.write(event.data)
-            try:
-                await writer.drain()
-            except ConnectionError as e:
-                return f"the connection broke: {e}"
-            handle.ack(len(event.data))
-            counts.to_socket += len(event.data)
-        elif isinstance(event, Connected) and counts.connected is None:
-            counts.connected = event
-        elif isinstance(event, End):
-            if writer.can_write_eof() and not writer.is_closing():
-                with contextlib.suppress(OSError):
-                    writer.write_eof()
-            return None
-        else:
-            return f"the tunnel stream ended: {event!r}"
+    transport = writer.transport
+
+    def write_now(event: Data | Connected) -> bool:
+        # While the socket keeps up (nothing left unsent), DATA is written as it
+        # arrives; else it waits its turn below, where writing waits for the socket.
+        if isinstance(event, Connected):
+            counts.connected = counts.connected or event
+            return True
+        if transport.is_closing() or transport.get_write_buffer_size():
+            return False
+        transport.write(event.data)
+        handle.ack(len(event.data))
+        counts.to_socket += len(event.data)
+        return True
+
+    handle.take_data(write_now)
+    try:
+        while True:
+            event = await handle.next()
+            if isinstance(event, Data):
+                writer.write(event.data)
+                try:
+                    await writer.drain()
+                except ConnectionError as e:
+                    return f"the connection broke: {e}"
+                handle.ack(len(event.data))
+                counts.to_socket += len(event.data)
+            elif isinstance(event, Connected) and counts.connected is None:
+                counts.connected = event
+            elif isinstance(event, End):
+                if writer.can_write_eof() and not writer.is_closing():
+                    with contextlib.suppress(OSError):
+                        writer.write_eof()
+                return None
+            else:
+                return f"the tunnel stream ended: {event!r}"
+    finally:
+        handle.take_data(None)
 
 
 def _linger_zero(writer: asyncio.StreamWriter) -> None:

@@ -1,9 +1,11 @@
-"""The tunnel driver over a real websocket, against a peer that batches frames.
+"""The tunnel driver over a real websocket, against a raw protocol peer.
 
 The local proxy may flush a whole answer (head, body, end) in one websocket
 message; the sidecar's driver must hand every one of those frames to the stream,
 even though its protocol state has already moved past them when the first is
 dispatched. (A fast local app once made the driver drop the body and the end.)
+Also: what a message sent without a flush waits for, and the order of DATA
+handed to a stream's sink.
 """
 
 from __future__ import annotations
@@ -14,11 +16,14 @@ import pytest
 from websockets.asyncio.client import connect
 from websockets.asyncio.server import ServerConnection, serve
 
-from sidecar.tunnel.driver import Tunnel
+from sidecar.tunnel.driver import StreamHandle, Tunnel
 from sidecar.tunnel.protocol import (
     PROTOCOL_VERSION,
+    Connect,
+    Connected,
     Connection,
     Data,
+    DnsQuery,
     End,
     Hello,
     RequestHead,
@@ -84,3 +89,125 @@ async def test_a_whole_answer_in_one_websocket_message_reaches_the_stream(
             await tunnel.close("done")
             await pump
             assert handle._inbox.empty()
+
+
+async def _raw_frames(ws: ServerConnection | object, conn: Connection, wait: float) -> list[object]:
+    """The frames of the next websocket message the raw peer receives."""
+    message = await asyncio.wait_for(ws.recv(), wait)  # type: ignore[attr-defined]
+    conn.receive_data(message)
+    frames = []
+    while (event := conn.next_event()) is not None:
+        frames.append(event)
+    return frames
+
+
+async def test_a_message_sent_without_a_flush_goes_with_the_next_one() -> None:
+    """The sidecar answers a CONNECT whose bytes came with it without a flush: the
+    CONNECTED waits, then leaves in one websocket message with the next DATA."""
+    opened: asyncio.Queue[StreamHandle] = asyncio.Queue()
+    results: list[list[object]] = []
+    done = asyncio.Event()
+
+    async def laptop(ws: ServerConnection) -> None:
+        conn = Connection(Role.CLIENT)
+        conn.send(Hello(PROTOCOL_VERSION, "t", {}))
+        await ws.send(conn.data_to_send())
+        await _raw_frames(ws, conn, 5)  # WELCOME
+        conn.send(Connect(2, "10.0.0.1", 80))
+        conn.send(Data(2, b"ping"))
+        await ws.send(conn.data_to_send())
+        with pytest.raises(TimeoutError):  # CONNECTED alone does not leave
+            await _raw_frames(ws, conn, 0.3)
+        flushed.set()
+        results.append(await _raw_frames(ws, conn, 5))
+        done.set()
+        await ws.wait_closed()
+
+    flushed = asyncio.Event()
+    async with serve(laptop, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        async with connect(f"ws://127.0.0.1:{port}") as ws:
+            conn = Connection(Role.SIDECAR)
+            conn.receive_data(await ws.recv())  # type: ignore[arg-type]
+            assert isinstance(conn.next_event(), Hello)
+            conn.send(Welcome(PROTOCOL_VERSION, "s1", "test", (80,), outgoing=("tcp",)))
+            await ws.send(conn.data_to_send())
+
+            def on_outgoing(event: Connect | DnsQuery, handle: StreamHandle) -> None:
+                opened.put_nowait(handle)
+
+            tunnel = Tunnel(conn, ws, on_outgoing=on_outgoing)
+            pump = asyncio.create_task(tunnel.run())
+            handle = await asyncio.wait_for(opened.get(), 5)
+            await asyncio.sleep(0.05)  # the DATA behind the CONNECT is dispatched too
+            assert handle.has_pending
+            handle.send(Connected(handle.id, "10.0.0.1:80"), flush=False)
+            await asyncio.wait_for(flushed.wait(), 5)
+            handle.send(Data(handle.id, b"pong"))
+            await asyncio.wait_for(done.wait(), 5)
+            await tunnel.close("done")
+            await pump
+    assert [type(f) for f in results[0]] == [Connected, Data]
+
+
+async def test_data_handed_to_a_sink_never_overtakes_queued_messages() -> None:
+    """A sink that declines DATA (its socket is busy) has it queued; DATA that
+    arrives while anything is queued is queued behind it, whatever the sink says."""
+    go = asyncio.Queue[bytes]()
+
+    async def pod(ws: ServerConnection) -> None:
+        conn = Connection(Role.SIDECAR)
+        conn.receive_data(await ws.recv())  # type: ignore[arg-type]
+        assert isinstance(conn.next_event(), Hello)
+        conn.send(Welcome(PROTOCOL_VERSION, "s1", "test", (80,), outgoing=("tcp",)))
+        await ws.send(conn.data_to_send())
+        await _raw_frames(ws, conn, 5)  # the CONNECT
+        conn.send(Connected(2, "10.0.0.1:80"))
+        await ws.send(conn.data_to_send())
+        while chunk := await go.get():
+            conn.send(Data(2, chunk))
+            await ws.send(conn.data_to_send())
+        await ws.wait_closed()
+
+    async with serve(pod, "127.0.0.1", 0) as server:
+        port = server.sockets[0].getsockname()[1]
+        async with connect(f"ws://127.0.0.1:{port}") as ws:
+            conn = Connection(Role.CLIENT)
+            conn.send(Hello(PROTOCOL_VERSION, "t", {}))
+            await ws.send(conn.data_to_send())
+            conn.receive_data(await ws.recv())  # type: ignore[arg-type]
+            assert isinstance(conn.next_event(), Welcome)
+            tunnel = Tunnel(conn, ws)
+            pump = asyncio.create_task(tunnel.run())
+            handle = tunnel.open_stream(lambda sid: Connect(sid, "10.0.0.1", 80))
+            assert handle is not None
+            assert isinstance(await asyncio.wait_for(handle.next(), 5), Connected)
+            taken: list[bytes] = []
+            accept = False
+
+            def sink(event: Data | Connected) -> bool:
+                if accept and isinstance(event, Data):
+                    taken.append(event.data)
+                return accept
+
+            handle.take_data(sink)
+
+            async def arrives(chunk: bytes, queued: int) -> None:
+                await go.put(chunk)
+                for _ in range(500):
+                    await asyncio.sleep(0.01)
+                    if handle._inbox.qsize() == queued and (queued or chunk in taken):
+                        return
+                raise AssertionError(f"{chunk!r} did not arrive")
+
+            await arrives(b"a", queued=1)  # declined: queued
+            accept = True
+            await arrives(b"b", queued=2)  # the sink would take it, but "a" waits
+            assert taken == []
+            got = [await asyncio.wait_for(handle.next(), 5) for _ in range(2)]
+            assert [e.data for e in got if isinstance(e, Data)] == [b"a", b"b"]
+            await arrives(b"c", queued=0)  # nothing queued: the sink takes it
+            assert taken == [b"c"]
+            await go.put(b"")
+            await tunnel.close("done")
+            await pump

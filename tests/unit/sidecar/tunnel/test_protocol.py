@@ -153,9 +153,9 @@ def test_flow_control_blocks_sender_until_window_update() -> None:
         sidecar.send(Data(1, b"x"))
     client.receive_data(sidecar.data_to_send())
     drain(client)
-    client.acknowledge(1, INITIAL_WINDOW // 8)
+    assert not client.acknowledge(1, INITIAL_WINDOW // 8)
     assert client.data_to_send() == b""  # batched: not yet a quarter window
-    client.acknowledge(1, INITIAL_WINDOW // 8)
+    assert client.acknowledge(1, INITIAL_WINDOW // 8)  # a WINDOW_UPDATE is queued
     sidecar.receive_data(client.data_to_send())
     assert [type(e) for e in drain(sidecar)] == [WindowUpdate]
     assert sidecar.send_window(1) == INITIAL_WINDOW // 4
