@@ -136,7 +136,10 @@ class OutgoingService:
                 log.info("%s: %s to %s refused: %s", self.who, connect.protocol, where, e)
                 return
             self.connections += 1
-            handle.send(Connected(handle.id, address))
+            # A client that sent bytes before our answer is not waiting for it: then
+            # CONNECTED goes with the next message of this tunnel (often the
+            # destination's first bytes), one websocket message fewer each way.
+            handle.send(Connected(handle.id, address), flush=not handle.has_pending)
             why: str | None
             if connect.protocol == "udp":
                 why = await flow.run()
@@ -199,7 +202,7 @@ class OutgoingService:
         for address in await self._allowed(connect, Protocol.TCP):
             try:
                 async with asyncio.timeout(CONNECT_TIMEOUT):
-                    reader, writer = await asyncio.open_connection(str(address), connect.port)
+                    reader, writer = await _open(address, connect.port)
             except TimeoutError:
                 problem = _Refusal(
                     ResetCode.TIMEOUT,
@@ -290,6 +293,28 @@ class _UdpFlow(asyncio.DatagramProtocol):
                     return f"the stream broke: {event!r}"
         finally:
             self.transport.close()
+
+
+async def _open(address: IpAddress, port: int) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A TCP connection to `address`:`port`, as a stream pair. To a destination on
+    this host (or a pod beside it) the handshake is often complete when connect()
+    returns: then the connection is used at once, not after a turn of the event
+    loop that waits to see it writable."""
+    family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        try:
+            sock.connect((str(address), port))
+        except BlockingIOError:
+            try:
+                sock.getpeername()  # connected already?
+            except OSError:
+                await asyncio.get_running_loop().sock_connect(sock, (str(address), port))
+        return await asyncio.open_connection(sock=sock)
+    except BaseException:
+        sock.close()
+        raise
 
 
 def _network_refusal(error: OSError, where: str) -> _Refusal:
