@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from websockets.asyncio.client import connect
+from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import ServerConnection, serve
 
 from sidecar.tunnel.driver import StreamHandle, Tunnel
@@ -33,6 +33,16 @@ from sidecar.tunnel.protocol import (
 )
 
 pytestmark = pytest.mark.timeout(20)
+
+
+async def _welcome(ws: ClientConnection | ServerConnection) -> Connection:
+    """The sidecar's end of the handshake, on `ws`: HELLO read, WELCOME sent."""
+    conn = Connection(Role.SIDECAR)
+    conn.receive_data(await ws.recv())  # type: ignore[arg-type]
+    assert isinstance(conn.next_event(), Hello)
+    conn.send(Welcome(PROTOCOL_VERSION, "s1", "test", (80,), outgoing=("tcp",)))
+    await ws.send(conn.data_to_send())
+    return conn
 
 
 @pytest.mark.parametrize("request_has_body", [False, True])
@@ -66,11 +76,7 @@ async def test_a_whole_answer_in_one_websocket_message_reaches_the_stream(
     async with serve(local_side, "127.0.0.1", 0) as server:
         port = server.sockets[0].getsockname()[1]
         async with connect(f"ws://127.0.0.1:{port}") as ws:
-            conn = Connection(Role.SIDECAR)
-            conn.receive_data(await ws.recv())  # type: ignore[arg-type]
-            assert isinstance(conn.next_event(), Hello)
-            conn.send(Welcome(PROTOCOL_VERSION, "s1", "test", (80,)))
-            await ws.send(conn.data_to_send())
+            conn = await _welcome(ws)
             tunnel = Tunnel(conn, ws)
             pump = asyncio.create_task(tunnel.run())
             handle = tunnel.open_stream(
@@ -127,11 +133,7 @@ async def test_a_message_sent_without_a_flush_goes_with_the_next_one() -> None:
     async with serve(laptop, "127.0.0.1", 0) as server:
         port = server.sockets[0].getsockname()[1]
         async with connect(f"ws://127.0.0.1:{port}") as ws:
-            conn = Connection(Role.SIDECAR)
-            conn.receive_data(await ws.recv())  # type: ignore[arg-type]
-            assert isinstance(conn.next_event(), Hello)
-            conn.send(Welcome(PROTOCOL_VERSION, "s1", "test", (80,), outgoing=("tcp",)))
-            await ws.send(conn.data_to_send())
+            conn = await _welcome(ws)
 
             def on_outgoing(event: Connect | DnsQuery, handle: StreamHandle) -> None:
                 opened.put_nowait(handle)
@@ -156,11 +158,7 @@ async def test_data_handed_to_a_sink_never_overtakes_queued_messages() -> None:
     go = asyncio.Queue[bytes]()
 
     async def pod(ws: ServerConnection) -> None:
-        conn = Connection(Role.SIDECAR)
-        conn.receive_data(await ws.recv())  # type: ignore[arg-type]
-        assert isinstance(conn.next_event(), Hello)
-        conn.send(Welcome(PROTOCOL_VERSION, "s1", "test", (80,), outgoing=("tcp",)))
-        await ws.send(conn.data_to_send())
+        conn = await _welcome(ws)
         await _raw_frames(ws, conn, 5)  # the CONNECT
         conn.send(Connected(2, "10.0.0.1:80"))
         await ws.send(conn.data_to_send())
