@@ -138,6 +138,13 @@ class Outgoing:
         """Take the connections waiting on `listener` (a bounded batch, so other work
         is not held up). Runs as the listener's reader callback, so a connection's
         CONNECT leaves in the same turn of the event loop as its accept."""
+        try:
+            self._accept_batch(listener)
+        finally:
+            if (tunnel := self.session.open_tunnel()) is not None:
+                tunnel.flush()  # the CONNECTs go now, not at the writer's next turn
+
+    def _accept_batch(self, listener: socket.socket) -> None:
         for _ in range(ACCEPT_BATCH):
             try:
                 conn, _ = listener.accept()

@@ -160,6 +160,7 @@ class Tunnel:
         self.goodbye_reason = ""
         self._streams: dict[int, StreamHandle] = {}
         self._wake = asyncio.Event()
+        self._flushes: set[asyncio.Task[None]] = set()
         self.closed = False
         self.close_reason = ""
 
@@ -222,7 +223,8 @@ class Tunnel:
                 reason = f"the tunnel's connection was lost ({e})"
         finally:
             self._finish(reason)
-            writer.cancel()
+            for task in (writer, *self._flushes):
+                task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await writer
         return reason
@@ -294,18 +296,34 @@ class Tunnel:
             self._streams.pop(event.stream_id, None)
             found._wake_window()
 
+    def flush(self) -> None:
+        """Send what is queued now, in this turn of the event loop, rather than at
+        the writer's next turn: for bytes on the way of a round trip. Messages
+        leave in the order they were queued either way (a websocket send writes
+        to the socket before it waits for anything). While an earlier flush waits
+        for the socket to drain, that one sends what is queued meanwhile too."""
+        if self.closed or self._flushes:
+            return
+        loop = asyncio.get_running_loop()
+        sending = asyncio.Task(self._send_queued(), loop=loop, eager_start=True)
+        if sending.done():
+            self._wake.clear()  # all of it went: the writer has nothing to do
+        else:  # the socket is full: the rest goes as it drains
+            self._flushes.add(sending)
+            sending.add_done_callback(self._flushes.discard)
+
+    async def _send_queued(self) -> None:
+        try:
+            while data := self.conn.data_to_send():
+                await self.ws.send(data)
+        except Exception as e:
+            self._finish(f"the tunnel broke while sending: {e}")
+
     async def _writer(self) -> None:
-        while True:
+        while not self.closed:
             await self._wake.wait()
             self._wake.clear()
-            try:
-                while data := self.conn.data_to_send():
-                    await self.ws.send(data)
-            except Exception as e:
-                self._finish(f"the tunnel broke while sending: {e}")
-                return
-            if self.closed:
-                return
+            await self._send_queued()
 
 
 async def _messages(ws: WebSocketLike) -> AsyncIterator[bytes]:

@@ -84,6 +84,8 @@ async def _socket_to_tunnel(
         while True:
             if data and not await handle.send_body(data):
                 return "the tunnel stream ended"
+            if data:
+                handle.tunnel.flush()  # the bytes may be awaited: not one turn later
             counts.to_tunnel += len(data)
             data = await reader.read(_READ)
             if not data:

@@ -107,9 +107,11 @@ async def _raw_frames(ws: ServerConnection | object, conn: Connection, wait: flo
     return frames
 
 
-async def test_a_message_sent_without_a_flush_goes_with_the_next_one() -> None:
+@pytest.mark.parametrize("then", ["send", "flush"])
+async def test_a_message_sent_without_a_flush_goes_with_the_next_one(then: str) -> None:
     """The sidecar answers a CONNECT whose bytes came with it without a flush: the
-    CONNECTED waits, then leaves in one websocket message with the next DATA."""
+    CONNECTED waits, then leaves in one websocket message with the next DATA,
+    sent as usual (at the writer's next turn) or flushed (in this very turn)."""
     opened: asyncio.Queue[StreamHandle] = asyncio.Queue()
     results: list[list[object]] = []
     done = asyncio.Event()
@@ -145,7 +147,12 @@ async def test_a_message_sent_without_a_flush_goes_with_the_next_one() -> None:
             assert handle.has_pending
             handle.send(Connected(handle.id, "10.0.0.1:80"), flush=False)
             await asyncio.wait_for(flushed.wait(), 5)
-            handle.send(Data(handle.id, b"pong"))
+            if then == "send":
+                handle.send(Data(handle.id, b"pong"))
+            else:
+                handle.send(Data(handle.id, b"pong"), flush=False)
+                tunnel.flush()
+                assert tunnel.conn.data_to_send() == b""  # nothing left for a later turn
             await asyncio.wait_for(done.wait(), 5)
             await tunnel.close("done")
             await pump
