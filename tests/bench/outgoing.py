@@ -21,9 +21,11 @@ tests need (nft, unshare); run as any user that may make user namespaces.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import secrets
+import selectors
 import socket
 import statistics
 import subprocess
@@ -40,22 +42,43 @@ OFFRAMP = Path(sys.executable).parent / "offramp"
 
 
 def _servers() -> tuple[int, int, list[socket.socket]]:
-    """An echo server (one byte back, then close) and a sink (counts to EOF)."""
+    """An echo server (one byte back, then close) and a sink (counts to EOF).
+
+    The echo server is one thread with one epoll loop, not a thread per
+    connection: starting a thread took about 0.1 ms of each direct connection's
+    0.25 ms, time that is the server's, not the path's."""
     echo = socket.create_server(("127.0.0.1", 0), backlog=1024)
     sink = socket.create_server(("127.0.0.1", 0), backlog=16)
 
-    def serve(listener: socket.socket, handle: object) -> None:
+    def serve_echo() -> None:
+        echo.setblocking(False)
+        with selectors.DefaultSelector() as selector:
+            selector.register(echo, selectors.EVENT_READ)
+            while True:
+                for key, _ in selector.select():
+                    sock = key.fileobj
+                    assert isinstance(sock, socket.socket)
+                    if sock is echo:
+                        try:
+                            conn, _ = echo.accept()
+                        except BlockingIOError:
+                            continue
+                        except OSError:  # the listener was closed: the bench is over
+                            return
+                        selector.register(conn, selectors.EVENT_READ)
+                        continue
+                    selector.unregister(sock)
+                    with sock, contextlib.suppress(OSError):
+                        if data := sock.recv(1):
+                            sock.send(data)
+
+    def serve_sink() -> None:
         while True:
             try:
-                conn, _ = listener.accept()
+                conn, _ = sink.accept()
             except OSError:
                 return
-            threading.Thread(target=handle, args=(conn,), daemon=True).start()  # type: ignore[arg-type]
-
-    def echo_one(conn: socket.socket) -> None:
-        with conn:
-            if data := conn.recv(1):
-                conn.sendall(data)
+            threading.Thread(target=count, args=(conn,), daemon=True).start()
 
     def count(conn: socket.socket) -> None:
         with conn:
@@ -64,8 +87,8 @@ def _servers() -> tuple[int, int, list[socket.socket]]:
                 total += len(data)
             conn.sendall(f"{total}\n".encode())
 
-    threading.Thread(target=serve, args=(echo, echo_one), daemon=True).start()
-    threading.Thread(target=serve, args=(sink, count), daemon=True).start()
+    threading.Thread(target=serve_echo, daemon=True).start()
+    threading.Thread(target=serve_sink, daemon=True).start()
     return echo.getsockname()[1], sink.getsockname()[1], [echo, sink]
 
 
