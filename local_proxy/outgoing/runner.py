@@ -44,6 +44,8 @@ TUNNEL_WAIT = 10.0
 """How long a connection or query waits for a tunnel while the session reconnects."""
 ACCEPT_BATCH = 64
 """Connections taken from a listener in one turn of the event loop, at most."""
+ACCEPT_PAUSE = 0.5
+"""Seconds a listener rests after accept() failed (out of descriptors, say)."""
 
 
 class Outgoing:
@@ -71,6 +73,7 @@ class Outgoing:
         self._tasks: list[asyncio.Task[None]] = []
         self._dns_transports: list[asyncio.DatagramTransport] = []
         self._tcp_dns: set[asyncio.Task[None]] = set()
+        self._resting: set[asyncio.TimerHandle] = set()
 
     async def _tunnel(self) -> Tunnel | None:
         return await self.session.current_tunnel(TUNNEL_WAIT)
@@ -150,8 +153,12 @@ class Outgoing:
                 conn, _ = listener.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as e:  # out of descriptors, say: the next turn tries again
-                log.warning("an outgoing connection could not be accepted: %s", e)
+            except OSError as e:  # out of descriptors, say: rest, or this would spin
+                log.warning(
+                    "an outgoing connection could not be accepted (again in %g s): %s",
+                    ACCEPT_PAUSE, e,
+                )  # fmt: skip
+                self._rest(listener)
                 return
             try:
                 conn.setblocking(False)
@@ -172,6 +179,18 @@ class Outgoing:
                 task.add_done_callback(self._tcp_dns.discard)
             else:
                 self.relay.serve(conn, host, port, first)
+
+    def _rest(self, listener: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(listener.fileno())
+
+        def wake() -> None:
+            self._resting.discard(timer)
+            if listener.fileno() >= 0:
+                loop.add_reader(listener.fileno(), self._accept, listener)
+
+        timer = loop.call_later(ACCEPT_PAUSE, wake)
+        self._resting.add(timer)
 
     async def _dns_over_tcp(self, conn: socket.socket) -> None:
         try:
@@ -218,6 +237,8 @@ class Outgoing:
     async def aclose(self) -> None:
         if self._decider is not None:
             self._decider.close()
+        for timer in self._resting:
+            timer.cancel()
         if self.namespace is not None:
             for listener in self.namespace.listeners:
                 with contextlib.suppress(ValueError, OSError):
