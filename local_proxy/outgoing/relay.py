@@ -179,9 +179,41 @@ class OutgoingRelay:
         A remote connection with no way made ready for it sends its CONNECT (and
         `first`) before this returns, while its socket is still being set up."""
         stream = self._connect_now(host, port, first)
-        task = asyncio.create_task(self._serve(sock, host, port, first, stream))
+        here = None if stream is not None else self._dial_now(host, port, first)
+        task = asyncio.create_task(self._serve(sock, host, port, first, stream, here))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+    def _dial_now(self, host: str, port: int, first: bytes) -> tuple[socket.socket, int] | None:
+        """For a connection to this machine's loopback that leaves from here with no
+        decision pending: a socket to its destination connected in this very turn
+        (on loopback the handshake is over when connect() returns), and how much of
+        `first` went on it already. None: the usual way dials, and reports failures
+        (a destination elsewhere never sees a second attempt)."""
+        key = (host, port)
+        if self._ready.get(key) or self._deciding.get(key):
+            return None
+        address, name = self._address_and_name(host)
+        if address is None or not address.is_loopback:
+            return None
+        if self.filter.route(port, address, name) is not Route.LOCAL:
+            return None
+        family = socket.AF_INET6 if address.version == 6 else socket.AF_INET
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            try:
+                sock.connect((host, port))
+            except BlockingIOError:
+                sock.getpeername()  # OSError unless connected already
+        except OSError:
+            sock.close()
+            return None
+        self.counters.local += 1
+        sent = 0
+        with contextlib.suppress(OSError):  # the streams made of it will see the error
+            sent = sock.send(first) if first else 0
+        return sock, sent
 
     def _connect_now(self, host: str, port: int, first: bytes) -> StreamHandle | None:
         """A CONNECT (with `first`) on the open tunnel, for a connection that goes
@@ -201,7 +233,8 @@ class OutgoingRelay:
         return stream
 
     async def _serve(self, sock: socket.socket, host: str, port: int, first: bytes,
-                     stream: StreamHandle | None) -> None:  # fmt: skip
+                     stream: StreamHandle | None,
+                     here: tuple[socket.socket, int] | None) -> None:  # fmt: skip
         """The way `decide` made ready, if any; else (a connect that went on at once,
         or no supervisor) a remote connection does not wait for CONNECTED: its
         first bytes go with the CONNECT, and a failure can only reset it."""
@@ -212,9 +245,23 @@ class OutgoingRelay:
             sock.close()
             if stream is not None:
                 stream.reset(ResetCode.CANCEL, "the connection broke")
+            if here is not None:
+                here[0].close()
             return
         if stream is not None:
             await self._through_pod(stream, reader, writer, host, port, sent=len(first))
+            return
+        if here is not None:
+            there, sent = here
+            try:
+                there_reader, there_writer = await asyncio.open_connection(sock=there)
+            except OSError as e:
+                log.info("outgoing %s:%d: %s", host, port, e)
+                there.close()
+                reset(writer)
+                return
+            path = Path(Route.LOCAL, f"{host}:{port}", reader=there_reader, writer=there_writer)
+            await self.carry(path, reader, writer, first[sent:])
             return
         key = (host, port)
         if not self._ready.get(key) and (deciding := self._deciding.get(key)):

@@ -410,13 +410,17 @@ def test_connect_errors_are_the_ones_a_direct_connect_gives(bed: Bed) -> None:
 
 
 def test_local_port_reaches_the_laptops_loopback(bed: Bed) -> None:
-    """--local :PORT: CMD's 127.0.0.1:PORT is the laptop's."""
-    (port,) = free_ports(1)
+    """--local :PORT: CMD's 127.0.0.1:PORT is the laptop's. With nothing listening
+    there, CMD's connection is reset (a loopback connect() is not held for an
+    answer, see local_proxy.outgoing.connects) rather than left hanging."""
+    port, closed = free_ports(2)
     with banner_server("127.0.0.1", port, "laptop-{peer}") as server:
         run = steal(bed, ["--local", f":{port}"], cmd(bed, "local_port,http", port=port))
         server.shutdown()
     assert run.result["local_port"] == "read b'laptop-127.0.0.1'", run.result
     assert "payment-service; you are" in str(run.result["http"])
+    run = steal(bed, ["--local", f":{closed}"], cmd(bed, "local_port", port=closed))
+    assert run.result["local_port"] == "ECONNRESET", run.result
 
 
 def test_a_local_name_resolves_and_connects_on_the_laptop(bed: Bed) -> None:
