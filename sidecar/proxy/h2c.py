@@ -110,8 +110,9 @@ def new_master(server: proxyserver.Proxyserver, addon: object) -> Master:
     Without mitmproxy's deprecated `add_log` hook: the handler it puts on the
     root logger turns every log line of the process (ours included) into a
     wake-up of the event loop through its self-pipe and an event sent to each
-    addon, none of which listens for it. It cost about 0.1 ms per line, and
-    the outgoing dialer logs a line per connection."""
+    addon, none of which listens for it. The outgoing dialer logs a line per
+    connection: with the hook, `--log-level info` cost about 0.09 ms per
+    connection over `warning`; without it, about 0.015 ms."""
     master = Master(options.Options())
     master.addons.add(core.Core(), server, ProtocolDetect(addon))
     for handler in list(logging.getLogger().handlers):
