@@ -1,5 +1,5 @@
 """How the sidecar tells an h2 server's first frame from a server-first protocol,
-and how its own gRPC errors are encoded."""
+how its own gRPC errors are encoded, and the mitmproxy master it runs."""
 
 from __future__ import annotations
 
@@ -84,3 +84,26 @@ def test_protocol_detect_refuses_to_carry_a_hook_it_has_itself() -> None:
 
     with pytest.raises(TypeError, match="server_connect"):
         ProtocolDetect(Clashing())
+
+
+async def test_the_sidecars_master_leaves_no_add_log_hook_on_the_root_logger() -> None:
+    """mitmproxy's Master installs a handler that turns every log line into a wake-up
+    of the event loop; the sidecar's master takes it off again (and only it)."""
+    import logging
+
+    from mitmproxy import log
+    from mitmproxy.addons import proxyserver
+
+    from sidecar.proxy.h2c import new_master
+
+    root = logging.getLogger()
+    before = list(root.handlers)
+    master = new_master(proxyserver.Proxyserver(), object())
+    try:
+        assert not [h for h in root.handlers if isinstance(h, log.LegacyLogEvents)]
+        assert root.handlers == [h for h in before if not isinstance(h, log.LegacyLogEvents)]
+        assert [type(a).__name__ for a in master.addons.chain] == [
+            "Core", "Proxyserver", "ProtocolDetect",
+        ]  # fmt: skip
+    finally:
+        master.shutdown()
