@@ -176,8 +176,9 @@ class OutgoingRelay:
         destination cannot be reached, reset the connection. `first`: bytes the
         process had sent when it was accepted (they travel with the CONNECT).
 
-        A remote connection with no way made ready for it sends its CONNECT (and
-        `first`) before this returns, while its socket is still being set up."""
+        With no way made ready for it, a remote connection sends its CONNECT (and
+        `first`) before this returns, while its socket is still being set up; a
+        local one to the laptop's loopback is dialed (and sent `first`) then too."""
         stream = self._connect_now(host, port, first)
         here = None if stream is not None else self._dial_now(host, port, first)
         task = asyncio.create_task(self._serve(sock, host, port, first, stream, here))
